@@ -1,0 +1,78 @@
+// swift-tools-version: 6.1
+// Ferry: live migration of a running VM (or any process), disk and memory, across a WAN.
+import PackageDescription
+
+let swift6: [SwiftSetting] = [.swiftLanguageMode(.v6)]
+
+let package = Package(
+    name: "Ferry",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "source-agent", targets: ["SourceAgent"]),
+        .executable(name: "dest-agent", targets: ["DestAgent"]),
+        .executable(name: "ferry-bench", targets: ["FerryBench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.0"),
+    ],
+    targets: [
+        // C: liburing and libnbd through pkg-config, plus the few kernel interfaces Swift cannot import.
+        .systemLibrary(name: "CURing", pkgConfig: "liburing",
+                       providers: [.apt(["liburing-dev"])]),
+        .systemLibrary(name: "CNBD", pkgConfig: "libnbd",
+                       providers: [.apt(["libnbd-dev"])]),
+        .target(name: "CFerryShims"),
+
+        // io_uring: an owned ring, typed operations, completions by tag.
+        .target(name: "URing",
+                dependencies: ["CURing", "CFerryShims",
+                               .product(name: "SystemPackage", package: "swift-system")],
+                swiftSettings: swift6),
+        // The migration protocol: frames, messages, a pure decoder and encoder.
+        .target(name: "Wire",
+                dependencies: [.product(name: "Crypto", package: "swift-crypto")],
+                swiftSettings: swift6),
+        // The NBD server and the block store behind it (dirty bitmap, write throttle).
+        .target(name: "NBDBridge",
+                dependencies: ["URing", "CFerryShims",
+                               .product(name: "SystemPackage", package: "swift-system"),
+                               .product(name: "Logging", package: "swift-log")],
+                swiftSettings: swift6),
+        // Another process's memory: regions, reading, kernel dirty tracking; userfaultfd fault service.
+        .target(name: "ProcessMemory",
+                dependencies: ["CFerryShims",
+                               .product(name: "SystemPackage", package: "swift-system")],
+                swiftSettings: swift6),
+        // The migration engine shared by both agents: link, sessions, phases.
+        .target(name: "MigrationEngine",
+                dependencies: ["Wire", "URing", "NBDBridge", "ProcessMemory",
+                               .product(name: "SystemPackage", package: "swift-system"),
+                               .product(name: "Logging", package: "swift-log"),
+                               .product(name: "Crypto", package: "swift-crypto")],
+                swiftSettings: swift6),
+        .executableTarget(name: "SourceAgent",
+                          dependencies: ["MigrationEngine", "NBDBridge",
+                                         .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                                         .product(name: "Logging", package: "swift-log")],
+                          swiftSettings: swift6),
+        .executableTarget(name: "DestAgent",
+                          dependencies: ["MigrationEngine", "NBDBridge",
+                                         .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                                         .product(name: "Logging", package: "swift-log")],
+                          swiftSettings: swift6),
+        // Benchmarks: figures side by side with a peer, never timed unit tests.
+        .executableTarget(name: "FerryBench",
+                          dependencies: ["URing", "Wire",
+                                         .product(name: "ArgumentParser", package: "swift-argument-parser")],
+                          swiftSettings: swift6),
+
+        .testTarget(name: "URingTests", dependencies: ["URing"], swiftSettings: swift6),
+        .testTarget(name: "WireTests", dependencies: ["Wire"], swiftSettings: swift6),
+        .testTarget(name: "NBDBridgeTests", dependencies: ["NBDBridge", "CNBD"], swiftSettings: swift6),
+        .testTarget(name: "ProcessMemoryTests", dependencies: ["ProcessMemory"], swiftSettings: swift6),
+        .testTarget(name: "AgentTests", dependencies: ["MigrationEngine", "Wire"], swiftSettings: swift6),
+    ]
+)
