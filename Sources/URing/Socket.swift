@@ -1,0 +1,100 @@
+import Glibc
+import SystemPackage
+
+/// Blocking set-up calls for sockets: listen, connect, accept and socket options.
+/// These are not on any hot path; data moves through an ``IORing``.
+public enum Socket {
+    /// A listening stream socket bound to `address`. A stale Unix socket file is removed first;
+    /// TCP sockets get `SO_REUSEADDR`. Port 0 picks a free port: read it back with ``localAddress(of:)``.
+    ///
+    /// The corresponding C functions are `socket`, `bind` and `listen`.
+    public static func listen(on address: SocketAddress, backlog: Int32 = 128) throws(Errno) -> OwnedDescriptor {
+        let fd = try open(family: address.family)
+        if let path = address.unixPath {
+            var status = stat()
+            if lstat(path, &status) == 0, (status.st_mode & S_IFMT) == S_IFSOCK { unlink(path) }
+        } else {
+            try setOption(fd.rawValue, SOL_SOCKET, SO_REUSEADDR, 1)
+        }
+        let rc = address.withSockaddrPointer { bind(fd.rawValue, $0, $1) }
+        if rc != 0 { throw Errno(rawValue: errno) }
+        if Glibc.listen(fd.rawValue, backlog) != 0 { throw Errno(rawValue: errno) }
+        return fd
+    }
+
+    /// A stream socket connected to `address`, blocking until connected. TCP sockets get `TCP_NODELAY`.
+    ///
+    /// The corresponding C functions are `socket` and `connect`.
+    public static func connect(to address: SocketAddress) throws(Errno) -> OwnedDescriptor {
+        let fd = try open(family: address.family)
+        while true {
+            let rc = address.withSockaddrPointer { Glibc.connect(fd.rawValue, $0, $1) }
+            if rc == 0 { break }
+            if errno == EINTR { continue }
+            throw Errno(rawValue: errno)
+        }
+        if address.family != AF_UNIX { try setNoDelay(fd.rawValue) }
+        return fd
+    }
+
+    /// Accepts one connection, blocking. TCP connections get `TCP_NODELAY`.
+    ///
+    /// The corresponding C function is `accept`.
+    public static func accept(from listener: Int32) throws(Errno) -> OwnedDescriptor {
+        while true {
+            let fd = Glibc.accept(listener, nil, nil)
+            if fd >= 0 {
+                _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+                if (try? localAddress(of: fd))?.family != AF_UNIX { try? setNoDelay(fd) }
+                return OwnedDescriptor(fd)
+            }
+            if errno == EINTR { continue }
+            throw Errno(rawValue: errno)
+        }
+    }
+
+    /// The address a socket is bound to (with the port the kernel chose for port 0).
+    ///
+    /// The corresponding C function is `getsockname`.
+    public static func localAddress(of fd: Int32) throws(Errno) -> SocketAddress {
+        var address = try SocketAddress(unixPath: "/")
+        address.length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let rc = withUnsafeMutableBytes(of: &address.storage) { raw in
+            getsockname(fd, raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), &address.length)
+        }
+        if rc != 0 { throw Errno(rawValue: errno) }
+        return address
+    }
+
+    /// Sends small segments at once instead of waiting to coalesce them (`TCP_NODELAY`).
+    public static func setNoDelay(_ fd: Int32) throws(Errno) {
+        try setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, 1)
+    }
+
+    /// Sets the kernel's send and receive buffer sizes (`SO_SNDBUF`, `SO_RCVBUF`).
+    public static func setBufferSizes(_ fd: Int32, send: Int32, receive: Int32) throws(Errno) {
+        try setOption(fd, SOL_SOCKET, SO_SNDBUF, send)
+        try setOption(fd, SOL_SOCKET, SO_RCVBUF, receive)
+    }
+
+    /// Shuts down both directions of a connection, waking any pending receive with end of stream.
+    ///
+    /// The corresponding C function is `shutdown`.
+    public static func shutdownBoth(_ fd: Int32) {
+        _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
+    }
+
+    /// Sets an integer socket option (`setsockopt`).
+    public static func setOption(_ fd: Int32, _ level: Int32, _ name: Int32, _ value: Int32) throws(Errno) {
+        var value = value
+        if setsockopt(fd, level, name, &value, socklen_t(MemoryLayout<Int32>.size)) != 0 {
+            throw Errno(rawValue: errno)
+        }
+    }
+
+    private static func open(family: Int32) throws(Errno) -> OwnedDescriptor {
+        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        if fd < 0 { throw Errno(rawValue: errno) }
+        return OwnedDescriptor(fd)
+    }
+}
