@@ -11,6 +11,7 @@ let package = Package(
         .executable(name: "source-agent", targets: ["SourceAgent"]),
         .executable(name: "dest-agent", targets: ["DestAgent"]),
         .executable(name: "ferry-bench", targets: ["FerryBench"]),
+        .executable(name: "ferry-workload", targets: ["FerryWorkload"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -44,8 +45,14 @@ let package = Package(
         // Another process's memory: regions, reading, kernel dirty tracking; userfaultfd fault service.
         .target(name: "ProcessMemory",
                 dependencies: ["CFerryShims",
-                               .product(name: "SystemPackage", package: "swift-system")],
+                               .product(name: "SystemPackage", package: "swift-system"),
+                               .product(name: "Crypto", package: "swift-crypto")],
                 swiftSettings: swift6),
+        // A test/demo process: memory dirtied at a set rate in a verifiable pattern; resume mode under userfaultfd.
+        .executableTarget(name: "FerryWorkload",
+                          dependencies: ["ProcessMemory",
+                                         .product(name: "ArgumentParser", package: "swift-argument-parser")],
+                          swiftSettings: swift6),
         // The migration engine shared by both agents: link, sessions, phases.
         .target(name: "MigrationEngine",
                 dependencies: ["Wire", "URing", "NBDBridge", "ProcessMemory",
@@ -69,10 +76,10 @@ let package = Package(
                                          .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           swiftSettings: swift6),
 
-        .testTarget(name: "URingTests", dependencies: ["URing"], swiftSettings: swift6),
+        .testTarget(name: "URingTests", dependencies: ["URing", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: swift6),
         .testTarget(name: "WireTests", dependencies: ["Wire"], swiftSettings: swift6),
         .testTarget(name: "NBDBridgeTests", dependencies: ["NBDBridge", "CNBD"], swiftSettings: swift6),
-        .testTarget(name: "ProcessMemoryTests", dependencies: ["ProcessMemory"], swiftSettings: swift6),
+        .testTarget(name: "ProcessMemoryTests", dependencies: ["ProcessMemory", "FerryWorkload"], swiftSettings: swift6),
         .testTarget(name: "AgentTests", dependencies: ["MigrationEngine", "Wire"], swiftSettings: swift6),
     ]
 )

@@ -1,0 +1,223 @@
+// ProcessMemory's C shim: see include/ferry_memory.h.
+#define _GNU_SOURCE
+#include "ferry_memory.h"
+
+#include <errno.h>
+#include <linux/userfaultfd.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/ptrace.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef PAGEMAP_SCAN
+#define PAGEMAP_SCAN _IOWR('f', 16, ferry_pm_scan_arg)
+#endif
+#ifndef __NR_pidfd_open
+#define __NR_pidfd_open 434
+#endif
+#ifndef __NR_pidfd_getfd
+#define __NR_pidfd_getfd 438
+#endif
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+#ifndef PTRACE_GETSIGMASK
+#define PTRACE_GETSIGMASK 0x420a
+#define PTRACE_SETSIGMASK 0x420b
+#endif
+
+#define RET(expr) do { long _r = (long)(expr); return _r < 0 ? -errno : (int)_r; } while (0)
+
+long ferry_pagemap_scan(int pagemap_fd, ferry_pm_scan_arg *arg) {
+    arg->size = sizeof(*arg);
+    long r = ioctl(pagemap_fd, PAGEMAP_SCAN, arg);
+    return r < 0 ? -errno : r;
+}
+
+int ferry_userfaultfd(int flags) { RET(syscall(__NR_userfaultfd, flags)); }
+
+int ferry_uffdio_api(int uffd, uint64_t features, uint64_t *granted, uint64_t *ioctls) {
+    struct uffdio_api api = { .api = UFFD_API, .features = features };
+    if (ioctl(uffd, UFFDIO_API, &api) < 0) return -errno;
+    if (granted) *granted = api.features;
+    if (ioctls) *ioctls = api.ioctls;
+    return 0;
+}
+
+int ferry_uffdio_register(int uffd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls) {
+    struct uffdio_register reg = { .range = { .start = start, .len = len }, .mode = mode };
+    if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0) return -errno;
+    if (ioctls) *ioctls = reg.ioctls;
+    return 0;
+}
+
+int ferry_uffdio_unregister(int uffd, uint64_t start, uint64_t len) {
+    struct uffdio_range range = { .start = start, .len = len };
+    RET(ioctl(uffd, UFFDIO_UNREGISTER, &range));
+}
+
+int ferry_uffdio_copy(int uffd, uint64_t dst, const void *src, uint64_t len, uint64_t mode, int64_t *copied) {
+    struct uffdio_copy c = { .dst = dst, .src = (uint64_t)(uintptr_t)src, .len = len, .mode = mode, .copy = 0 };
+    int r = ioctl(uffd, UFFDIO_COPY, &c);
+    if (copied) *copied = c.copy;
+    return r < 0 ? -errno : 0;
+}
+
+int ferry_uffdio_zeropage(int uffd, uint64_t start, uint64_t len, uint64_t mode, int64_t *zeroed) {
+    struct uffdio_zeropage z = { .range = { .start = start, .len = len }, .mode = mode, .zeropage = 0 };
+    int r = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+    if (zeroed) *zeroed = z.zeropage;
+    return r < 0 ? -errno : 0;
+}
+
+int ferry_uffdio_wake(int uffd, uint64_t start, uint64_t len) {
+    struct uffdio_range range = { .start = start, .len = len };
+    RET(ioctl(uffd, UFFDIO_WAKE, &range));
+}
+
+int ferry_uffdio_writeprotect(int uffd, uint64_t start, uint64_t len, uint64_t mode) {
+    struct uffdio_writeprotect wp = { .range = { .start = start, .len = len }, .mode = mode };
+    RET(ioctl(uffd, UFFDIO_WRITEPROTECT, &wp));
+}
+
+int ferry_uffd_read_events(int uffd, ferry_uffd_event *out, int max) {
+    struct uffd_msg msgs[64];
+    if (max > 64) max = 64;
+    if (max <= 0) return 0;
+    ssize_t n;
+    do { n = read(uffd, msgs, sizeof(struct uffd_msg) * (size_t)max); } while (n < 0 && errno == EINTR);
+    if (n < 0) return errno == EAGAIN ? 0 : -errno;
+    int count = (int)(n / (ssize_t)sizeof(struct uffd_msg));
+    for (int i = 0; i < count; i++) {
+        ferry_uffd_event *e = &out[i];
+        memset(e, 0, sizeof(*e));
+        e->event = msgs[i].event;
+        switch (msgs[i].event) {
+        case UFFD_EVENT_PAGEFAULT:
+            e->flags = msgs[i].arg.pagefault.flags;
+            e->address = msgs[i].arg.pagefault.address;
+            e->ptid = msgs[i].arg.pagefault.feat.ptid;
+            break;
+        case UFFD_EVENT_REMOVE:
+        case UFFD_EVENT_UNMAP:
+            e->address = msgs[i].arg.remove.start;
+            e->end = msgs[i].arg.remove.end;
+            break;
+        case UFFD_EVENT_REMAP:
+            e->address = msgs[i].arg.remap.from;
+            e->end = msgs[i].arg.remap.to;
+            break;
+        default:
+            break;
+        }
+    }
+    return count;
+}
+
+int ferry_pidfd_open(pid_t pid) { RET(syscall(__NR_pidfd_open, pid, 0)); }
+int ferry_pidfd_getfd(int pidfd, int targetfd) { RET(syscall(__NR_pidfd_getfd, pidfd, targetfd, 0)); }
+
+int ferry_ptrace_seize(pid_t pid) { RET(ptrace(PTRACE_SEIZE, pid, 0, 0)); }
+int ferry_ptrace_interrupt(pid_t pid) { RET(ptrace(PTRACE_INTERRUPT, pid, 0, 0)); }
+int ferry_ptrace_detach(pid_t pid, int sig) { RET(ptrace(PTRACE_DETACH, pid, 0, (void *)(long)sig)); }
+int ferry_ptrace_singlestep(pid_t pid, int sig) { RET(ptrace(PTRACE_SINGLESTEP, pid, 0, (void *)(long)sig)); }
+int ferry_ptrace_cont(pid_t pid, int sig) { RET(ptrace(PTRACE_CONT, pid, 0, (void *)(long)sig)); }
+int ferry_ptrace_getregs(pid_t pid, struct user_regs_struct *regs) { RET(ptrace(PTRACE_GETREGS, pid, 0, regs)); }
+int ferry_ptrace_setregs(pid_t pid, const struct user_regs_struct *regs) { RET(ptrace(PTRACE_SETREGS, pid, 0, regs)); }
+
+int ferry_ptrace_peekdata(pid_t pid, uint64_t addr, uint64_t *word) {
+    errno = 0;
+    long v = ptrace(PTRACE_PEEKDATA, pid, (void *)(uintptr_t)addr, 0);
+    if (v == -1 && errno != 0) return -errno;
+    *word = (uint64_t)v;
+    return 0;
+}
+
+int ferry_ptrace_pokedata(pid_t pid, uint64_t addr, uint64_t word) {
+    RET(ptrace(PTRACE_POKEDATA, pid, (void *)(uintptr_t)addr, (void *)(uintptr_t)word));
+}
+
+int ferry_ptrace_getsigmask(pid_t pid, uint64_t *mask) {
+    RET(ptrace(PTRACE_GETSIGMASK, pid, (void *)sizeof(uint64_t), mask));
+}
+
+int ferry_ptrace_setsigmask(pid_t pid, uint64_t mask) {
+    RET(ptrace(PTRACE_SETSIGMASK, pid, (void *)sizeof(uint64_t), &mask));
+}
+
+int ferry_waitpid_all(pid_t pid, int *status) {
+    pid_t r;
+    do { r = waitpid(pid, status, __WALL); } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : r;
+}
+
+int ferry_wifstopped(int status) { return WIFSTOPPED(status); }
+int ferry_wstopsig(int status) { return WSTOPSIG(status); }
+int ferry_wifexited(int status) { return WIFEXITED(status); }
+int ferry_wifsignaled(int status) { return WIFSIGNALED(status); }
+int ferry_wexitstatus(int status) { return WEXITSTATUS(status); }
+int ferry_wtermsig(int status) { return WTERMSIG(status); }
+int ferry_wptrace_event(int status) { return (status >> 16) & 0xff; }
+
+long ferry_process_vm_readv(pid_t pid, const struct iovec *local, unsigned long nlocal,
+                            const struct iovec *remote, unsigned long nremote) {
+    ssize_t r = process_vm_readv(pid, local, nlocal, remote, nremote, 0);
+    return r < 0 ? -errno : r;
+}
+
+long ferry_send_with_fd(int sock, const void *buf, uint64_t len, int fd) {
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control;
+    memset(&control, 0, sizeof(control));
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+    if (fd >= 0) {
+        msg.msg_control = control.buf;
+        msg.msg_controllen = sizeof(control.buf);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    }
+    ssize_t r;
+    do { r = sendmsg(sock, &msg, MSG_NOSIGNAL); } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : r;
+}
+
+long ferry_recv_with_fd(int sock, void *buf, uint64_t cap, int *fd) {
+    struct iovec iov = { .iov_base = buf, .iov_len = cap };
+    union { char buf[CMSG_SPACE(sizeof(int) * 4)]; struct cmsghdr align; } control;
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1,
+                          .msg_control = control.buf, .msg_controllen = sizeof(control.buf) };
+    *fd = -1;
+    ssize_t r;
+    do { r = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC); } while (r < 0 && errno == EINTR);
+    if (r < 0) return -errno;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            int n = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            int fds[4];
+            memcpy(fds, CMSG_DATA(c), sizeof(int) * (size_t)(n > 4 ? 4 : n));
+            for (int i = 0; i < n && i < 4; i++) {
+                if (*fd < 0) *fd = fds[i]; else close(fds[i]);
+            }
+        }
+    }
+    return r;
+}
+
+int64_t ferry_mmap_anonymous(uint64_t addr, uint64_t len, int fixed_noreplace) {
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS | (fixed_noreplace ? MAP_FIXED_NOREPLACE : 0);
+    void *p = mmap((void *)(uintptr_t)addr, len, PROT_READ | PROT_WRITE, flags, -1, 0);
+    if (p == MAP_FAILED) return -errno;
+    if (fixed_noreplace && (uint64_t)(uintptr_t)p != addr) {
+        munmap(p, len);  // pre-4.17 kernels ignore the flag and pick another address
+        return -EEXIST;
+    }
+    return (int64_t)(uintptr_t)p;
+}
