@@ -11,6 +11,7 @@ let package = Package(
         .executable(name: "source-agent", targets: ["SourceAgent"]),
         .executable(name: "dest-agent", targets: ["DestAgent"]),
         .executable(name: "ferry-bench", targets: ["FerryBench"]),
+        .executable(name: "ferry-nbd-serve", targets: ["FerryNBDServe"]),
         .executable(name: "ferry-workload", targets: ["FerryWorkload"]),
     ],
     dependencies: [
@@ -75,6 +76,9 @@ let package = Package(
                           dependencies: ["URing", "Wire",
                                          .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           swiftSettings: swift6),
+
+        // Serves a disk image over NBD until SIGTERM: benchmarks and manual checks (scripts/bench-nbd.sh).
+        .executableTarget(name: "FerryNBDServe", dependencies: ["NBDBridge"], swiftSettings: swift6),
 
         .testTarget(name: "URingTests", dependencies: ["URing", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: swift6),
         .testTarget(name: "WireTests", dependencies: ["Wire"], swiftSettings: swift6),

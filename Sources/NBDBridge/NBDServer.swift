@@ -1,0 +1,267 @@
+import Glibc
+import Synchronization
+import SystemPackage
+import URing
+
+/// An NBD server for one export backed by a ``BlockStore``: fixed-newstyle handshake, then per
+/// connection one thread whose io_uring carries the socket and the store's I/O, many requests in
+/// flight and replies out of order. Several listeners (Unix, TCP) and clients at once; multi-conn
+/// is safe because every connection uses the same descriptor, so one `fdatasync` covers them all.
+///
+/// For the migration engine: every completed write, trim or zero marks ``dirtyBitmap``; ``throttle``
+/// delays writes when turned on; ``quiesce(timeoutNanoseconds:)``/``resume()`` hold writes for switchover.
+///
+/// ```swift
+/// let server = try NBDServer(store: FileBlockStore(path: img), options: .init(exportName: "disk"))
+/// try server.listen(NBDEndpoint.parse("unix:/run/ferry.sock"))
+/// server.start()              // or server.run() to block until shutdown
+/// server.shutdown(drain: true)
+/// ```
+public final class NBDServer: Sendable {
+    /// How the export is offered and how connections are provisioned.
+    public struct Options: Sendable {
+        /// The export's name; the empty name ("default export") is accepted too.
+        public var exportName: String
+        /// Free text sent for NBD_INFO_DESCRIPTION.
+        public var description: String
+        /// Refuse writes, trims and zeroes with EPERM even if the store could take them.
+        public var readOnly: Bool
+        /// Advertised minimum block size (a power of two); requests not aligned to it get EINVAL.
+        public var minimumBlockSize: UInt32
+        /// Advertised preferred block size.
+        public var preferredBlockSize: UInt32
+        /// Largest READ or WRITE accepted (bigger ones get EINVAL/EOVERFLOW).
+        public var maximumBlockSize: UInt32
+        /// Requests in flight per connection (each slot owns a preallocated buffer).
+        public var requestSlots: Int
+        /// Bytes of each slot's buffer; larger requests share one lazily allocated buffer per connection.
+        public var slotBufferSize: Int
+        /// Advertise NBD_FLAG_CAN_MULTI_CONN.
+        public var multiConn: Bool
+        /// Bytes per bit of ``NBDServer/dirtyBitmap`` and per counter of ``NBDServer/throttle``.
+        public var dirtyBlockSize: UInt64
+
+        public init(exportName: String = "", description: String = "Ferry NBD export", readOnly: Bool = false,
+                    minimumBlockSize: UInt32 = 1, preferredBlockSize: UInt32 = 4096,
+                    maximumBlockSize: UInt32 = 32 * 1024 * 1024, requestSlots: Int = 64,
+                    slotBufferSize: Int = 256 * 1024, multiConn: Bool = true, dirtyBlockSize: UInt64 = 64 * 1024) {
+            self.exportName = exportName
+            self.description = description
+            self.readOnly = readOnly
+            self.minimumBlockSize = minimumBlockSize
+            self.preferredBlockSize = preferredBlockSize
+            self.maximumBlockSize = maximumBlockSize
+            self.requestSlots = requestSlots
+            self.slotBufferSize = slotBufferSize
+            self.multiConn = multiConn
+            self.dirtyBlockSize = dirtyBlockSize
+        }
+    }
+
+    public let store: any BlockStore
+    public let options: Options
+    /// Blocks written, trimmed or zeroed since the last snapshot.
+    public let dirtyBitmap: DirtyBitmap
+    /// The write throttle (off until enabled).
+    public let throttle: WriteThrottle
+    /// The switchover valve for writes.
+    public let gate: WriteGate
+    /// Counters.
+    public let stats = NBDServerStats()
+
+    let export: ExportDescription
+    let readOnly: Bool
+    let zeroes: ZeroBuffer
+
+    private struct State {
+        var listeners: [NBDListener] = []
+        var connections: Set<Int32> = []
+        var acceptors = 0
+        var started = false
+        var shuttingDown = false
+        var finished = false
+    }
+    private let state = Mutex(State())
+    private let liveThreads = Atomic<Int>(0)
+
+    /// A server for `store`. Nothing listens until ``listen(_:)``.
+    public init(store: any BlockStore, options: Options = Options()) throws(NBDBridgeError) {
+        let minimum = options.minimumBlockSize
+        guard minimum >= 1, minimum <= 65536, minimum & (minimum - 1) == 0 else {
+            throw NBDBridgeError(.invalidArgument, "minimum block size \(minimum) is not a power of two from 1 to 65536")
+        }
+        guard options.maximumBlockSize >= max(minimum, 512), options.requestSlots >= 1, options.requestSlots <= 1024,
+              options.slotBufferSize >= 4096 else {
+            throw NBDBridgeError(.invalidArgument, "bad provisioning: max block \(options.maximumBlockSize), \(options.requestSlots) slots of \(options.slotBufferSize) bytes")
+        }
+        self.store = store
+        self.options = options
+        self.readOnly = options.readOnly || store.isReadOnly
+        var flags = NBDProtocol.flagHasFlags | NBDProtocol.flagSendFlush | NBDProtocol.flagSendFUA
+            | NBDProtocol.flagSendDF | NBDProtocol.flagSendCache
+        if readOnly {
+            flags |= NBDProtocol.flagReadOnly
+        } else {
+            flags |= NBDProtocol.flagSendTrim | NBDProtocol.flagSendWriteZeroes | NBDProtocol.flagSendFastZero
+        }
+        if options.multiConn { flags |= NBDProtocol.flagCanMultiConn }
+        self.export = ExportDescription(name: options.exportName, description: options.description, size: store.size,
+                                        transmissionFlags: flags, minimumBlockSize: minimum,
+                                        preferredBlockSize: max(minimum, options.preferredBlockSize),
+                                        maximumBlockSize: options.maximumBlockSize)
+        self.dirtyBitmap = DirtyBitmap(diskSize: store.size, blockSize: options.dirtyBlockSize)
+        self.throttle = WriteThrottle(diskSize: store.size, blockSize: options.dirtyBlockSize)
+        self.gate = WriteGate()
+        self.zeroes = ZeroBuffer(count: 1 << 20)
+    }
+
+    /// Binds and listens on `endpoint` (`socket`, `bind`, `listen`); returns the bound address (with
+    /// the port the kernel chose when the endpoint said port 0). Connections are served after ``start()``.
+    @discardableResult
+    public func listen(_ endpoint: NBDEndpoint) throws(NBDBridgeError) -> SocketAddress {
+        let listener = try NBDListener(endpoint: endpoint)
+        let startNow = state.withLock { s -> Bool in
+            s.listeners.append(listener)
+            if s.started { s.acceptors += 1 }
+            return s.started
+        }
+        if startNow { spawnAcceptor(listener) }
+        return listener.boundAddress
+    }
+
+    /// Starts accepting on every listener, each on its own thread. Returns at once.
+    public func start() {
+        let listeners = state.withLock { s -> [NBDListener] in
+            if s.started { return [] }
+            s.started = true
+            s.acceptors += s.listeners.count
+            return s.listeners
+        }
+        for listener in listeners { spawnAcceptor(listener) }
+    }
+
+    /// Starts, then blocks until ``shutdown(drain:)`` has finished (from another thread or a signal handler's thread).
+    public func run() {
+        start()
+        while !state.withLock({ $0.finished }) { usleep(10_000) }
+    }
+
+    /// Holds new writes and waits for in-flight ones to complete. True when drained within the timeout.
+    @discardableResult
+    public func quiesce(timeoutNanoseconds: UInt64 = 30_000_000_000) -> Bool {
+        gate.quiesce(timeoutNanoseconds: timeoutNanoseconds)
+    }
+
+    /// Lets held writes go.
+    public func resume() { gate.resume() }
+
+    /// Stops accepting, then (with `drain`) lets every connection finish the requests it has read and
+    /// send their replies before it closes; without `drain` connections are cut at once. Then flushes
+    /// the store (`fdatasync`). Returns when all of it is done. Safe to call more than once.
+    public func shutdown(drain: Bool = true) {
+        let (listeners, connections, already) = state.withLock { s -> ([NBDListener], [Int32], Bool) in
+            let already = s.shuttingDown
+            s.shuttingDown = true
+            return (s.listeners, Array(s.connections), already)
+        }
+        if !already {
+            for listener in listeners { listener.close() }
+            for fd in connections { _ = Glibc.shutdown(fd, drain ? Int32(SHUT_RD) : Int32(SHUT_RDWR)) }
+        }
+        let deadline = MonotonicClock.nanoseconds() + 60_000_000_000
+        while liveThreads.load(ordering: .acquiring) > 0 && MonotonicClock.nanoseconds() < deadline {
+            usleep(1000)
+        }
+        if !already {
+            for listener in listeners { listener.release() }
+            try? store.flush()
+            state.withLock { $0.finished = true }
+        } else {
+            while !state.withLock({ $0.finished }) { usleep(1000) }
+        }
+    }
+
+    /// Whether ``shutdown(drain:)`` has begun.
+    public var isShuttingDown: Bool { state.withLock { $0.shuttingDown } }
+
+    // MARK: threads
+
+    private func spawnAcceptor(_ listener: NBDListener) {
+        liveThreads.add(1, ordering: .sequentiallyConsistent)
+        spawnThread { [self] in
+            defer { liveThreads.subtract(1, ordering: .sequentiallyConsistent) }
+            while true {
+                let fd: Int32
+                do throws(Errno) {
+                    fd = try Socket.accept(from: listener.fd).take()
+                } catch {
+                    if error.rawValue == ECONNABORTED { continue }
+                    if error == .tooManyOpenFiles || error == .tooManyOpenFilesInSystem || error == .noBufferSpace
+                        || error == .noMemory {
+                        usleep(10_000); continue
+                    }
+                    return
+                }
+                let admitted = state.withLock { s -> Bool in
+                    if s.shuttingDown { return false }
+                    s.connections.insert(fd)
+                    return true
+                }
+                if !admitted { Glibc.close(fd); return }
+                stats.connectionsAccepted.add(1, ordering: .relaxed)
+                liveThreads.add(1, ordering: .sequentiallyConsistent)
+                spawnThread { [self] in
+                    serve(fd)
+                    state.withLock { _ = $0.connections.remove(fd) }
+                    Glibc.close(fd)
+                    liveThreads.subtract(1, ordering: .sequentiallyConsistent)
+                }
+            }
+        }
+    }
+
+    private func serve(_ fd: Int32) {
+        stats.connectionsOpen.add(1, ordering: .relaxed)
+        defer { stats.connectionsOpen.subtract(1, ordering: .relaxed) }
+        // A client that stalls in the handshake is dropped after 30 s.
+        var timeout = timeval(tv_sec: 30, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        switch Handshake(fd: fd, export: export).run() {
+        case .closed:
+            stats.handshakesFailed.add(1, ordering: .relaxed)
+            return
+        case .transmission(let session):
+            var none = timeval(tv_sec: 0, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &none, socklen_t(MemoryLayout<timeval>.size))
+            if isShuttingDown { return }
+            let connection = Connection(server: self, fd: fd, session: session)
+            connection.run()
+        }
+    }
+}
+
+/// A read-only block of zero bytes shared by every connection (the fallback for WRITE_ZEROES).
+final class ZeroBuffer: @unchecked Sendable {
+    let bytes: UnsafeMutableRawBufferPointer
+    init(count: Int) {
+        bytes = .allocate(byteCount: count, alignment: 4096)
+        bytes.initializeMemory(as: UInt8.self, repeating: 0)
+    }
+    deinit { bytes.deallocate() }
+}
+
+/// Runs `body` on a new detached thread (`pthread_create`).
+func spawnThread(_ body: @escaping @Sendable () -> Void) {
+    final class Box { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
+    let context = Unmanaged.passRetained(Box(body)).toOpaque()
+    var attributes = pthread_attr_t()
+    pthread_attr_init(&attributes)
+    pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
+    var thread = pthread_t()
+    let rc = pthread_create(&thread, &attributes, { raw in
+        Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue().body()
+        return nil
+    }, context)
+    pthread_attr_destroy(&attributes)
+    precondition(rc == 0, "pthread_create failed: \(rc)")
+}

@@ -1,0 +1,46 @@
+import Synchronization
+
+/// Counters of an ``NBDServer`` (relaxed atomics; read them any time).
+public final class NBDServerStats: Sendable {
+    let connectionsAccepted = Atomic<UInt64>(0)
+    let connectionsOpen = Atomic<Int>(0)
+    let handshakesFailed = Atomic<UInt64>(0)
+    let requests = Atomic<UInt64>(0)
+    let bytesRead = Atomic<UInt64>(0)
+    let bytesWritten = Atomic<UInt64>(0)
+    let errorReplies = Atomic<UInt64>(0)
+    let protocolViolations = Atomic<UInt64>(0)
+
+    init() {}
+
+    /// A copy of the counters.
+    public struct Snapshot: Sendable, Equatable, CustomStringConvertible {
+        public var connectionsAccepted: UInt64
+        public var connectionsOpen: Int
+        public var handshakesFailed: UInt64
+        public var requests: UInt64
+        public var bytesRead: UInt64
+        public var bytesWritten: UInt64
+        public var errorReplies: UInt64
+        /// Connections closed for breaking the protocol (bad magic, absurd lengths).
+        public var protocolViolations: UInt64
+
+        public var description: String {
+            "connections \(connectionsAccepted) (open \(connectionsOpen), failed handshakes \(handshakesFailed)), "
+                + "requests \(requests), read \(bytesRead) B, written \(bytesWritten) B, "
+                + "error replies \(errorReplies), protocol violations \(protocolViolations)"
+        }
+    }
+
+    /// The counters now.
+    public var snapshot: Snapshot {
+        Snapshot(connectionsAccepted: connectionsAccepted.load(ordering: .relaxed),
+                 connectionsOpen: connectionsOpen.load(ordering: .relaxed),
+                 handshakesFailed: handshakesFailed.load(ordering: .relaxed),
+                 requests: requests.load(ordering: .relaxed),
+                 bytesRead: bytesRead.load(ordering: .relaxed),
+                 bytesWritten: bytesWritten.load(ordering: .relaxed),
+                 errorReplies: errorReplies.load(ordering: .relaxed),
+                 protocolViolations: protocolViolations.load(ordering: .relaxed))
+    }
+}
