@@ -221,3 +221,16 @@ int64_t ferry_mmap_anonymous(uint64_t addr, uint64_t len, int fixed_noreplace) {
     }
     return (int64_t)(uintptr_t)p;
 }
+
+int ferry_accept_cloexec(int sock) {
+    int r;
+    do { r = accept4(sock, NULL, NULL, SOCK_CLOEXEC); } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : r;
+}
+
+int ferry_peer_pid(int sock) {
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return -errno;
+    return cred.pid;
+}

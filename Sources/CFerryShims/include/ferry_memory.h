@@ -134,6 +134,11 @@ long ferry_send_with_fd(int sock, const void *buf, uint64_t len, int fd);
 /// recvmsg of up to cap bytes; *fd receives a passed descriptor (CLOEXEC) or -1. Returns bytes or -errno.
 long ferry_recv_with_fd(int sock, void *buf, uint64_t cap, int *fd);
 
+/// accept4(sock, NULL, NULL, SOCK_CLOEXEC), retrying EINTR: the new connection or -errno.
+int ferry_accept_cloexec(int sock);
+/// The peer's PID from SO_PEERCRED, or -errno.
+int ferry_peer_pid(int sock);
+
 // ---- mmap with flags Swift lacks ----
 /// mmap(addr, len, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS[|MAP_FIXED_NOREPLACE]); NULL-safe: returns the
 /// address or a negative errno cast to a pointer-sized integer.
