@@ -154,8 +154,11 @@ public struct IORing: ~Copyable {
 
     /// A free submission slot, submitting what is queued first when the queue is full.
     /// Throws ``IORingError/submissionQueueFull`` when the kernel still has no room: back-pressure.
+    /// Also refuses once as many operations are in flight as the completion queue holds, so the
+    /// completion queue can never overflow.
     @usableFromInline
     mutating func nextSubmission() throws(IORingError) -> UnsafeMutablePointer<io_uring_sqe> {
+        if _inFlight >= Int(completionQueueEntries) { throw .submissionQueueFull }
         if let sqe = io_uring_get_sqe(ring) { return sqe }
         let rc = io_uring_submit(ring)
         if rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY {
