@@ -1,2 +1,95 @@
-// placeholder: replaced below
-print("ferry-workload")
+import ArgumentParser
+import Glibc
+import ProcessMemory
+
+/// `ferry-workload`: a process whose memory Ferry migrates in tests, demos and drills.
+struct FerryWorkloadCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ferry-workload",
+        abstract: "A process with N MiB of memory dirtied at a set rate in a verifiable pattern.",
+        discussion: """
+        Prints JSON lines on stdout: {"event":"region",...} (start address and size) at startup, {"event":"ready"}
+        when filled, {"event":"report",...} every --report-interval seconds. Reads commands on stdin:
+        write P1 P2 ... | verify | digest | rate BYTES | quit.
+        Examples:
+          ferry-workload --memory 512M --dirty-rate 20M
+          ferry-workload --memory 64M --dirty-rate 0 --layout-out /tmp/layout.json
+          ferry-workload --resume --uffd-socket /tmp/uffd.sock --layout /tmp/layout.json --dirty-rate 20M
+          ferry-workload --kvm --seconds 30
+        """)
+
+    @Option(help: "Memory size (K, M, G suffixes), e.g. 512M.")
+    var memory: String = "64M"
+    @Option(help: "Bytes per second to dirty (K, M, G suffixes); 0 dirties only on command.")
+    var dirtyRate: String = "0"
+    @Option(help: "Stop after this many seconds (default: run until 'quit' or a signal).")
+    var seconds: Double?
+    @Option(help: "Seconds between reports.")
+    var reportInterval: Double = 1
+    @Option(help: "Pages filled at startup (default: all); the rest stay untouched.")
+    var fillPages: Int?
+    @Option(help: "Map the memory at this hex address (MAP_FIXED_NOREPLACE).")
+    var address: String?
+    @Option(help: "Write the memory layout (Firecracker mapping JSON) to this file.")
+    var layoutOut: String?
+    @Flag(help: "Allow transparent huge pages (default: MADV_NOHUGEPAGE, for exact 4 KiB dirty tracking).")
+    var thp = false
+    @Flag(help: "Resume mode: map --layout, register userfaultfd MISSING, hand it to --uffd-socket, then run.")
+    var resume = false
+    @Option(help: "Resume mode: the fault handler's Unix socket.")
+    var uffdSocket: String?
+    @Option(help: "Resume mode: the layout file (Firecracker mapping JSON).")
+    var layout: String?
+    @Flag(help: "KVM mode: a minimal guest whose vCPU writes guest RAM in a loop.")
+    var kvm = false
+
+    func run() throws {
+        if kvm { throw ExitCode(KVMGuest.run(memory: parseSize(memory) ?? (2 << 20), seconds: seconds, reportInterval: reportInterval)) }
+        guard let rate = parseSize(dirtyRate) else { Output.error("bad --dirty-rate '\(dirtyRate)'") }
+        let workload: WorkloadMemory
+        if resume {
+            workload = ResumeMode.setUp(socketPath: uffdSocket, layoutPath: layout)
+        } else {
+            guard let size = parseSize(memory), size >= 4096 else { Output.error("bad --memory '\(memory)'") }
+            let rounded = (size + 4095) & ~4095
+            var fixed: UInt64 = 0
+            if let address {
+                guard let a = UInt64(address.hasPrefix("0x") ? String(address.dropFirst(2)) : address, radix: 16) else {
+                    Output.error("bad --address '\(address)'")
+                }
+                fixed = a
+            }
+            let p = ferry_mmap(fixed, rounded, fixed != 0)
+            if !thp { madvise(UnsafeMutableRawPointer(bitPattern: UInt(p)), Int(rounded), 14) } // MADV_NOHUGEPAGE
+            workload = WorkloadMemory(regions: [(p, rounded)])
+            announce(workload, mode: "run")
+            if let layoutOut {
+                let json = GuestMemoryMapping.encodeList([GuestMemoryMapping(baseHostVirtAddr: p, size: rounded, offset: 0)])
+                guard let f = fopen(layoutOut, "w") else { Output.error("cannot write --layout-out \(layoutOut)") }
+                _ = json.withUnsafeBytes { fwrite($0.baseAddress, 1, $0.count, f) }
+                fclose(f)
+            }
+            workload.fill(pages: fillPages ?? workload.totalPages)
+        }
+        Output.line("{\"event\":\"ready\",\"pid\":\(getpid()),\"pages\":\(workload.totalPages)}")
+        var loop = WorkloadLoop(memory: workload, dirtyRate: rate, seconds: seconds, reportInterval: reportInterval)
+        let status = loop.run()
+        if status != 0 { throw ExitCode(status) }
+    }
+}
+
+func announce(_ w: WorkloadMemory, mode: String) {
+    for r in w.regions {
+        Output.line("{\"event\":\"region\",\"mode\":\"\(mode)\",\"pid\":\(getpid()),\"start\":\(r.base),\"start_hex\":\"0x\(String(r.base, radix: 16))\",\"size\":\(r.pages * 4096),\"page_size\":4096}")
+    }
+}
+
+/// mmap of anonymous private memory, exiting with a JSON error on failure.
+func ferry_mmap(_ address: UInt64, _ size: UInt64, _ fixed: Bool) -> UInt64 {
+    let r: Int64
+    do { r = Int64(try AnonymousMemory.map(length: size, at: fixed ? address : nil)) } catch { Output.error("\(error)") }
+    if r < 0 { Output.error("mmap of \(size) bytes at 0x\(String(address, radix: 16)) failed: errno \(-r)") }
+    return UInt64(r)
+}
+
+FerryWorkloadCommand.main()

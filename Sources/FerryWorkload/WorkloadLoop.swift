@@ -1,0 +1,120 @@
+import Glibc
+import ProcessMemory
+
+/// The workload's single-threaded loop: dirty pages at the set rate, report operations per second, and obey control
+/// commands read from stdin (one per line):
+///
+///     write P1 P2 ...   verify-and-rewrite exactly these pages -> {"event":"written","count":N}
+///     verify            touch and verify every page            -> {"event":"verified",...,"p50_us":...}
+///     digest            SHA-256 of the memory                  -> {"event":"digest","sha256":"..."}
+///     rate BYTES        set the dirty rate (bytes/s; 0 stops)  -> {"event":"rate","bytes_per_sec":N}
+///     quit              exit (status 3 if any page was corrupt)
+struct WorkloadLoop {
+    let memory: WorkloadMemory
+    var dirtyRate: UInt64
+    let seconds: Double?
+    let reportInterval: Double
+    var rng: UInt64
+
+    init(memory: WorkloadMemory, dirtyRate: UInt64, seconds: Double?, reportInterval: Double) {
+        self.memory = memory
+        self.dirtyRate = dirtyRate
+        self.seconds = seconds
+        self.reportInterval = reportInterval
+        rng = UInt64(getpid()) &* 0x9E37_79B9_7F4A_7C15 | 1
+    }
+
+    static func now() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+
+    mutating func nextRandom() -> UInt64 {
+        rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17
+        return rng
+    }
+
+    mutating func run() -> Int32 {
+        let start = Self.now()
+        var lastTick = start
+        var lastReport = start
+        var writtenAtReport = memory.pagesWritten
+        var owed = 0.0
+        var stdinOpen = true
+        var lineBuffer: [UInt8] = []
+        var readBuffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let now = Self.now()
+            if let seconds, now - start >= seconds { break }
+            // Dirty what is due since the last tick.
+            owed += Double(dirtyRate) * (now - lastTick) / Double(memory.pageSize)
+            lastTick = now
+            var due = Int(owed)
+            owed -= Double(due)
+            if due > memory.totalPages { due = memory.totalPages }
+            for _ in 0..<due { memory.dirty(Int(nextRandom() % UInt64(memory.totalPages))) }
+            if now - lastReport >= reportInterval {
+                let ops = Double(memory.pagesWritten - writtenAtReport) / (now - lastReport)
+                Output.line("{\"event\":\"report\",\"t\":\(fmt(now - start)),\"ops_per_sec\":\(fmt(ops)),\"pages_written\":\(memory.pagesWritten),\"pages_verified\":\(memory.pagesVerified),\"corrupt\":\(memory.corrupt)}")
+                lastReport = now
+                writtenAtReport = memory.pagesWritten
+            }
+            // Wait for a command or the next tick (10 ms when dirtying, else until the next report).
+            let wait = dirtyRate > 0 ? 10 : Int32(max(1, min(100, (reportInterval - (Self.now() - lastReport)) * 1000)))
+            var p = pollfd(fd: 0, events: Int16(POLLIN), revents: 0)
+            let ready = stdinOpen ? poll(&p, 1, Int32(wait)) : { usleep(UInt32(wait) * 1000); return 0 }()
+            if ready > 0 {
+                let n = read(0, &readBuffer, readBuffer.count)
+                if n <= 0 { stdinOpen = false; continue }
+                lineBuffer.append(contentsOf: readBuffer[0..<n])
+                while let nl = lineBuffer.firstIndex(of: UInt8(ascii: "\n")) {
+                    let line = String(decoding: lineBuffer[0..<nl], as: UTF8.self)
+                    lineBuffer.removeSubrange(0...nl)
+                    if !command(line) { return memory.corrupt > 0 ? 3 : 0 }
+                }
+            }
+        }
+        Output.line("{\"event\":\"exit\",\"pages_written\":\(memory.pagesWritten),\"pages_verified\":\(memory.pagesVerified),\"corrupt\":\(memory.corrupt)}")
+        return memory.corrupt > 0 ? 3 : 0
+    }
+
+    /// Runs one control command; false means quit.
+    mutating func command(_ line: String) -> Bool {
+        let words = line.split(separator: " ")
+        guard let verb = words.first else { return true }
+        switch verb {
+        case "write":
+            var count = 0
+            for w in words.dropFirst() {
+                guard let p = Int(w), p >= 0, p < memory.totalPages else {
+                    Output.line("{\"event\":\"error\",\"message\":\"page \(w) outside 0..<\(memory.totalPages)\"}")
+                    return true
+                }
+                memory.dirty(p)
+                count += 1
+            }
+            Output.line("{\"event\":\"written\",\"count\":\(count),\"corrupt\":\(memory.corrupt)}")
+        case "verify":
+            let r = memory.verifyAll()
+            let sorted = r.touchNanos.sorted()
+            Output.line("{\"event\":\"verified\",\"pages\":\(memory.totalPages),\"valid\":\(r.valid),\"untouched\":\(r.untouched),\"corrupt\":\(r.corrupt),\"p50_us\":\(fmt(percentile(sorted, 0.5))),\"p90_us\":\(fmt(percentile(sorted, 0.9))),\"p99_us\":\(fmt(percentile(sorted, 0.99))),\"max_us\":\(fmt(percentile(sorted, 1.0)))}")
+        case "digest":
+            Output.line("{\"event\":\"digest\",\"sha256\":\"\(memory.digest())\"}")
+        case "rate":
+            dirtyRate = words.count > 1 ? parseSize(String(words[1])) ?? dirtyRate : dirtyRate
+            Output.line("{\"event\":\"rate\",\"bytes_per_sec\":\(dirtyRate)}")
+        case "quit", "exit":
+            Output.line("{\"event\":\"exit\",\"pages_written\":\(memory.pagesWritten),\"pages_verified\":\(memory.pagesVerified),\"corrupt\":\(memory.corrupt)}")
+            return false
+        default:
+            Output.line("{\"event\":\"error\",\"message\":\"unknown command \(verb)\"}")
+        }
+        return true
+    }
+}
+
+func fmt(_ x: Double) -> String {
+    let r = (x * 1000).rounded() / 1000
+    return String(r)
+}
