@@ -1,0 +1,79 @@
+/// Every message of the Ferry migration protocol, one case per ``MessageType``.
+///
+/// Cases that carry bulk bytes (`diskExtents`, `diskReply`, `pageBatch`, `pageReply`, `vmState`)
+/// hold a ``Payload``: a view, not a copy. A decoded message is valid only while the buffer it was
+/// decoded from is; copy what you keep. Frame layouts are in docs/wire.md.
+public enum Message: Equatable, Sendable {
+    /// The connecting side's opening (normally the source): versions, features, session, nonce.
+    case hello(Hello)
+    /// The answer to `hello`, with the answerer's own nonce and its proof of the key.
+    case helloAck(Hello, proof: Bytes32)
+    /// The connecting side's proof of the key, completing mutual authentication.
+    case auth(proof: Bytes32)
+    /// A disk to be migrated.
+    case diskLayout(DiskLayout)
+    /// Disk data and zero extents: bulk copy (round 0) or dirty-block deltas (round ≥ 1).
+    case diskExtents(DiskExtents)
+    /// Urgent: the destination needs a disk range now (disk post-copy).
+    case diskFetch(DiskFetch)
+    /// Urgent: the answer to `diskFetch`.
+    case diskReply(requestID: UInt64, extents: DiskExtents)
+    /// The memory to be migrated.
+    case memoryLayout(GuestMemoryLayout)
+    /// Memory pages: data runs and zero runs.
+    case pageBatch(PageBatch)
+    /// Urgent: the destination's VM faulted on pages that have not arrived (post-copy).
+    case pageRequest(PageRequest)
+    /// Urgent: the answer to `pageRequest`.
+    case pageReply(requestID: UInt64, batch: PageBatch)
+    /// The end of a round of one stream.
+    case roundEnd(RoundEnd)
+    /// The source has paused the VM: what is still to come.
+    case switchover(Switchover)
+    /// A chunk of the opaque VM-state blob.
+    case vmState(VMStateChunk)
+    /// The end: digests to compare.
+    case complete(Completion)
+    /// Acknowledgement for flow control and resume.
+    case ack(Ack)
+    /// Liveness probe or echo, for RTT.
+    case keepalive(Keepalive)
+    /// An error with a code and a reason.
+    case error(ErrorMessage)
+
+    /// The header type of this message.
+    public var type: MessageType {
+        switch self {
+        case .hello: return .hello
+        case .helloAck: return .helloAck
+        case .auth: return .auth
+        case .diskLayout: return .diskLayout
+        case .diskExtents: return .diskExtents
+        case .diskFetch: return .diskFetch
+        case .diskReply: return .diskReply
+        case .memoryLayout: return .memoryLayout
+        case .pageBatch: return .pageBatch
+        case .pageRequest: return .pageRequest
+        case .pageReply: return .pageReply
+        case .roundEnd: return .roundEnd
+        case .switchover: return .switchover
+        case .vmState: return .vmState
+        case .complete: return .complete
+        case .ack: return .ack
+        case .keepalive: return .keepalive
+        case .error: return .error
+        }
+    }
+
+    /// The bulk bytes the message carries after its metadata (empty for most messages).
+    public var payload: Payload {
+        switch self {
+        case .diskExtents(let m): return m.payload
+        case .diskReply(_, let m): return m.payload
+        case .pageBatch(let m): return m.payload
+        case .pageReply(_, let m): return m.payload
+        case .vmState(let m): return m.payload
+        default: return .empty
+        }
+    }
+}
