@@ -5,5 +5,9 @@
 // different definitions of struct io_uring_sqe in one Swift module do not merge, so liburing
 // is made to use the kernel's, which is the one this kernel speaks anyway.
 #include <sys/select.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <netdb.h>
 #include <linux/io_uring.h>
 #include <liburing.h>

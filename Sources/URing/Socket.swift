@@ -1,3 +1,4 @@
+import CURing
 import Glibc
 import SystemPackage
 
