@@ -14,7 +14,7 @@ public struct SessionID: Hashable, Sendable, CustomStringConvertible {
     public init?(_ bytes: some Collection<UInt8>) {
         guard bytes.count == SessionID.size else { return nil }
         var w = (UInt64(0), UInt64(0))
-        withUnsafeMutableBytes(of: &w) { raw in _ = raw.copyBytes(from: bytes) }
+        withUnsafeMutableBytes(of: &w) { raw in raw.copyBytes(from: bytes) }
         self.init(w0: w.0, w1: w.1)
     }
 
@@ -66,7 +66,7 @@ public struct Bytes32: Hashable, Sendable, CustomStringConvertible {
     public init?(_ bytes: some Collection<UInt8>) {
         guard bytes.count == Bytes32.size else { return nil }
         var w = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
-        withUnsafeMutableBytes(of: &w) { raw in _ = raw.copyBytes(from: bytes) }
+        withUnsafeMutableBytes(of: &w) { raw in raw.copyBytes(from: bytes) }
         self.init(w0: w.0, w1: w.1, w2: w.2, w3: w.3)
     }
 
