@@ -22,7 +22,7 @@ enum ResumeMode {
             guard !mappings.isEmpty else { Output.error("layout \(layoutPath) has no mappings") }
             for m in mappings {
                 _ = try AnonymousMemory.map(length: m.size, at: m.baseHostVirtAddr)
-                madvise(UnsafeMutableRawPointer(bitPattern: UInt(m.baseHostVirtAddr)), Int(m.size), 14) // MADV_NOHUGEPAGE
+                madvise(UnsafeMutableRawPointer(bitPattern: UInt(m.baseHostVirtAddr)), Int(m.size), 15) // MADV_NOHUGEPAGE
             }
             let uffd = try Userfaultfd.create(nonBlocking: true, userModeOnly: getuid() != 0)
             try uffd.handshake(requesting: .eventRemove, required: [])

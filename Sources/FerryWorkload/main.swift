@@ -42,8 +42,13 @@ struct FerryWorkloadCommand: ParsableCommand {
     var layout: String?
     @Flag(help: "KVM mode: a minimal guest whose vCPU writes guest RAM in a loop.")
     var kvm = false
+    @Option(help: "Probe mode (for tests): try to inspect this PID as --as-user and print the errors as JSON.")
+    var probePid: Int32?
+    @Option(help: "Probe mode: the user id to drop to first.")
+    var asUser: UInt32 = 65534
 
     func run() throws {
+        if let probePid { throw ExitCode(PermissionProbe.run(pid: probePid, uid: asUser)) }
         if kvm { throw ExitCode(KVMGuest.run(memory: parseSize(memory) ?? (2 << 20), seconds: seconds, reportInterval: reportInterval)) }
         guard let rate = parseSize(dirtyRate) else { Output.error("bad --dirty-rate '\(dirtyRate)'") }
         let workload: WorkloadMemory
@@ -60,7 +65,7 @@ struct FerryWorkloadCommand: ParsableCommand {
                 fixed = a
             }
             let p = ferry_mmap(fixed, rounded, fixed != 0)
-            if !thp { madvise(UnsafeMutableRawPointer(bitPattern: UInt(p)), Int(rounded), 14) } // MADV_NOHUGEPAGE
+            if !thp { madvise(UnsafeMutableRawPointer(bitPattern: UInt(p)), Int(rounded), 15) } // MADV_NOHUGEPAGE
             workload = WorkloadMemory(regions: [(p, rounded)])
             announce(workload, mode: "run")
             if let layoutOut {

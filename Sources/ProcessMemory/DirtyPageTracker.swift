@@ -7,8 +7,8 @@ public protocol DirtyPageTracker: ~Copyable {
     var method: String { get }
     /// The regions tracked.
     var regions: [MemoryRegion] { get }
-    /// Replaces the contents of `runs` with the pages written since the previous scan (the first scan reports every
-    /// page written since tracking began, which includes every page populated before it began).
+    /// Replaces the contents of `runs` with the pages written since the previous scan. The first scan reports every
+    /// page of the regions (use `ProcessMemoryReader.residency` to skip pages never touched).
     mutating func scanDirty(into runs: inout PageRunBuffer) throws(ProcessMemoryError)
     /// Stops tracking and releases the kernel resources.
     consuming func detach() throws(ProcessMemoryError)

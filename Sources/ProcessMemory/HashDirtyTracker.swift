@@ -3,8 +3,12 @@
 /// The fallback when `DirtyTracker`'s kernel method is unavailable. Costs a full read of the resident memory per
 /// round (process_vm_readv) instead of a page-table walk. Pages that are not resident (never touched, per
 /// /proc/PID/pagemap) are not read: they hash as the zero page. Same first-scan semantic as `DirtyTracker`:
-/// the first scan reports every resident page. A write that leaves a page's bytes unchanged is not reported
+/// see below. A write that leaves a page's bytes unchanged is not reported
 /// (harmless for migration: the destination already has those bytes).
+///
+/// First scan: every page of the regions, exactly as `DirtyTracker`'s first PAGEMAP_SCAN reports (with
+/// WP_UNPOPULATED no page starts write-protected); the caller skips never-touched pages with
+/// `ProcessMemoryReader.residency`.
 public struct HashDirtyTracker: ~Copyable, DirtyPageTracker {
     public let pid: Int32
     public let regions: [MemoryRegion]
@@ -44,7 +48,7 @@ public struct HashDirtyTracker: ~Copyable, DirtyPageTracker {
         chunk.deallocate()
     }
 
-    /// Replaces `runs` with the pages whose content changed since the previous scan (first scan: every resident page).
+    /// Replaces `runs` with the pages whose content changed since the previous scan (first scan: every page).
     /// Reads with `process_vm_readv`, residency from `/proc/PID/pagemap`.
     public mutating func scanDirty(into runs: inout PageRunBuffer) throws(ProcessMemoryError) {
         runs.removeAll()
@@ -82,6 +86,10 @@ public struct HashDirtyTracker: ~Copyable, DirtyPageTracker {
                 p += full
             }
             base += pages
+        }
+        if first {
+            runs.removeAll()
+            for region in regions { runs.append(region.range) }
         }
         scanned = true
     }
