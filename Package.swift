@@ -26,6 +26,8 @@ let package = Package(
                        providers: [.apt(["liburing-dev"])]),
         .systemLibrary(name: "CNBD", pkgConfig: "libnbd",
                        providers: [.apt(["libnbd-dev"])]),
+        .systemLibrary(name: "CXXHash", pkgConfig: "libxxhash",
+                       providers: [.apt(["libxxhash-dev"])]),
         .target(name: "CFerryShims"),
 
         // io_uring: an owned ring, typed operations, completions by tag.
@@ -51,12 +53,12 @@ let package = Package(
                 swiftSettings: swift6),
         // A test/demo process: memory dirtied at a set rate in a verifiable pattern; resume mode under userfaultfd.
         .executableTarget(name: "FerryWorkload",
-                          dependencies: ["ProcessMemory",
+                          dependencies: ["ProcessMemory", "CFerryShims",
                                          .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           swiftSettings: swift6),
         // The migration engine shared by both agents: link, sessions, phases.
         .target(name: "MigrationEngine",
-                dependencies: ["Wire", "URing", "NBDBridge", "ProcessMemory",
+                dependencies: ["Wire", "URing", "NBDBridge", "ProcessMemory", "CXXHash",
                                .product(name: "SystemPackage", package: "swift-system"),
                                .product(name: "Logging", package: "swift-log"),
                                .product(name: "Crypto", package: "swift-crypto")],

@@ -234,3 +234,57 @@ int ferry_peer_pid(int sock) {
     if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return -errno;
     return cred.pid;
 }
+
+// ---- a minimal KVM guest ----
+#include <fcntl.h>
+#include <linux/kvm.h>
+
+int ferry_kvm_guest_open(uint64_t ram, uint64_t size, ferry_kvm_guest *g) {
+    memset(g, 0, sizeof(*g));
+    g->kvm = g->vm = g->vcpu = -1;
+    int e;
+    g->kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+    if (g->kvm < 0) return -errno;
+    g->vm = ioctl(g->kvm, KVM_CREATE_VM, 0);
+    if (g->vm < 0) goto fail;
+    struct kvm_userspace_memory_region region = {
+        .slot = 0, .flags = 0, .guest_phys_addr = 0, .memory_size = size, .userspace_addr = ram };
+    if (ioctl(g->vm, KVM_SET_USER_MEMORY_REGION, &region) < 0) goto fail;
+    g->vcpu = ioctl(g->vm, KVM_CREATE_VCPU, 0);
+    if (g->vcpu < 0) goto fail;
+    int mmap_size = ioctl(g->kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+    if (mmap_size < 0) goto fail;
+    g->run_size = (uint64_t)mmap_size;
+    g->run = mmap(NULL, (size_t)mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, g->vcpu, 0);
+    if (g->run == MAP_FAILED) { g->run = NULL; goto fail; }
+    struct kvm_sregs sregs;
+    if (ioctl(g->vcpu, KVM_GET_SREGS, &sregs) < 0) goto fail;
+    sregs.cs.base = 0; sregs.cs.selector = 0;
+    sregs.ds.base = 0; sregs.ds.selector = 0;
+    if (ioctl(g->vcpu, KVM_SET_SREGS, &sregs) < 0) goto fail;
+    struct kvm_regs regs;
+    memset(&regs, 0, sizeof(regs));
+    regs.rip = 0;
+    regs.rflags = 2;
+    if (ioctl(g->vcpu, KVM_SET_REGS, &regs) < 0) goto fail;
+    return 0;
+fail:
+    e = errno;
+    ferry_kvm_guest_close(g);
+    return -e;
+}
+
+int ferry_kvm_guest_run(ferry_kvm_guest *g, uint32_t *exit_reason) {
+    if (ioctl(g->vcpu, KVM_RUN, 0) < 0) return -errno;
+    *exit_reason = ((struct kvm_run *)g->run)->exit_reason;
+    return 0;
+}
+
+void ferry_kvm_guest_close(ferry_kvm_guest *g) {
+    if (g->run) munmap(g->run, g->run_size);
+    if (g->vcpu >= 0) close(g->vcpu);
+    if (g->vm >= 0) close(g->vm);
+    if (g->kvm >= 0) close(g->kvm);
+    g->run = NULL;
+    g->kvm = g->vm = g->vcpu = -1;
+}

@@ -144,4 +144,19 @@ int ferry_peer_pid(int sock);
 /// address or a negative errno cast to a pointer-sized integer.
 int64_t ferry_mmap_anonymous(uint64_t addr, uint64_t len, int fixed_noreplace);
 
+
+// ---- a minimal KVM guest (ferry-workload --kvm) ----
+/// A VM with one memory slot at guest-physical 0 and one vCPU in real mode.
+typedef struct ferry_kvm_guest {
+    int kvm, vm, vcpu;
+    void *run;
+    uint64_t run_size;
+} ferry_kvm_guest;
+
+/// Opens /dev/kvm, creates a VM whose slot 0 is [ram, ram+size) at guest-physical 0, and a vCPU that starts at
+/// 0000:0000 in real mode. The caller puts code at ram. 0 or -errno.
+int ferry_kvm_guest_open(uint64_t ram, uint64_t size, ferry_kvm_guest *guest);
+/// One KVM_RUN; *exit_reason receives kvm_run.exit_reason (KVM_EXIT_IO = 2, KVM_EXIT_HLT = 5). 0 or -errno (EINTR).
+int ferry_kvm_guest_run(ferry_kvm_guest *guest, uint32_t *exit_reason);
+void ferry_kvm_guest_close(ferry_kvm_guest *guest);
 #endif
