@@ -235,6 +235,17 @@ int ferry_peer_pid(int sock) {
     return cred.pid;
 }
 
+int64_t ferry_mmap_memfd(const char *name, uint64_t len) {
+    int fd = memfd_create(name, MFD_CLOEXEC);
+    if (fd < 0) return -errno;
+    if (ftruncate(fd, (off_t)len) < 0) { int e = errno; close(fd); return -e; }
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int e = errno;
+    close(fd);
+    if (p == MAP_FAILED) return -e;
+    return (int64_t)(uintptr_t)p;
+}
+
 // ---- a minimal KVM guest ----
 #include <fcntl.h>
 #include <linux/kvm.h>

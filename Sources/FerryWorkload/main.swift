@@ -32,6 +32,8 @@ struct FerryWorkloadCommand: ParsableCommand {
     var address: String?
     @Option(help: "Write the memory layout (Firecracker mapping JSON) to this file.")
     var layoutOut: String?
+    @Flag(help: "Back the memory with a memfd mapped MAP_SHARED (shmem, as /memfd:ferry-guest) instead of anonymous memory.")
+    var memfd = false
     @Flag(help: "Allow transparent huge pages (default: MADV_NOHUGEPAGE, for exact 4 KiB dirty tracking).")
     var thp = false
     @Flag(help: "Resume mode: map --layout, register userfaultfd MISSING, hand it to --uffd-socket, then run.")
@@ -64,7 +66,12 @@ struct FerryWorkloadCommand: ParsableCommand {
                 }
                 fixed = a
             }
-            let p = ferry_mmap(fixed, rounded, fixed != 0)
+            let p: UInt64
+            if memfd {
+                do { p = try AnonymousMemory.mapMemfd(length: rounded, name: "ferry-guest") } catch { Output.error("\(error)") }
+            } else {
+                p = ferry_mmap(fixed, rounded, fixed != 0)
+            }
             if !thp { madvise(UnsafeMutableRawPointer(bitPattern: UInt(p)), Int(rounded), 15) } // MADV_NOHUGEPAGE
             workload = WorkloadMemory(regions: [(p, rounded)])
             announce(workload, mode: "run")

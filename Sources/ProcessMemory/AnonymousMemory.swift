@@ -13,4 +13,12 @@ public enum AnonymousMemory {
         }
         return UInt64(r)
     }
+
+    /// Maps `length` bytes of shared memory backed by a memfd named `name` (shown as `/memfd:NAME` in maps), as
+    /// VMMs that share guest RAM do. The corresponding system calls are `memfd_create`, `ftruncate` and `mmap`.
+    public static func mapMemfd(length: UInt64, name: String) throws(ProcessMemoryError) -> UInt64 {
+        let r = ferry_mmap_memfd(name, length)
+        guard r >= 0 else { throw ProcessMemoryError("memfd '\(name)' of \(length) bytes: memfd_create/ftruncate/mmap", negated: r) }
+        return UInt64(r)
+    }
 }

@@ -128,3 +128,28 @@ final class DirtyTrackerTests: XCTestCase {
         try any.detach()
     }
 }
+
+/// Shared memory (a memfd mapped MAP_SHARED, as QEMU's memory-backend-file/memfd): chosen by default, tracked with
+/// UFFD_FEATURE_WP_HUGETLBFS_SHMEM.
+final class SharedMemoryTrackerTests: XCTestCase {
+    func testMemfdRegionIsChosenAndTrackedExactly() throws {
+        let w = try WorkloadProcess(["--memory", "8M", "--memfd", "--fill-pages", "100"])
+        defer { w.stop() }
+        let all = try ProcessRegions(pid: w.pid)
+        let chosen = all.guestMemory().first { $0.range == w.region }
+        XCTAssertEqual(chosen?.kind, .shmem, "memfd mapping chosen as guest memory: \(all.guestMemory())")
+        XCTAssertTrue(chosen?.path.hasPrefix("/memfd:ferry-guest") ?? false)
+        let regions = try all.select(ranges: [w.region])
+        var tracker = try DirtyTracker(pid: w.pid, regions: regions)
+        XCTAssertTrue(tracker.grantedFeatures.contains(.wpHugetlbfsShmem))
+        var runs = PageRunBuffer(capacity: 16)
+        try tracker.scanDirty(into: &runs)
+        for round in 0..<3 {
+            let set = (0..<(30 + round * 50)).map { _ in Int.random(in: 0..<2048) }
+            try w.write(pages: set)
+            try tracker.scanDirty(into: &runs)
+            XCTAssertEqual(Set(runs.pageAddresses()), Set(set.map { w.regionStart + UInt64($0) * 4096 }), "shmem round \(round)")
+        }
+        try tracker.detach()
+    }
+}

@@ -144,6 +144,9 @@ int ferry_peer_pid(int sock);
 /// address or a negative errno cast to a pointer-sized integer.
 int64_t ferry_mmap_anonymous(uint64_t addr, uint64_t len, int fixed_noreplace);
 
+/// memfd_create(name, MFD_CLOEXEC), ftruncate(len), mmap(MAP_SHARED) read-write, close the memfd: shared memory
+/// that shows as `/memfd:NAME` in /proc/PID/maps (how VMMs often hold guest RAM). Address or -errno.
+int64_t ferry_mmap_memfd(const char *name, uint64_t len);
 
 // ---- a minimal KVM guest (ferry-workload --kvm) ----
 /// A VM with one memory slot at guest-physical 0 and one vCPU in real mode.
