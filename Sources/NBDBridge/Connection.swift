@@ -81,6 +81,7 @@ final class Connection {
     private var pollArmed = false
     private var payloadSlot = -1
     private var discardRemaining: UInt32 = 0
+    private var discardSlot = -1
     private var needInput = true
     private var inputClosed = false
     private var outputBroken = false
@@ -234,11 +235,15 @@ final class Connection {
     private func parseInput(_ ring: inout Ring) {
         needInput = false
         while !inputClosed && payloadSlot < 0 {
-            if discardRemaining > 0 {
+            if discardSlot >= 0 {
+                // Skipping the payload of a refused write; its error reply waits until the payload
+                // is consumed (a client may still be sending it and cannot take the reply yet).
                 let take = min(UInt32(rxEnd - rxStart), discardRemaining)
                 rxStart += Int(take)
                 discardRemaining -= take
                 if discardRemaining > 0 { needInput = true; return }
+                enqueue(discardSlot)
+                discardSlot = -1
             }
             let available = rxEnd - rxStart
             if available < NBDProtocol.requestHeaderSize { needInput = true; return }
@@ -277,11 +282,15 @@ final class Connection {
             if code != .ok {
                 if request.command == NBDProtocol.cmdWrite {
                     if request.length > Connection.discardLimit {
-                        release(index)
+                        // Too much to skip: answer, then close (nbdkit closes at 2× its maximum too).
+                        replyError(index, code)
                         violation()
                         return
                     }
                     discardRemaining = request.length
+                    discardSlot = index
+                    replyError(index, code, send: false)
+                    continue
                 }
                 replyError(index, code)
                 continue
@@ -518,7 +527,7 @@ final class Connection {
         enqueue(index)
     }
 
-    private func replyError(_ index: Int, _ code: NBDErrorCode) {
+    private func replyError(_ index: Int, _ code: NBDErrorCode, send: Bool = true) {
         server.stats.errorReplies.add(1, ordering: .relaxed)
         let command = slots[index].command
         if session.structuredReplies && (command == NBDProtocol.cmdRead || command == NBDProtocol.cmdBlockStatus) {
@@ -531,7 +540,7 @@ final class Connection {
             writeSimpleHeader(index, code)
         }
         slots[index].payloadLength = 0
-        enqueue(index)
+        if send { enqueue(index) } else { slots[index].step = .payload }
     }
 
     private func replyRead(_ index: Int) {
