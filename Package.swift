@@ -26,6 +26,8 @@ let package = Package(
                        providers: [.apt(["liburing-dev"])]),
         .systemLibrary(name: "CNBD", pkgConfig: "libnbd",
                        providers: [.apt(["libnbd-dev"])]),
+        .systemLibrary(name: "CXXHash", pkgConfig: "libxxhash",
+                       providers: [.apt(["libxxhash-dev"])]),
         .target(name: "CFerryShims"),
 
         // io_uring: an owned ring, typed operations, completions by tag.
@@ -56,7 +58,7 @@ let package = Package(
                           swiftSettings: swift6),
         // The migration engine shared by both agents: link, sessions, phases.
         .target(name: "MigrationEngine",
-                dependencies: ["Wire", "URing", "NBDBridge", "ProcessMemory",
+                dependencies: ["Wire", "URing", "NBDBridge", "ProcessMemory", "CXXHash", "CFerryShims",
                                .product(name: "SystemPackage", package: "swift-system"),
                                .product(name: "Logging", package: "swift-log"),
                                .product(name: "Crypto", package: "swift-crypto")],

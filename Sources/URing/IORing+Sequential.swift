@@ -51,6 +51,42 @@ extension IORing {
         return true
     }
 
+    /// Reads `buffer.count` bytes of `fd` at `offset`, resuming after short reads; returns fewer
+    /// only at end of file (`IORING_OP_READ`).
+    public mutating func readFully(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, offset: UInt64) throws(Errno) -> Int {
+        precondition(inFlight == 0, "sequential helpers need an idle ring")
+        var done = 0
+        while done < buffer.count {
+            let rest = UnsafeMutableRawBufferPointer(rebasing: buffer[done...])
+            try queue { (ring: inout IORing) throws(IORingError) in
+                try ring.prepareRead(fd, into: rest, offset: offset + UInt64(done), tag: IORing.sequentialTag)
+            }
+            let completion = try waitCompletion()
+            if completion.result == -EINTR || completion.result == -EAGAIN { continue }
+            let count = try completion.get()
+            if count == 0 { break }
+            done += count
+        }
+        return done
+    }
+
+    /// Writes all of `buffer` to `fd` at `offset`, resuming after short writes (`IORING_OP_WRITE`).
+    public mutating func writeFully(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, offset: UInt64) throws(Errno) {
+        precondition(inFlight == 0, "sequential helpers need an idle ring")
+        var done = 0
+        while done < buffer.count {
+            let rest = UnsafeRawBufferPointer(rebasing: buffer[done...])
+            try queue { (ring: inout IORing) throws(IORingError) in
+                try ring.prepareWrite(fd, from: rest, offset: offset + UInt64(done), tag: IORing.sequentialTag)
+            }
+            let completion = try waitCompletion()
+            if completion.result == -EINTR || completion.result == -EAGAIN { continue }
+            let count = try completion.get()
+            if count == 0 { throw Errno.noSpace }
+            done += count
+        }
+    }
+
     private mutating func queue(_ prepare: (inout IORing) throws(IORingError) -> Void) throws(Errno) {
         do {
             try prepare(&self)

@@ -1,0 +1,233 @@
+import Foundation
+import Glibc
+import Logging
+import NBDBridge
+import SystemPackage
+import URing
+import Wire
+
+/// How the destination receives a disk.
+public struct DiskDestinationOptions: Sendable {
+    /// Where to accept the source's connections.
+    public var listen: SocketAddress
+    /// The shared key both agents hold.
+    public var key: SharedKey
+    /// The image to write (created or emptied).
+    public var imagePath: String
+    /// Where to serve the disk over NBD after switchover.
+    public var nbdEndpoint: NBDEndpoint
+    /// A receive that sees nothing for this long (seconds) counts as a dropped link.
+    public var receiveTimeout: Double = 30
+    /// How long to wait for the source to come back after a dropped link (seconds).
+    public var linkTimeout: Double = 60
+    /// How long to wait for the first connection (seconds; 0 = for ever).
+    public var acceptTimeout: Double = 0
+
+    public init(listen: SocketAddress, key: SharedKey, imagePath: String, nbdEndpoint: NBDEndpoint) {
+        self.listen = listen
+        self.key = key
+        self.imagePath = imagePath
+        self.nbdEndpoint = nbdEndpoint
+    }
+}
+
+/// Receives a migrating disk, applies bulk data and dirty-block deltas to its image, and at
+/// switchover starts serving that image over NBD to the resumed VM. Survives link drops: a source
+/// that reconnects with the same session resumes from what this side reports it has applied.
+public final class DiskDestinationMigration: @unchecked Sendable {
+    private let options: DiskDestinationOptions
+    private let logger: Logger
+    /// The NBD server that serves the migrated disk, once switched over.
+    public private(set) var server: NBDServer?
+    /// The socket address the NBD server listens on, once switched over.
+    public private(set) var servingAddress: SocketAddress?
+
+    public init(options: DiskDestinationOptions, logger: Logger) {
+        self.options = options
+        self.logger = logger
+    }
+
+    /// What this side has applied: the resume point it reports on reconnect.
+    private struct Progress {
+        var sessionID: SessionID?
+        var completedRound = -1
+        var bulkHighWater: UInt64 = 0
+        var finalRound: UInt32? = nil
+        var serving = false
+    }
+
+    /// Receives until the digests are exchanged (or the migration fails). On success the disk is
+    /// being served over NBD (see ``server``) and stays served after this returns.
+    public func run() -> MigrationReport {
+        var report = MigrationReport(role: "destination")
+        let start = ContinuousClock.now
+        var progress = Progress()
+        var image: DiskImageWriter? = nil
+        var wireBytes: UInt64 = 0
+        var reconnects = 0
+        let listener: OwnedDescriptor
+        do {
+            listener = try Socket.listen(on: options.listen)
+        } catch {
+            report.reason = "cannot listen on \(options.listen): \(error)"
+            return report
+        }
+        logger.info("waiting for the source", metadata: ["listen": "\(options.listen)"])
+
+        var failure: String? = nil
+        var done = false
+        session: while !done {
+            // Accept the next connection: the first one, or the source coming back after a drop.
+            let waitSeconds = progress.sessionID == nil ? options.acceptTimeout : options.linkTimeout
+            guard let fd = acceptConnection(listener.rawValue, timeout: waitSeconds) else {
+                failure = progress.sessionID == nil ? "no source connected within \(Int(waitSeconds)) s"
+                                                    : "the source did not come back within \(Int(waitSeconds)) s"
+                break session
+            }
+            let link: PeerLink
+            do {
+                let snapshot = progress
+                link = try PeerLink.accept(fd: fd, key: options.key, receiveTimeout: options.receiveTimeout) { (hello: Hello) throws(LinkError) in
+                    try self.admit(hello, progress: snapshot)
+                }
+            } catch {
+                logger.warning("refused a connection", metadata: ["error": "\(error)"])
+                continue session
+            }
+            if progress.sessionID != nil { reconnects += 1 }
+            progress.sessionID = link.agreement.sessionID
+            if report.setupTimeMs == 0 { report.setupTimeMs = Double((ContinuousClock.now - start).components.attoseconds) / 1e15 + Double((ContinuousClock.now - start).components.seconds) * 1000 }
+
+            do throws(LinkError) {
+                while true {
+                    let frame = try link.receive(during: progress.serving ? "digest exchange" : "migration")
+                    switch frame.message {
+                    case .diskLayout(let layout):
+                        if image == nil || image!.layout != layout {
+                            do { image = try DiskImageWriter(path: options.imagePath, layout: layout) } catch {
+                                try? link.sender.send(.error(.truncating(code: .storageFailure, reason: "cannot create \(options.imagePath): \(error)")))
+                                failure = "cannot create the image \(options.imagePath): \(error)"
+                                break session
+                            }
+                            logger.info("receiving disk", metadata: ["bytes": "\(layout.sizeBytes)", "block_size": "\(layout.blockSize)"])
+                        }
+                    case .diskExtents(let extents):
+                        guard image != nil else { throw LinkError.unexpected(.diskExtents, expecting: "diskLayout first") }
+                        do { try image!.apply(extents) } catch {
+                            try? link.sender.send(.error(.truncating(code: .storageFailure, reason: "writing the image: \(error)")))
+                            failure = "writing the image failed: \(error)"
+                            break session
+                        }
+                        if extents.round == 0, let last = extents.extents.last {
+                            progress.bulkHighWater = max(progress.bulkHighWater, last.offset + UInt64(last.length))
+                        }
+                    case .roundEnd(let end):
+                        progress.completedRound = max(progress.completedRound, Int(end.round))
+                        try link.sender.send(.ack(Ack(stream: .disk, streamID: end.streamID, sequence: UInt64(end.round) + 1,
+                                                      offset: progress.bulkHighWater)))
+                        if let finalRound = progress.finalRound, end.round >= finalRound, !progress.serving {
+                            try startServing(image!)
+                            progress.serving = true
+                            try link.sender.send(.ack(Ack(stream: .control, streamID: 0, sequence: 0, offset: 1)))
+                        }
+                    case .switchover(let switchover):
+                        progress.finalRound = switchover.finalRound
+                        logger.info("switchover: source paused", metadata: ["final_bytes": "\(switchover.diskBytesToCome)"])
+                    case .complete(let theirs):
+                        guard image != nil else { throw LinkError.unexpected(.complete, expecting: "a disk first") }
+                        let ours = image!.hashes.digest()
+                        let diskID = image!.layout.diskID
+                        try link.sender.send(.complete(Wire.Completion(digests: [StreamDigest(stream: .disk, streamID: diskID, digest: ours)])))
+                        report.digestsAgree = theirs.digests.first { $0.stream == .disk && $0.streamID == diskID }?.digest == ours
+                        if !report.digestsAgree { failure = "disk digests differ: destination \(ours), source \(theirs.digests)" }
+                        done = true
+                        wireBytes += link.sender.bytesSent
+                        link.close()
+                        break session
+                    case .keepalive:
+                        break
+                    default:
+                        throw LinkError.unexpected(frame.header.type, expecting: "a disk frame")
+                    }
+                }
+            } catch {
+                wireBytes += link.sender.bytesSent
+                link.close()
+                if error.isRetryable {
+                    logger.warning("link lost; waiting for the source to resume", metadata: ["error": "\(error)", "serving": "\(progress.serving)"])
+                    continue session
+                }
+                failure = "\(error)"
+                break session
+            }
+        }
+
+        if let image {
+            var disk = MigrationReport.DiskReport()
+            disk.total = image.layout.sizeBytes
+            disk.blockSize = Int(image.layout.blockSize)
+            disk.transferred = image.dataBytes
+            disk.duplicate = image.zeroBytes
+            report.disk = disk
+        }
+        report.reconnects = reconnects
+        report.wireBytes = wireBytes
+        report.totalTimeMs = Double((ContinuousClock.now - start).components.seconds) * 1000
+            + Double((ContinuousClock.now - start).components.attoseconds) / 1e15
+        if let failure {
+            report.status = "failed"
+            report.reason = failure
+            logger.error("migration failed", metadata: ["reason": "\(failure)", "serving": "\(progress.serving)"])
+        } else {
+            report.status = "completed"
+        }
+        return report
+    }
+
+    /// Decides whether to take a hello: a new session when none is held, or the held one resumed.
+    private func admit(_ hello: Hello, progress: Progress) throws(LinkError) -> (features: Features, resumePoints: [ResumePoint]) {
+        let features: Features = [.disk, .zeroRuns, .resume]
+        switch (hello.mode, progress.sessionID) {
+        case (.new, nil):
+            return (features, [])
+        case (.resume, let held?) where held == hello.sessionID:
+            var points = [ResumePoint(stream: .disk, streamID: 1, sequence: UInt64(progress.completedRound + 1),
+                                      offset: progress.bulkHighWater)]
+            if progress.serving { points.append(ResumePoint(stream: .control, streamID: 0, sequence: 0, offset: 1)) }
+            return (features, points)
+        case (.resume, _):
+            throw .peer(.unknownSession, reason: "this destination holds no session \(hello.sessionID)")
+        case (.new, _?):
+            throw .peer(.busy, reason: "this destination is already receiving a migration")
+        }
+    }
+
+    /// Flushes the image and serves it over NBD.
+    private func startServing(_ image: DiskImageWriter) throws(LinkError) {
+        do { try image.flush() } catch { throw .socket(error, during: "flushing the image") }
+        do {
+            let store = try FileBlockStore(path: image.path)
+            let server = try NBDServer(store: store, options: NBDServer.Options(exportName: "", dirtyBlockSize: UInt64(image.layout.blockSize)))
+            servingAddress = try server.listen(options.nbdEndpoint)
+            server.start()
+            self.server = server
+            logger.info("serving the migrated disk", metadata: ["nbd": "\(options.nbdEndpoint)"])
+        } catch {
+            throw .peer(.vmStartFailed, reason: "cannot serve the image over NBD: \(error)")
+        }
+    }
+
+    /// Waits up to `timeout` seconds (0: for ever) for a connection on `listener`.
+    private func acceptConnection(_ listener: Int32, timeout: Double) -> Int32? {
+        var poller = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+        let millis: Int32 = timeout > 0 ? Int32(min(timeout * 1000, Double(Int32.max))) : -1
+        while true {
+            let rc = poll(&poller, 1, millis)
+            if rc < 0 && errno == EINTR { continue }
+            if rc <= 0 { return nil }
+            guard let connection = try? Socket.accept(from: listener) else { return nil }
+            try? Socket.setBufferSizes(connection.rawValue, send: 4 << 20, receive: 4 << 20)
+            return connection.take()
+        }
+    }
+}

@@ -1,0 +1,41 @@
+import SystemPackage
+import Wire
+
+/// Why the migration link failed: the socket, the peer's frames, the peer's word, or the clock.
+public enum LinkError: Error, Sendable, CustomStringConvertible {
+    /// A socket call failed (`ECONNRESET`, `EPIPE`, `ECONNREFUSED`, ...).
+    case socket(Errno, during: String)
+    /// The peer closed the connection.
+    case closed(during: String)
+    /// The peer sent bytes that are not a valid frame.
+    case malformed(WireError)
+    /// The peer sent a valid frame at the wrong moment.
+    case unexpected(MessageType, expecting: String)
+    /// The peer reported an error and will close.
+    case peer(ErrorCode, reason: String)
+    /// The peer's proof of the shared key did not verify.
+    case authenticationFailed(String)
+    /// Nothing arrived within the allowed time.
+    case timedOut(during: String, seconds: Double)
+
+    /// Whether reconnecting and resuming may cure it (a dropped or silent link, not a refusal).
+    public var isRetryable: Bool {
+        switch self {
+        case .socket, .closed, .timedOut: return true
+        case .peer(let code, _): return code.isRetryable
+        case .malformed, .unexpected, .authenticationFailed: return false
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .socket(let errno, let during): return "link \(during): \(errno)"
+        case .closed(let during): return "link closed by the peer during \(during)"
+        case .malformed(let error): return "malformed frame from the peer: \(error)"
+        case .unexpected(let type, let expecting): return "unexpected \(type) frame from the peer (expecting \(expecting))"
+        case .peer(let code, let reason): return "peer reported \(code): \(reason)"
+        case .authenticationFailed(let reason): return "authentication failed: \(reason)"
+        case .timedOut(let during, let seconds): return "no frame from the peer for \(seconds) s during \(during)"
+        }
+    }
+}

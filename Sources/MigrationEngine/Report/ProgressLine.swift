@@ -1,0 +1,33 @@
+import Foundation
+import Glibc
+
+/// The one-line progress display on a terminal: bytes, round, dirty rate, throttle state, ETA.
+/// Redrawn in place at most every 250 ms; silent when standard error is not a terminal.
+public struct ProgressLine: Sendable {
+    private let enabled: Bool
+    private var lastDraw: UInt64 = 0
+
+    public init(enabled: Bool = isatty(STDERR_FILENO) != 0) { self.enabled = enabled }
+
+    /// Redraws the line if it is due.
+    public mutating func update(phase: MigrationPhase, sentBytes: UInt64, totalBytes: UInt64, dirtyRate: Double,
+                                bandwidth: Double, throttled: Bool, remainingBytes: UInt64, force: Bool = false) {
+        guard enabled else { return }
+        let now = DispatchTime.now().uptimeNanoseconds
+        guard force || now - lastDraw > 250_000_000 else { return }
+        lastDraw = now
+        let eta = bandwidth > 0 ? Double(remainingBytes) / bandwidth : 0
+        let line = String(format: "\r\u{1B}[K%@  %@ sent of %@  %.1f MB/s  dirty %.1f MB/s  throttle %@  ETA %.1f s",
+                          phase.description, Self.mib(sentBytes), Self.mib(totalBytes), bandwidth / 1e6,
+                          dirtyRate / 1e6, throttled ? "ON" : "off", eta)
+        FileHandle.standardError.write(Data(line.utf8))
+    }
+
+    /// Ends the line so later output starts on a fresh one.
+    public func finish() {
+        guard enabled else { return }
+        FileHandle.standardError.write(Data("\n".utf8))
+    }
+
+    private static func mib(_ bytes: UInt64) -> String { String(format: "%.1f MiB", Double(bytes) / 1_048_576) }
+}

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Benchmark: Ferry's NBD server vs nbdkit (file plugin) vs qemu-nbd, one run, same image.
+# Figures: nbdcopy 1 GiB read and write (seconds), fio 4k randread iodepth 1 (median completion
+# latency, us), fio 4k randwrite iodepth 32 (IOPS); each with its ratio to nbdkit.
+# Usage: scripts/bench-nbd.sh [IMAGE_DIR] (default /dev/shm). Env: RUNTIME (fio seconds, default 10),
+# SIZE_MIB (image size, default 1024), SKIP_BUILD=1 to reuse the release build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=$(mktemp -d "${1:-/dev/shm}/ferry-bench-nbd.XXXXXX")
+RUNTIME=${RUNTIME:-10}
+SIZE_MIB=${SIZE_MIB:-1024}
+IMG=$DIR/disk.img
+SRC=$DIR/source.img
+SOCK=$DIR/nbd.sock
+PID=
+cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null; rm -rf "$DIR"; }
+trap cleanup EXIT
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  swift build -c release --scratch-path .build-nbd-release --product ferry-nbd-serve >&2
+fi
+FERRY=$(swift build -c release --scratch-path .build-nbd-release --show-bin-path)/ferry-nbd-serve
+
+echo "preparing ${SIZE_MIB} MiB images in $DIR" >&2
+head -c $((SIZE_MIB << 20)) /dev/urandom > "$SRC"
+cp "$SRC" "$IMG"
+
+wait_socket() { for _ in $(seq 200); do [ -S "$SOCK" ] && nbdinfo --size "nbd+unix:///?socket=$SOCK" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "server did not come up" >&2; exit 1; }
+
+start_server() {
+  rm -f "$SOCK"
+  case $1 in
+    ferry)   "$FERRY" "$IMG" "unix:$SOCK" >/dev/null & PID=$! ;;
+    nbdkit)  nbdkit --foreground -U "$SOCK" file "$IMG" & PID=$! ;;
+    qemu-nbd) qemu-nbd -k "$SOCK" -f raw --cache=writeback --aio=threads -e 4 "$IMG" & PID=$! ;;
+  esac
+  wait_socket
+}
+stop_server() { kill "$PID"; wait "$PID" 2>/dev/null || true; PID=; }
+
+seconds() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l; }
+
+fio_json() { # rw iodepth -> json file
+  local out=$DIR/fio.json
+  fio --name=bench --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" --rw="$1" --bs=4k --iodepth="$2" \
+      --size=$((SIZE_MIB << 20)) --runtime="$RUNTIME" --time_based --randrepeat=0 --norandommap \
+      --output-format=json --output="$out" >/dev/null 2>&1
+  echo "$out"
+}
+
+declare -A READ WRITE LAT IOPS
+for server in ferry nbdkit qemu-nbd; do
+  echo "== $server" >&2
+  start_server $server
+  U="nbd+unix:///?socket=$SOCK"
+  READ[$server]=$(seconds nbdcopy "$U" null:)
+  WRITE[$server]=$(seconds nbdcopy "$SRC" "$U")
+  j=$(fio_json randread 1)
+  LAT[$server]=$(/usr/bin/python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['jobs'][0]['read']['clat_ns']['percentile']['50.000000']/1000)" "$j")
+  j=$(fio_json randwrite 32)
+  IOPS[$server]=$(/usr/bin/python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['jobs'][0]['write']['iops']))" "$j")
+  stop_server
+done
+
+ratio() { echo "scale=2; $1 / $2" | bc -l; }
+printf "\n%-10s %14s %8s %14s %8s %16s %8s %14s %8s\n" server "nbdcopy-read" ratio "nbdcopy-write" ratio "randread-qd1-p50" ratio "randwrite-qd32" ratio
+for server in ferry nbdkit qemu-nbd; do
+  printf "%-10s %12.3f s %8s %12.3f s %8s %13.1f us %8s %10s IOPS %8s\n" $server \
+    "${READ[$server]}" "$(ratio "${READ[$server]}" "${READ[nbdkit]}")" \
+    "${WRITE[$server]}" "$(ratio "${WRITE[$server]}" "${WRITE[nbdkit]}")" \
+    "${LAT[$server]}" "$(ratio "${LAT[$server]}" "${LAT[nbdkit]}")" \
+    "${IOPS[$server]}" "$(ratio "${IOPS[$server]}" "${IOPS[nbdkit]}")"
+done
+echo
+echo "targets: ferry randwrite-qd32 IOPS ratio >= 1.0, randread-qd1 p50 ratio <= 1.1 (time ratios: lower is better)"
