@@ -3,9 +3,10 @@ import SystemPackage
 
 /// One io_uring instance: a submission queue and a completion queue shared with the kernel.
 ///
-/// An `IORing` is owned by one thread: create it on the thread that uses it and keep it there
-/// (the ring is set up with `IORING_SETUP_SINGLE_ISSUER` when the kernel offers it). It is
-/// noncopyable because it owns kernel resources; `deinit` tears the ring down.
+/// An `IORing` is used by one thread at a time; it may be created on one thread and handed to
+/// another (so it is not set up with `IORING_SETUP_SINGLE_ISSUER`, under which a submission from
+/// any thread but the creator's fails with `EEXIST`). It is noncopyable because it owns kernel
+/// resources; `deinit` tears the ring down.
 ///
 /// Operations are queued with the `prepare…` methods (see `IORing+Operations.swift`), each tagged
 /// with a caller-chosen `UInt64`, submitted with ``submit()`` or ``submitAndWait(_:)``, and their
@@ -35,8 +36,8 @@ public struct IORing: ~Copyable {
         let ring = UnsafeMutablePointer<io_uring>.allocate(capacity: 1)
         ring.initialize(to: io_uring())
         var params = io_uring_params()
-        // Fewer interrupts (COOP_TASKRUN) and one submitter (SINGLE_ISSUER) on kernels that have them.
-        params.flags = UInt32(IORING_SETUP_COOP_TASKRUN) | UInt32(IORING_SETUP_SINGLE_ISSUER)
+        // Fewer inter-processor interrupts on kernels that have COOP_TASKRUN.
+        params.flags = UInt32(IORING_SETUP_COOP_TASKRUN)
         var rc = io_uring_queue_init_params(entries, ring, &params)
         if rc == -EINVAL {
             params = io_uring_params()

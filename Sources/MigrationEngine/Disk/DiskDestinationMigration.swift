@@ -129,6 +129,9 @@ public final class DiskDestinationMigration: @unchecked Sendable {
                             try startServing(image!)
                             progress.serving = true
                             try link.sender.send(.ack(Ack(stream: .control, streamID: 0, sequence: 0, offset: 1)))
+                            // Off the downtime path: the VM reads through the page cache, and its own
+                            // FLUSH requests sync what it needs.
+                            do { try image!.flush() } catch { logger.warning("flushing the image failed", metadata: ["error": "\(error)"]) }
                         }
                     case .switchover(let switchover):
                         progress.finalRound = switchover.finalRound
@@ -202,9 +205,8 @@ public final class DiskDestinationMigration: @unchecked Sendable {
         }
     }
 
-    /// Flushes the image and serves it over NBD.
+    /// Serves the image over NBD.
     private func startServing(_ image: DiskImageWriter) throws(LinkError) {
-        do { try image.flush() } catch { throw .socket(error, during: "flushing the image") }
         do {
             let store = try FileBlockStore(path: image.path)
             let server = try NBDServer(store: store, options: NBDServer.Options(exportName: "", dirtyBlockSize: UInt64(image.layout.blockSize)))
