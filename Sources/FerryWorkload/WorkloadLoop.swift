@@ -8,6 +8,7 @@ import ProcessMemory
 ///     verify            touch and verify every page            -> {"event":"verified",...,"p50_us":...}
 ///     digest            SHA-256 of the memory                  -> {"event":"digest","sha256":"..."}
 ///     rate BYTES        set the dirty rate (bytes/s; 0 stops)  -> {"event":"rate","bytes_per_sec":N}
+///     drop P1 P2 ...    madvise(MADV_DONTNEED) these pages     -> {"event":"dropped","count":N}
 ///     quit              exit (status 3 if any page was corrupt)
 struct WorkloadLoop {
     let memory: WorkloadMemory
@@ -95,6 +96,13 @@ struct WorkloadLoop {
                 count += 1
             }
             Output.line("{\"event\":\"written\",\"count\":\(count),\"corrupt\":\(memory.corrupt)}")
+        case "drop":
+            var count = 0
+            for w in words.dropFirst() {
+                guard let p = Int(w), p >= 0, p < memory.totalPages else { continue }
+                if madvise(memory.pointer(p), memory.pageSize, 4) == 0 { count += 1 } // MADV_DONTNEED
+            }
+            Output.line("{\"event\":\"dropped\",\"count\":\(count)}")
         case "verify":
             let r = memory.verifyAll()
             let sorted = r.touchNanos.sorted()
