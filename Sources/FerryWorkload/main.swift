@@ -10,7 +10,7 @@ struct FerryWorkloadCommand: ParsableCommand {
         discussion: """
         Prints JSON lines on stdout: {"event":"region",...} (start address and size) at startup, {"event":"ready"}
         when filled, {"event":"report",...} every --report-interval seconds. Reads commands on stdin:
-        write P1 P2 ... | verify | digest | rate BYTES | quit.
+        write P1 P2 ... | verify | digest | rate BYTES | drop P1 P2 ... | quit (--kvm: verify | quit).
         Examples:
           ferry-workload --memory 512M --dirty-rate 20M
           ferry-workload --memory 64M --dirty-rate 0 --layout-out /tmp/layout.json
