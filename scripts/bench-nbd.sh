@@ -32,7 +32,7 @@ start_server() {
   case $1 in
     ferry)   "$FERRY" "$IMG" "unix:$SOCK" >/dev/null & PID=$! ;;
     nbdkit)  nbdkit --foreground -U "$SOCK" file "$IMG" & PID=$! ;;
-    qemu-nbd) qemu-nbd -k "$SOCK" -f raw --cache=writeback --aio=threads -e 4 "$IMG" & PID=$! ;;
+    qemu-nbd) qemu-nbd -t -k "$SOCK" -f raw --cache=writeback --aio=threads -e 4 "$IMG" & PID=$! ;;
   esac
   wait_socket
 }

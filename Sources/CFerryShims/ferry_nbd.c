@@ -21,3 +21,10 @@ int64_t ferry_nbd_lseek(int fd, int64_t offset, int whence) {
     off_t r = lseek(fd, offset, whence);
     return r < 0 ? -(int64_t)errno : (int64_t)r;
 }
+
+#include <sys/vfs.h>
+int ferry_nbd_is_memory_backed(int fd) {
+    struct statfs fs;
+    if (fstatfs(fd, &fs) != 0) return 0;
+    return fs.f_type == 0x01021994 /* TMPFS_MAGIC */ || fs.f_type == 0x858458f6 /* RAMFS_MAGIC */;
+}

@@ -30,11 +30,16 @@ public protocol BlockStore: AnyObject, Sendable {
     func noteWritten(offset: UInt64, length: UInt64)
     /// Flushes everything written to stable storage, blocking (shutdown path).
     func flush() throws(NBDBridgeError)
+    /// Reads and writes never wait for a device (memory-backed, e.g. tmpfs): the connection then
+    /// does them inline with `pread`/`pwrite` instead of through io_uring, which would hand each one
+    /// to a kernel worker thread because such files lack non-blocking buffered I/O.
+    var memoryBacked: Bool { get }
 }
 
 extension BlockStore {
     public func isReadable(offset: UInt64, length: UInt64) -> Bool { true }
     public func noteWritten(offset: UInt64, length: UInt64) {}
+    public var memoryBacked: Bool { false }
 }
 
 /// One run of a store's allocation map, as `base:allocation` reports it.

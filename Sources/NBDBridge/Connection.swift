@@ -50,6 +50,7 @@ final class Connection {
     private let slotCount: Int
     private let slotBufferSize: Int
     private let maxBlock: UInt32
+    private let inlineIO: Bool
 
     private let slots: UnsafeMutablePointer<Slot>
     private let freeList: UnsafeMutablePointer<Int32>
@@ -99,6 +100,7 @@ final class Connection {
         self.slotCount = server.options.requestSlots
         self.slotBufferSize = server.options.slotBufferSize
         self.maxBlock = server.export.maximumBlockSize
+        self.inlineIO = server.store.memoryBacked
 
         slotMemory = .allocate(byteCount: slotCount * slotBufferSize, alignment: 4096)
         headerMemory = .allocate(byteCount: slotCount * Connection.headerArea, alignment: 64)
@@ -363,12 +365,22 @@ final class Connection {
 
     private func issueRead(_ index: Int, _ ring: inout Ring) {
         let s = slots[index]
+        if inlineIO {
+            let n = pread(dataFD, s.data + Int(s.done), Int(s.length - s.done), off_t(s.offset + UInt64(s.done)))
+            ioCompleted(index, n < 0 ? -errno : Int32(n), &ring)
+            return
+        }
         let buffer = UnsafeMutableRawBufferPointer(start: s.data + Int(s.done), count: Int(s.length - s.done))
         do { try ring.prepareRead(dataFD, into: buffer, offset: s.offset + UInt64(s.done), tag: tag(index)) } catch { fail() }
     }
 
     private func issueWrite(_ index: Int, _ ring: inout Ring) {
         let s = slots[index]
+        if inlineIO {
+            let n = pwrite(dataFD, s.data + Int(s.done), Int(s.length - s.done), off_t(s.offset + UInt64(s.done)))
+            ioCompleted(index, n < 0 ? -errno : Int32(n), &ring)
+            return
+        }
         let buffer = UnsafeRawBufferPointer(start: s.data + Int(s.done), count: Int(s.length - s.done))
         do { try ring.prepareWrite(dataFD, from: buffer, offset: s.offset + UInt64(s.done), tag: tag(index)) } catch { fail() }
     }

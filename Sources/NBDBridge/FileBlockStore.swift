@@ -13,6 +13,8 @@ public final class FileBlockStore: BlockStore {
     /// The path the store was opened from.
     public let path: String
     private let seekHoles: Bool
+    /// The file lives in memory (tmpfs): I/O is done inline (see ``BlockStore/memoryBacked``).
+    public let memoryBacked: Bool
 
     /// Opens `path` (`open` with `O_RDWR` or `O_RDONLY`, `O_CLOEXEC`). The export size is the file's size.
     public init(path: String, readOnly: Bool = false) throws(NBDBridgeError) {
@@ -35,6 +37,7 @@ public final class FileBlockStore: BlockStore {
         self.canPunchHoles = (st.st_mode & S_IFMT) == S_IFREG
         // SEEK_DATA works on ext4, xfs, btrfs, tmpfs; EINVAL elsewhere: then everything is data.
         self.seekHoles = ferry_nbd_lseek(fd, 0, ferry_nbd_seek_data) != -Int64(EINVAL)
+        self.memoryBacked = ferry_nbd_is_memory_backed(fd) != 0
     }
 
     deinit { Glibc.close(fileDescriptor) }

@@ -40,4 +40,6 @@ extern const int ferry_nbd_fadv_willneed;      // POSIX_FADV_WILLNEED
 int ferry_nbd_fallocate(int fd, int mode, int64_t offset, int64_t length);
 /// lseek(2) with SEEK_DATA or SEEK_HOLE, returning the offset or -errno.
 int64_t ferry_nbd_lseek(int fd, int64_t offset, int whence);
+/// 1 when `fd` lives on tmpfs or ramfs (`fstatfs`): its I/O never waits for a device.
+int ferry_nbd_is_memory_backed(int fd);
 #endif
