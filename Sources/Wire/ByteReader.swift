@@ -88,8 +88,7 @@ struct ByteReader {
 
     /// A count of `elementSize`-byte entries, checked against `max` and against the bytes left
     /// BEFORE anything is allocated for it.
-    mutating func count<T: FixedWidthInteger>(_ raw: T, elementSize: Int, max: Int, _ field: String,
-                                              at fieldOffset: Int) throws(WireError) -> Int {
+    func count<T: FixedWidthInteger>(_ raw: T, elementSize: Int, max: Int, _ field: String) throws(WireError) -> Int {
         let n = Int(raw)
         if n > max { throw .limitExceeded(type: type, field: field, value: n, max: max) }
         let (bytes, overflow) = n.multipliedReportingOverflow(by: elementSize)

@@ -132,10 +132,9 @@ public struct DiskExtents: Equatable, Sendable {
     static func decode(from r: inout ByteReader) throws(WireError) -> DiskExtents {
         let id = try r.u32("diskID")
         let round = try r.u32("round")
-        let countAt = r.frameOffset
         let rawCount = try r.u16("extentCount")
         try r.reserved(6, "reserved")
-        let count = try r.count(rawCount, elementSize: Extent.size, max: maxExtents, "extentCount", at: countAt)
+        let count = try r.count(rawCount, elementSize: Extent.size, max: maxExtents, "extentCount")
         let tableAt = r.frameOffset
         let table = try r.view(count * Extent.size, "extents")
         var dataBytes: UInt64 = 0

@@ -71,13 +71,12 @@ public struct Hello: Hashable, Sendable {
         guard let mode = HelloMode(rawValue: rawMode) else { throw r.invalid("mode", rawMode, at: modeAt) }
         let suite = CipherSuite(rawValue: try r.u8("cipherSuite"))
         try r.reserved(1, "reserved")
-        let countAt = r.frameOffset
         let rawCount = try r.u16("resumeCount")
         let features = Features(rawValue: try r.u64("features"))
         let session = try r.sessionID("sessionID")
         let nonce = try r.bytes32("nonce")
         let count = try r.count(rawCount, elementSize: ResumePoint.size, max: maxResumePoints,
-                                "resumeCount", at: countAt)
+                                "resumeCount")
         var points: [ResumePoint] = []
         points.reserveCapacity(count)
         for _ in 0..<count {

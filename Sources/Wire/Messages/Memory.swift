@@ -42,10 +42,9 @@ public struct GuestMemoryLayout: Hashable, Sendable {
         let psAt = r.frameOffset
         let ps = try r.u32("pageSize")
         guard isValidPageSize(ps) else { throw r.invalid("pageSize", ps, at: psAt) }
-        let countAt = r.frameOffset
         let rawCount = try r.u16("regionCount")
         try r.reserved(2, "reserved")
-        let count = try r.count(rawCount, elementSize: MemoryRegion.size, max: maxRegions, "regionCount", at: countAt)
+        let count = try r.count(rawCount, elementSize: MemoryRegion.size, max: maxRegions, "regionCount")
         var regions: [MemoryRegion] = []
         regions.reserveCapacity(count)
         for _ in 0..<count {
@@ -164,11 +163,10 @@ public struct PageBatch: Equatable, Sendable {
         let shift = try r.u8("pageShift")
         if shift < 12 || shift > 30 { throw r.invalid("pageShift", shift, at: shiftAt) }
         try r.reserved(1, "reserved")
-        let countAt = r.frameOffset
         let rawCount = try r.u16("runCount")
         let firstAt = r.frameOffset
         let first = try r.u64("firstPage")
-        let count = try r.count(rawCount, elementSize: 4, max: maxRuns, "runCount", at: countAt)
+        let count = try r.count(rawCount, elementSize: 4, max: maxRuns, "runCount")
         let tableAt = r.frameOffset
         let table = try r.view(count * 4, "runs")
         var dataPages: UInt64 = 0, allPages: UInt64 = 0

@@ -169,10 +169,9 @@ public struct Completion: Hashable, Sendable {
     public init(digests: [StreamDigest]) { self.digests = digests }
 
     static func decode(from r: inout ByteReader) throws(WireError) -> Completion {
-        let countAt = r.frameOffset
         let rawCount = try r.u16("digestCount")
         try r.reserved(6, "reserved")
-        let count = try r.count(rawCount, elementSize: StreamDigest.size, max: maxDigests, "digestCount", at: countAt)
+        let count = try r.count(rawCount, elementSize: StreamDigest.size, max: maxDigests, "digestCount")
         var digests: [StreamDigest] = []
         digests.reserveCapacity(count)
         for _ in 0..<count {
