@@ -67,9 +67,23 @@ final class ClientToolTests: XCTestCase {
     }
 
     func testFioRandomWritesIodepth32WithCrc32cVerify() throws {
+        try fioVerify(inMemory: false)
+    }
+
+    /// The same on tmpfs, where reads and writes take the inline path instead of io_uring.
+    func testFioVerifyOnTmpfsInlinePath() throws {
+        guard FileManager.default.fileExists(atPath: "/dev/shm") else {
+            if Tools.requireAll { XCTFail("FERRY_REQUIRE_ALL=1 and /dev/shm is missing") }
+            throw XCTSkip("/dev/shm is missing")
+        }
+        try fioVerify(inMemory: true)
+    }
+
+    private func fioVerify(inMemory: Bool) throws {
         try Tools.require("/usr/bin/fio")
-        let f = try ServerFixture(size: 64 << 20)
+        let f = try ServerFixture(size: 64 << 20, inMemory: inMemory)
         defer { f.stop() }
+        XCTAssertEqual(f.store.memoryBacked, inMemory)
         let result = try Tools.run("/usr/bin/fio", [
             "--name=ferry", "--ioengine=nbd", "--uri=\(f.uri)", "--rw=randwrite", "--bs=4k", "--iodepth=32",
             "--size=16m", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json",

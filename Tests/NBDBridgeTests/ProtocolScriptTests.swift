@@ -229,4 +229,31 @@ print("ok")
 """#, uri: f.uri)
         XCTAssertTrue(r.stdout.contains("ok"), r.stdout + r.stderr)
     }
+
+    /// tmpfs cannot fallocate(ZERO_RANGE): NO_HOLE zeroing falls back to writing zeroes, and with
+    /// FAST_ZERO the server must refuse with ENOTSUP instead (proto.md, NBD_CMD_FLAG_FAST_ZERO).
+    func testFastZeroRefusedWhenZeroingIsSlowOnTmpfs() throws {
+        guard FileManager.default.fileExists(atPath: "/dev/shm") else {
+            if Tools.requireAll { XCTFail("FERRY_REQUIRE_ALL=1 and /dev/shm is missing") }
+            throw XCTSkip("/dev/shm is missing")
+        }
+        let f = try ServerFixture(size: 8 << 20, inMemory: true)
+        defer { f.stop() }
+        XCTAssertTrue(f.store.memoryBacked)
+        let r = try Tools.python(Self.prelude + #"""
+h = nbd.NBD()
+h.connect_uri(uri)
+h.pwrite(b"\x99" * (3 << 20), 0)
+expect(errno.ENOTSUP, lambda: h.zero(1 << 20, 0, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FAST_ZERO), "slow zero with FAST_ZERO")
+assert h.pread(1 << 20, 0) == b"\x99" * (1 << 20)
+h.zero((2 << 20) + 4096, 4096, nbd.CMD_FLAG_NO_HOLE)      # falls back to writing zeroes (over 1 MiB chunks)
+assert h.pread(4096, 0) == b"\x99" * 4096
+assert h.pread((2 << 20) + 4096, 4096) == bytes((2 << 20) + 4096)
+h.zero(1 << 20, 0, nbd.CMD_FLAG_FAST_ZERO)                # punching a hole is fast
+assert h.pread(1 << 20, 0) == bytes(1 << 20)
+h.shutdown()
+print("ok")
+"""#, uri: f.uri)
+        XCTAssertTrue(r.stdout.contains("ok"), r.stdout + r.stderr)
+    }
 }

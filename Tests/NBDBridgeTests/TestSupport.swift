@@ -12,8 +12,9 @@ final class ServerFixture {
     var uri: String { "nbd+unix:///?socket=\(socketPath)" }
 
     init(size: UInt64 = 64 << 20, options: NBDServer.Options = .init(), readOnly: Bool = false,
-         fill: ((String) throws -> Void)? = nil) throws {
-        directory = FileManager.default.temporaryDirectory.appendingPathComponent("ferry-nbd-\(UUID().uuidString.prefix(8))")
+         inMemory: Bool = false, fill: ((String) throws -> Void)? = nil) throws {
+        let base = inMemory ? URL(fileURLWithPath: "/dev/shm") : FileManager.default.temporaryDirectory
+        directory = base.appendingPathComponent("ferry-nbd-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         imagePath = directory.appendingPathComponent("disk.img").path
         socketPath = directory.appendingPathComponent("nbd.sock").path
