@@ -509,6 +509,11 @@ final class Connection {
         for i in 0..<count {
             let index = Int(parked[i])
             if outputBroken { release(index); continue }
+            if server.stopping.load(ordering: .relaxed) {
+                // Shutting down while writes are held (switchover): they must not reach the disk now.
+                replyError(index, .eshutdown)
+                continue
+            }
             start(index, &ring)
         }
     }

@@ -83,6 +83,8 @@ public final class NBDServer: Sendable {
     }
     private let state = Mutex(State())
     private let liveThreads = Atomic<Int>(0)
+    /// Set when shutdown begins; parked requests then fail with ESHUTDOWN instead of waiting.
+    let stopping = Atomic<Bool>(false)
 
     /// A server for `store`. Nothing listens until ``listen(_:)``.
     public init(store: any BlockStore, options: Options = Options()) throws(NBDBridgeError) {
@@ -164,6 +166,7 @@ public final class NBDServer: Sendable {
             s.shuttingDown = true
             return (s.listeners, Array(s.connections), already)
         }
+        stopping.store(true, ordering: .relaxed)
         if !already {
             for listener in listeners { listener.close() }
             for fd in connections { _ = Glibc.shutdown(fd, drain ? Int32(SHUT_RD) : Int32(SHUT_RDWR)) }

@@ -162,6 +162,36 @@ h.shutdown()
         XCTAssertEqual(f.server.dirtyBitmap.dirtyCount, 1)
     }
 
+    func testShutdownWhileQuiescedRefusesHeldWritesWithESHUTDOWN() throws {
+        try Tools.require("/usr/bin/python3")
+        let f = try ServerFixture(size: 8 << 20)
+        XCTAssertTrue(f.server.quiesce(timeoutNanoseconds: 1_000_000_000))
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        let out = Pipe()
+        process.standardOutput = out
+        process.arguments = ["-c", #"""
+import nbd, sys, errno
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+try:
+    h.pwrite(b"s" * 4096, 0)
+    print("written")
+except nbd.Error as e:
+    print("refused", e.errno)
+"""#, f.uri]
+        try process.run()
+        usleep(300_000)
+        XCTAssertTrue(process.isRunning, "the write should be held")
+        f.server.shutdown(drain: true)
+        process.waitUntilExit()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        XCTAssertTrue(text.contains("refused"), text)
+        let head = try FileHandle(forReadingFrom: URL(fileURLWithPath: f.imagePath))
+        XCTAssertEqual(try head.read(upToCount: 4096), Data(count: 4096), "a held write reached the disk after shutdown")
+        try head.close()
+        f.stop()
+    }
+
     func testShutdownDrainsAndFlushes() throws {
         let f = try ServerFixture(size: 8 << 20)
         let r = try Tools.python(#"""
