@@ -76,6 +76,7 @@ public final class DiskDestinationMigration: @unchecked Sendable {
 
         var failure: String? = nil
         var done = false
+        var lastAck = ContinuousClock.now
         session: while !done {
             // Accept the next connection: the first one, or the source coming back after a drop.
             let waitSeconds = progress.sessionID == nil ? options.acceptTimeout : options.linkTimeout
@@ -120,6 +121,13 @@ public final class DiskDestinationMigration: @unchecked Sendable {
                         }
                         if extents.round == 0, let last = extents.extents.last {
                             progress.bulkHighWater = max(progress.bulkHighWater, last.offset + UInt64(last.length))
+                        }
+                        // A periodic ack: progress for the source, and proof of life on a long bulk copy.
+                        let now = ContinuousClock.now
+                        if now - lastAck > .milliseconds(500) {
+                            lastAck = now
+                            try link.sender.send(.ack(Ack(stream: .disk, streamID: extents.diskID,
+                                                          sequence: UInt64(progress.completedRound + 1), offset: progress.bulkHighWater)))
                         }
                     case .roundEnd(let end):
                         progress.completedRound = max(progress.completedRound, Int(end.round))

@@ -73,6 +73,8 @@ public final class DiskSourceMigration: @unchecked Sendable {
         var quiescedAt: ContinuousClock.Instant? = nil
         var downtime: Duration = .zero
         var linkDownSince: ContinuousClock.Instant? = nil
+        // Block sets sent in rounds the destination has not acknowledged yet: re-sent after a reconnect.
+        var unacknowledged: [(round: Int, runs: [Range<Int>])] = []
         var bulkStart = ContinuousClock.now
         var failure: String? = nil
 
@@ -90,8 +92,9 @@ public final class DiskSourceMigration: @unchecked Sendable {
                     link = newLink
                     if resumed {
                         tally.reconnects += 1
-                        applyResumePoints(newLink.agreement.peerResumePoints, bulkNextBlock: &bulkNextBlock,
-                                          blockSize: blockSize, roundSet: &roundSet)
+                        let bulkHighWater = applyResumePoints(newLink.agreement.peerResumePoints)
+                        remarkUnacknowledged(&unacknowledged, bulkHighWater: bulkHighWater, bulkNextBlock: &bulkNextBlock,
+                                             blockSize: blockSize, roundSet: &roundSet, bitmap: bitmap)
                         logger.info("link resumed", metadata: ["phase": "\(phase.current)", "bulk_block": "\(bulkNextBlock)",
                                                                "peer_round": "\(completedRoundAtPeer)"])
                     } else {
@@ -111,6 +114,8 @@ public final class DiskSourceMigration: @unchecked Sendable {
                 }
             }
             guard let active = link else { break }
+            let acknowledgedRound = active.publish { completedRoundAtPeer }
+            unacknowledged.removeAll { $0.round <= acknowledgedRound }
 
             do {
                 switch phase.current {
@@ -146,6 +151,7 @@ public final class DiskSourceMigration: @unchecked Sendable {
                         try chunks.send(blocks: run, round: UInt32(round), holesFrom: nil, via: &active.sender, counters: &tally.rounds)
                     }
                     let sentBlocks = tally.rounds.blocks - before.blocks
+                    unacknowledged.append((round, roundSet!))
                     try active.sender.send(.roundEnd(RoundEnd(stream: .disk, streamID: options.diskID, round: UInt32(round),
                                                               itemsSent: sentBlocks, bytesSent: tally.rounds.dataBytes - before.dataBytes,
                                                               dirtyRemaining: UInt64(bitmap.dirtyCount))))
@@ -186,8 +192,8 @@ public final class DiskSourceMigration: @unchecked Sendable {
                             failure = "in-flight writes did not drain within 10 s at switchover"
                             break migration
                         }
-                        roundSet = bitmap.snapshotAndClearRuns()
                     }
+                    if roundSet == nil { roundSet = bitmap.snapshotAndClearRuns() }
                     let finalRound = UInt32(tally.blocksPerRound.count)
                     let finalBytes = roundSet!.reduce(UInt64(0)) { $0 + UInt64($1.count) * UInt64(blockSize) }
                     let serving = active.publish { peerServing }
@@ -202,6 +208,7 @@ public final class DiskSourceMigration: @unchecked Sendable {
                                                                   itemsSent: tally.final.blocks - before, bytesSent: tally.final.dataBytes,
                                                                   dirtyRemaining: 0)))
                         tally.blocksPerRound.append(tally.final.blocks - before)
+                        unacknowledged.append((Int(finalRound), roundSet!))
                         try active.wait(timeout: options.receiveTimeout, during: "switchover") { peerServing }
                     }
                     downtime = ContinuousClock.now - quiescedAt!
@@ -311,26 +318,51 @@ public final class DiskSourceMigration: @unchecked Sendable {
         throw lastError ?? .timedOut(during: "connect", seconds: options.linkTimeout)
     }
 
-    /// Where the destination says it got to, after a reconnect.
-    private func applyResumePoints(_ points: [ResumePoint], bulkNextBlock: inout Int, blockSize: Int,
-                                   roundSet: inout [Range<Int>]?) {
+    /// Reads where the destination says it got to after a reconnect; returns its bulk high-water mark.
+    private func applyResumePoints(_ points: [ResumePoint]) -> UInt64 {
+        var bulkHighWater: UInt64 = 0
         for point in points {
             switch point.stream {
             case .disk where point.streamID == options.diskID:
-                let completed = Int(point.sequence) - 1
-                completedRoundAtPeer = completed
-                if phase.current == .bulk {
-                    // Resume the bulk copy from the last chunk the destination applied.
-                    bulkNextBlock = min(bulkNextBlock, Int(point.offset / UInt64(blockSize)))
-                    if completed >= 0 { bulkNextBlock = Int.max }
-                } else if case .round(let round) = phase.current, completed >= round {
-                    roundSet = nil
-                }
+                completedRoundAtPeer = Int(point.sequence) - 1
+                bulkHighWater = point.offset
             case .control:
                 if point.offset == 1 { peerServing = true }
             default:
                 break
             }
+        }
+        return bulkHighWater
+    }
+
+    /// After a reconnect, makes sure everything the destination did not acknowledge goes again:
+    /// the bulk copy restarts at its high-water mark (or, once past the bulk phase, the rest of the
+    /// disk is marked dirty), and every unacknowledged round's blocks are marked dirty so the next
+    /// round (or the final one) re-reads and re-sends them. Re-sending is safe: the destination
+    /// applies blocks as absolute writes, and a re-read is never older than what was sent.
+    private func remarkUnacknowledged(_ unacknowledged: inout [(round: Int, runs: [Range<Int>])], bulkHighWater: UInt64,
+                                      bulkNextBlock: inout Int, blockSize: Int, roundSet: inout [Range<Int>]?,
+                                      bitmap: DirtyBitmap) {
+        let completed = completedRoundAtPeer
+        unacknowledged.removeAll { $0.round <= completed }
+        if completed < 0 {
+            if phase.current == .bulk {
+                bulkNextBlock = min(bulkNextBlock, Int(bulkHighWater / UInt64(blockSize)))
+            } else if bulkHighWater < store.size {
+                bitmap.markDirty(offset: bulkHighWater, length: store.size - bulkHighWater)
+            }
+        }
+        for (_, runs) in unacknowledged {
+            for run in runs {
+                bitmap.markDirty(offset: UInt64(run.lowerBound) * UInt64(blockSize), length: UInt64(run.count) * UInt64(blockSize))
+            }
+        }
+        unacknowledged.removeAll()
+        if let set = roundSet {   // a round cut short: its blocks go again
+            for run in set {
+                bitmap.markDirty(offset: UInt64(run.lowerBound) * UInt64(blockSize), length: UInt64(run.count) * UInt64(blockSize))
+            }
+            roundSet = nil
         }
     }
 

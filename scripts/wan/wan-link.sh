@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# An emulated WAN on one machine: two network namespaces joined by a veth pair, bandwidth shaped
+# with tc tbf on both ends, and round-trip time added by a userspace relay (this kernel has no
+# netem). Only the agents' traffic crosses it. Needs root.
+#
+#   wan-link.sh up NAME RATE_MBIT RTT_MS TARGET_PORT RELAY_PORT
+#       creates namespaces NAME-src (10.77.X.1) and NAME-dst (10.77.X.2); inside NAME-dst a relay
+#       listens on 10.77.X.2:RELAY_PORT and forwards to 127.0.0.1:TARGET_PORT after RTT/2 each way.
+#       Prints the relay's address.
+#   wan-link.sh down NAME          removes both namespaces and the relay.
+#   wan-link.sh src NAME CMD...    runs CMD in the source namespace.
+#   wan-link.sh dst NAME CMD...    runs CMD in the destination namespace.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+action=${1:?usage: wan-link.sh up|down|src|dst NAME ...}
+name=${2:?missing NAME}
+src="$name-src"; dst="$name-dst"
+# A /24 per link name, so several links can coexist.
+subnet=$(( $(printf '%s' "$name" | cksum | cut -d' ' -f1) % 200 + 20 ))
+src_ip="10.77.$subnet.1"; dst_ip="10.77.$subnet.2"
+pidfile="/run/ferry-wan-$name.relay.pid"
+
+case "$action" in
+up)
+  rate=${3:?missing RATE_MBIT}; rtt=${4:?missing RTT_MS}; target=${5:?missing TARGET_PORT}; relay=${6:?missing RELAY_PORT}
+  "$0" down "$name" 2>/dev/null || true
+  ip netns add "$src"; ip netns add "$dst"
+  ip link add "$name-a" type veth peer name "$name-b"
+  ip link set "$name-a" netns "$src"; ip link set "$name-b" netns "$dst"
+  ip -n "$src" addr add "$src_ip/24" dev "$name-a"; ip -n "$dst" addr add "$dst_ip/24" dev "$name-b"
+  for ns in "$src" "$dst"; do ip -n "$ns" link set lo up; done
+  ip -n "$src" link set "$name-a" up; ip -n "$dst" link set "$name-b" up
+  # Bandwidth: a token bucket on both ends. Its queue holds one bandwidth-delay product plus some.
+  burst=$(( rate * 1000000 / 8 / 250 )); [ "$burst" -lt 32768 ] && burst=32768
+  for pair in "$src:$name-a" "$dst:$name-b"; do
+    ip netns exec "${pair%%:*}" tc qdisc add dev "${pair#*:}" root tbf rate "${rate}mbit" burst "$burst" latency 200ms
+  done
+  ip netns exec "$dst" setsid /usr/bin/python3 "$here/delay-relay.py" "$dst_ip" "$relay" 127.0.0.1 "$target" "$(awk "BEGIN{print $rtt/2}")" \
+    </dev/null >/dev/null 2>&1 &
+  echo $! > "$pidfile"
+  for _ in $(seq 50); do ip netns exec "$dst" bash -c "exec 3<>/dev/tcp/$dst_ip/$relay" 2>/dev/null && break; sleep 0.1; done
+  echo "$dst_ip:$relay"
+  ;;
+down)
+  if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; fi
+  ip netns pids "$dst" 2>/dev/null | xargs -r kill 2>/dev/null || true
+  ip netns pids "$src" 2>/dev/null | xargs -r kill 2>/dev/null || true
+  ip netns del "$src" 2>/dev/null || true
+  ip netns del "$dst" 2>/dev/null || true
+  ;;
+src) shift 2; exec ip netns exec "$src" "$@" ;;
+dst) shift 2; exec ip netns exec "$dst" "$@" ;;
+*) echo "unknown action $action" >&2; exit 2 ;;
+esac
