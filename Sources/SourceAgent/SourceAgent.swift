@@ -27,8 +27,8 @@ struct SourceAgent: ParsableCommand {
         """
     )
 
-    @Option(name: .long, help: ArgumentHelp("The VM's disk image (raw).", valueName: "IMG"))
-    var disk: String
+    @Option(name: .long, help: ArgumentHelp("The VM's disk image (raw), served over NBD and migrated.", valueName: "IMG"))
+    var disk: String?
 
     @Option(name: .long, help: ArgumentHelp("Where to serve the disk over NBD: unix:PATH or tcp:HOST:PORT. Repeatable.", valueName: "ENDPOINT"))
     var nbd: [String] = []
@@ -73,6 +73,7 @@ struct SourceAgent: ParsableCommand {
     var logLevel: String = "info"
 
     func validate() throws {
+        if disk == nil { throw ValidationError("give --disk IMG (the VM's disk image)") }
         if nbd.isEmpty && dest == nil { throw ValidationError("give --nbd to serve the disk, --dest to migrate it, or both") }
         if dest != nil && keyFile == nil { throw ValidationError("--dest needs --key-file (make one with: head -c 32 /dev/urandom > ferry.key)") }
         if blockSize < 4096 || blockSize & (blockSize - 1) != 0 { throw ValidationError("--block-size must be a power of two of at least 4096") }
@@ -82,6 +83,7 @@ struct SourceAgent: ParsableCommand {
     func run() throws {
         SignalWaiter.blockAll()
         let logger = AgentLogging.make(label: "ferry.source", level: logLevel)
+        let disk = self.disk!
         let store = try FileBlockStore(path: disk)
         let server = try NBDServer(store: store, options: NBDServer.Options(dirtyBlockSize: UInt64(blockSize)))
         for text in nbd {
