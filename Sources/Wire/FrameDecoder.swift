@@ -72,6 +72,8 @@ public struct FrameDecoder: Sendable {
         case .diskReply:
             let request = try r.u64("requestID")
             message = .diskReply(requestID: request, extents: try DiskExtents.decode(from: &r))
+        case .diskSkip:
+            message = .diskSkip(try DiskRange.decode(from: &r))
         case .memoryLayout:
             message = .memoryLayout(try GuestMemoryLayout.decode(from: &r))
         case .pageBatch:
@@ -89,6 +91,8 @@ public struct FrameDecoder: Sendable {
             message = .vmState(try VMStateChunk.decode(from: &r))
         case .complete:
             message = .complete(try Completion.decode(from: &r))
+        case .resumed:
+            message = .resumed(try VMResumed.decode(from: &r))
         case .ack:
             message = .ack(try Ack.decode(from: &r))
         case .keepalive:

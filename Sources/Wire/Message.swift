@@ -18,6 +18,8 @@ public enum Message: Equatable, Sendable {
     case diskFetch(DiskFetch)
     /// Urgent: the answer to `diskFetch`.
     case diskReply(requestID: UInt64, extents: DiskExtents)
+    /// Urgent: the destination wrote this range itself (disk post-copy); the source need not send it.
+    case diskSkip(DiskRange)
     /// The memory to be migrated.
     case memoryLayout(GuestMemoryLayout)
     /// Memory pages: data runs and zero runs.
@@ -34,6 +36,8 @@ public enum Message: Equatable, Sendable {
     case vmState(VMStateChunk)
     /// The end: digests to compare.
     case complete(Completion)
+    /// The destination has resumed the VM: from now on it owns the VM.
+    case resumed(VMResumed)
     /// Acknowledgement for flow control and resume.
     case ack(Ack)
     /// Liveness probe or echo, for RTT.
@@ -51,6 +55,7 @@ public enum Message: Equatable, Sendable {
         case .diskExtents: return .diskExtents
         case .diskFetch: return .diskFetch
         case .diskReply: return .diskReply
+        case .diskSkip: return .diskSkip
         case .memoryLayout: return .memoryLayout
         case .pageBatch: return .pageBatch
         case .pageRequest: return .pageRequest
@@ -59,6 +64,7 @@ public enum Message: Equatable, Sendable {
         case .switchover: return .switchover
         case .vmState: return .vmState
         case .complete: return .complete
+        case .resumed: return .resumed
         case .ack: return .ack
         case .keepalive: return .keepalive
         case .error: return .error

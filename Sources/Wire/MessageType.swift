@@ -9,6 +9,7 @@ public enum MessageType: UInt8, CaseIterable, Sendable {
     case diskExtents = 0x11
     case diskFetch = 0x12
     case diskReply = 0x13
+    case diskSkip = 0x14
     // Memory.
     case memoryLayout = 0x20
     case pageBatch = 0x21
@@ -19,16 +20,17 @@ public enum MessageType: UInt8, CaseIterable, Sendable {
     case switchover = 0x31
     case vmState = 0x32
     case complete = 0x33
+    case resumed = 0x34
     // Control.
     case ack = 0x40
     case keepalive = 0x41
     case error = 0x42
 
     /// Whether frames of this type travel on the urgent lane by default
-    /// (the post-copy requests and their replies).
+    /// (the post-copy requests, their replies, and `diskSkip`).
     public var isUrgentByDefault: Bool {
         switch self {
-        case .diskFetch, .diskReply, .pageRequest, .pageReply: return true
+        case .diskFetch, .diskReply, .diskSkip, .pageRequest, .pageReply: return true
         default: return false
         }
     }

@@ -121,6 +121,13 @@ struct RejectionTests {
         putU32(&r, 24, 2)
         putU64(&r, 28, .max)
         #expect(decodeError(r) == .invalidValue(type: .pageRequest, field: "pageIndex", offset: 28, value: .max))
+
+        var k2 = try frameBytes(.diskSkip(DiskRange(diskID: 1, offset: 0, length: 1)))
+        putU32(&k2, 16, 0)
+        #expect(decodeError(k2) == .invalidValue(type: .diskSkip, field: "length", offset: 16, value: 0))
+        var v = try frameBytes(.resumed(VMResumed(sinceSwitchoverNanoseconds: 5)))
+        v[27] = 1
+        #expect(decodeError(v) == .reservedNonZero(type: .resumed, field: "reserved", offset: 20))
     }
 
     @Test("counts larger than the frame are refused before anything is allocated")

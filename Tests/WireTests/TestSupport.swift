@@ -111,6 +111,7 @@ func sampleMessages(_ p: SamplePayloads, includeMaximal: Bool = true) -> [Messag
     m.append(.diskReply(requestID: 42, extents: DiskExtents(diskID: 1, round: 0, extents: ExtentList([
         Extent(offset: 1 << 40, length: 8192)]), payload: p.reply.payload)))
 
+    m.append(.diskSkip(DiskRange(diskID: 1, offset: 1 << 30, length: 65536)))
     m.append(.memoryLayout(GuestMemoryLayout(pageSize: 4096, regions: [
         MemoryRegion(id: 0, guestAddress: 0, hostAddress: 0x7f00_0000_0000, size: 512 << 20, fileOffset: 0),
         MemoryRegion(id: 1, guestAddress: 1 << 32, hostAddress: 0x7f10_0000_0000, size: 1 << 30, fileOffset: 512 << 20)])))
@@ -138,6 +139,7 @@ func sampleMessages(_ p: SamplePayloads, includeMaximal: Bool = true) -> [Messag
     m.append(.complete(Completion(digests: [StreamDigest(stream: .disk, streamID: 1, digest: sampleNonce(1)),
                                             StreamDigest(stream: .memory, streamID: 0, digest: sampleNonce(2))])))
     m.append(.complete(Completion(digests: [])))
+    m.append(.resumed(VMResumed(sinceSwitchoverNanoseconds: 123_456_789)))
     m.append(.ack(Ack(stream: .disk, streamID: 1, sequence: 123_456, offset: 1 << 35)))
     m.append(.keepalive(Keepalive(timestampNanoseconds: 1_700_000_000_000_000_000, isEcho: false)))
     m.append(.keepalive(Keepalive(timestampNanoseconds: 5, isEcho: true)))

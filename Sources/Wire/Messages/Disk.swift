@@ -229,3 +229,42 @@ public struct DiskFetch: Hashable, Sendable {
 
     func write(to w: inout ByteWriter) { w.u64(requestID); w.u32(diskID); w.u32(length); w.u64(offset) }
 }
+
+/// A disk range the destination wrote itself during disk post-copy (`diskSkip`, after silo's
+/// "DontNeedAt"): its data now wins, so the source drops the range from what it still has to send.
+/// Advisory: the destination must still ignore any older bulk copy of the range that arrives later.
+///
+/// Layout (16 bytes): `u32 diskID, u32 length, u64 offset`.
+public struct DiskRange: Hashable, Sendable {
+    /// Which disk.
+    public var diskID: UInt32
+    /// Byte offset on the disk.
+    public var offset: UInt64
+    /// Length in bytes (at least 1).
+    public var length: UInt32
+
+    public init(diskID: UInt32, offset: UInt64, length: UInt32) {
+        self.diskID = diskID; self.offset = offset; self.length = length
+    }
+
+    static func decode(from r: inout ByteReader) throws(WireError) -> DiskRange {
+        let id = try r.u32("diskID")
+        let lenAt = r.frameOffset
+        let len = try r.u32("length")
+        if len == 0 { throw r.invalid("length", len, at: lenAt) }
+        let offAt = r.frameOffset
+        let off = try r.u64("offset")
+        if off.addingReportingOverflow(UInt64(len)).overflow { throw r.invalid("offset", off, at: offAt) }
+        return DiskRange(diskID: id, offset: off, length: len)
+    }
+
+    func metadataSize(as type: MessageType) throws(WireError) -> Int {
+        if length == 0 { throw .invalidValue(type: type, field: "length", offset: FrameHeader.size + 4, value: 0) }
+        if offset.addingReportingOverflow(UInt64(length)).overflow {
+            throw .invalidValue(type: type, field: "offset", offset: FrameHeader.size + 8, value: offset)
+        }
+        return 16
+    }
+
+    func write(to w: inout ByteWriter) { w.u32(diskID); w.u32(length); w.u64(offset) }
+}

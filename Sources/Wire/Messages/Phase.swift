@@ -197,3 +197,25 @@ public struct Completion: Hashable, Sendable {
         for d in digests { w.u8(d.stream.rawValue); w.zeros(3); w.u32(d.streamID); w.bytes32(d.digest) }
     }
 }
+
+/// The destination has resumed the VM (`resumed`): from this frame on the VM runs at the destination
+/// and the source must never resume its own copy. Also the destination's half of the downtime figure.
+///
+/// Layout (16 bytes): `u64 sinceSwitchoverNanoseconds, u64 reserved`.
+public struct VMResumed: Hashable, Sendable {
+    /// Time on the destination's monotonic clock from receiving `switchover` to the VM running again.
+    /// The source's downtime estimate is (receipt of this frame − pause) − RTT / 2.
+    public var sinceSwitchoverNanoseconds: UInt64
+
+    public init(sinceSwitchoverNanoseconds: UInt64) { self.sinceSwitchoverNanoseconds = sinceSwitchoverNanoseconds }
+
+    static func decode(from r: inout ByteReader) throws(WireError) -> VMResumed {
+        let ns = try r.u64("sinceSwitchoverNanoseconds")
+        try r.reserved(8, "reserved")
+        return VMResumed(sinceSwitchoverNanoseconds: ns)
+    }
+
+    func metadataSize(as type: MessageType) throws(WireError) -> Int { 16 }
+
+    func write(to w: inout ByteWriter) { w.u64(sinceSwitchoverNanoseconds); w.zeros(8) }
+}
