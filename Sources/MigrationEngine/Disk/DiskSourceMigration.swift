@@ -117,7 +117,7 @@ public final class DiskSourceMigration: @unchecked Sendable {
             let acknowledgedRound = active.publish { completedRoundAtPeer }
             unacknowledged.removeAll { $0.round <= acknowledgedRound }
 
-            do {
+            do throws(LinkError) {
                 switch phase.current {
                 case .bulk:
                     var bulkCounters = tally.bulk
@@ -187,6 +187,14 @@ public final class DiskSourceMigration: @unchecked Sendable {
 
                 case .switchover:
                     if quiescedAt == nil {
+                        // Let what is queued in socket buffers and on the link arrive first, so it
+                        // does not count against the downtime (the VM still runs meanwhile).
+                        let lastRound = tally.blocksPerRound.count - 1
+                        try? active.wait(timeout: 10, during: "draining before switchover") { completedRoundAtPeer >= lastRound }
+                        let drained = active.publish { completedRoundAtPeer }
+                        unacknowledged.removeAll { $0.round <= drained }
+                        if let seen = active.failureSeen { throw seen }
+                        roundSet = nil
                         quiescedAt = ContinuousClock.now
                         guard server.quiesce(timeoutNanoseconds: 10_000_000_000) else {
                             failure = "in-flight writes did not drain within 10 s at switchover"
