@@ -44,11 +44,11 @@ fio_json() { # rw iodepth -> json file
   local out=$DIR/fio.json
   fio --name=bench --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" --rw="$1" --bs=4k --iodepth="$2" \
       --size=$((SIZE_MIB << 20)) --runtime="$RUNTIME" --time_based --randrepeat=0 --norandommap \
-      --output-format=json --output="$out" >/dev/null 2>&1
+      --lat_percentiles=1 --output-format=json --output="$out" >/dev/null 2>&1
   echo "$out"
 }
 
-declare -A READ WRITE LAT IOPS
+declare -A READ WRITE LAT TLAT IOPS
 for server in ferry nbdkit qemu-nbd; do
   echo "== $server" >&2
   start_server $server
@@ -57,18 +57,22 @@ for server in ferry nbdkit qemu-nbd; do
   WRITE[$server]=$(seconds nbdcopy "$SRC" "$U")
   j=$(fio_json randread 1)
   LAT[$server]=$(/usr/bin/python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['jobs'][0]['read']['clat_ns']['percentile']['50.000000']/1000)" "$j")
+  # Total latency (submission + completion): with a fast server part of the round trip happens
+  # while fio is still submitting, so clat alone understates it.
+  TLAT[$server]=$(/usr/bin/python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['jobs'][0]['read']['lat_ns']['percentile']['50.000000']/1000)" "$j")
   j=$(fio_json randwrite 32)
   IOPS[$server]=$(/usr/bin/python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['jobs'][0]['write']['iops']))" "$j")
   stop_server
 done
 
 ratio() { echo "scale=2; $1 / $2" | bc -l; }
-printf "\n%-10s %14s %8s %14s %8s %16s %8s %14s %8s\n" server "nbdcopy-read" ratio "nbdcopy-write" ratio "randread-qd1-p50" ratio "randwrite-qd32" ratio
+printf "\n%-10s %14s %8s %14s %8s %16s %8s %16s %8s %14s %8s\n" server "nbdcopy-read" ratio "nbdcopy-write" ratio "rr-qd1-clat-p50" ratio "rr-qd1-lat-p50" ratio "randwrite-qd32" ratio
 for server in ferry nbdkit qemu-nbd; do
-  printf "%-10s %12.3f s %8s %12.3f s %8s %13.1f us %8s %10s IOPS %8s\n" $server \
+  printf "%-10s %12.3f s %8s %12.3f s %8s %13.1f us %8s %13.1f us %8s %10s IOPS %8s\n" $server \
     "${READ[$server]}" "$(ratio "${READ[$server]}" "${READ[nbdkit]}")" \
     "${WRITE[$server]}" "$(ratio "${WRITE[$server]}" "${WRITE[nbdkit]}")" \
     "${LAT[$server]}" "$(ratio "${LAT[$server]}" "${LAT[nbdkit]}")" \
+    "${TLAT[$server]}" "$(ratio "${TLAT[$server]}" "${TLAT[nbdkit]}")" \
     "${IOPS[$server]}" "$(ratio "${IOPS[$server]}" "${IOPS[nbdkit]}")"
 done
 echo
