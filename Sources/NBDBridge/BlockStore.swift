@@ -7,8 +7,9 @@
 /// Post-copy on the destination plugs in here: a store whose blocks are still arriving returns false
 /// from ``isReadable(offset:length:)`` for a range that has not arrived; the connection parks that
 /// read (without blocking its thread) and asks again every millisecond until it returns true, then
-/// reads the range from ``fileDescriptor``. Writes to a not-yet-arrived range go straight through:
-/// the store learns of them from the server's ``DirtyBitmap`` (or ``noteWritten(offset:length:)``).
+/// reads the range from ``fileDescriptor``. Writes, trims and zeroes of a not-yet-arrived range wait
+/// the same way (fetch-before-write), so that data arriving later never overwrites them; the store
+/// learns of completed writes from the server's ``DirtyBitmap`` (or ``noteWritten(offset:length:)``).
 public protocol BlockStore: AnyObject, Sendable {
     /// Bytes in the export.
     var size: UInt64 { get }

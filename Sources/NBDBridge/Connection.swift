@@ -326,6 +326,12 @@ final class Connection {
             slots[index].step = .io
             issueRead(index, &ring)
         case NBDProtocol.cmdWrite, NBDProtocol.cmdTrim, NBDProtocol.cmdWriteZeroes:
+            // Post-copy: a range that has not arrived is fetched before it is changed, so data
+            // arriving later can never overwrite what the VM wrote here (fetch-before-write).
+            if !store.isReadable(offset: slots[index].offset, length: UInt64(slots[index].length)) {
+                park(index, .parkedData, &ring)
+                return
+            }
             if !server.gate.tryEnter() {
                 park(index, .parkedGate, &ring)
                 return
