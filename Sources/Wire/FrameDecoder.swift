@@ -83,6 +83,8 @@ public struct FrameDecoder: Sendable {
         case .pageReply:
             let request = try r.u64("requestID")
             message = .pageReply(requestID: request, batch: try PageBatch.decode(from: &r))
+        case .pageDiscard:
+            message = .pageDiscard(try PageRange.decode(from: &r))
         case .roundEnd:
             message = .roundEnd(try RoundEnd.decode(from: &r))
         case .switchover:

@@ -28,6 +28,8 @@ public enum Message: Equatable, Sendable {
     case pageRequest(PageRequest)
     /// Urgent: the answer to `pageRequest`.
     case pageReply(requestID: UInt64, batch: PageBatch)
+    /// Hybrid post-copy: the destination's copies of these pages are stale; drop them, they come again.
+    case pageDiscard(PageRange)
     /// The end of a round of one stream.
     case roundEnd(RoundEnd)
     /// The source has paused the VM: what is still to come.
@@ -60,6 +62,7 @@ public enum Message: Equatable, Sendable {
         case .pageBatch: return .pageBatch
         case .pageRequest: return .pageRequest
         case .pageReply: return .pageReply
+        case .pageDiscard: return .pageDiscard
         case .roundEnd: return .roundEnd
         case .switchover: return .switchover
         case .vmState: return .vmState

@@ -15,6 +15,7 @@ public enum MessageType: UInt8, CaseIterable, Sendable {
     case pageBatch = 0x21
     case pageRequest = 0x22
     case pageReply = 0x23
+    case pageDiscard = 0x24
     // Phases.
     case roundEnd = 0x30
     case switchover = 0x31

@@ -124,6 +124,7 @@ func sampleMessages(_ p: SamplePayloads, includeMaximal: Bool = true) -> [Messag
     m.append(.pageBatch(PageBatch(regionID: 3, pageShift: 12, firstPage: 9, runs: PageRunList([]),
                                   payload: p.empty.payload)))
     m.append(.pageRequest(PageRequest(requestID: 9, regionID: 1, pageIndex: 12345, count: 16)))
+    m.append(.pageDiscard(PageRange(regionID: 1, pageIndex: 777, count: 3)))
     m.append(.pageReply(requestID: 9, batch: PageBatch(regionID: 1, pageShift: 12, firstPage: 12345,
                                                        runs: PageRunList([.data(2), .zero(14)]), payload: p.reply.payload)))
 

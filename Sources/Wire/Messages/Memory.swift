@@ -258,3 +258,42 @@ public struct PageRequest: Hashable, Sendable {
 
     func write(to w: inout ByteWriter) { w.u64(requestID); w.u32(regionID); w.u32(count); w.u64(pageIndex) }
 }
+
+/// Pages of one region (`pageDiscard`): in hybrid migration, the pages dirtied after the last
+/// pre-copy round, whose copies at the destination are stale. The destination drops them before it
+/// resumes the VM and gets them again by request or push.
+///
+/// Layout (16 bytes): `u32 regionID, u32 count, u64 pageIndex`.
+public struct PageRange: Hashable, Sendable {
+    /// Which region.
+    public var regionID: UInt32
+    /// First page (index within the region).
+    public var pageIndex: UInt64
+    /// Pages from `pageIndex` on (≥ 1).
+    public var count: UInt32
+
+    public init(regionID: UInt32, pageIndex: UInt64, count: UInt32) {
+        self.regionID = regionID; self.pageIndex = pageIndex; self.count = count
+    }
+
+    static func decode(from r: inout ByteReader) throws(WireError) -> PageRange {
+        let region = try r.u32("regionID")
+        let countAt = r.frameOffset
+        let count = try r.u32("count")
+        if count == 0 { throw r.invalid("count", count, at: countAt) }
+        let idxAt = r.frameOffset
+        let index = try r.u64("pageIndex")
+        if index.addingReportingOverflow(UInt64(count)).overflow { throw r.invalid("pageIndex", index, at: idxAt) }
+        return PageRange(regionID: region, pageIndex: index, count: count)
+    }
+
+    func metadataSize(as type: MessageType) throws(WireError) -> Int {
+        if count == 0 { throw .invalidValue(type: type, field: "count", offset: FrameHeader.size + 4, value: 0) }
+        if pageIndex.addingReportingOverflow(UInt64(count)).overflow {
+            throw .invalidValue(type: type, field: "pageIndex", offset: FrameHeader.size + 8, value: pageIndex)
+        }
+        return 16
+    }
+
+    func write(to w: inout ByteWriter) { w.u32(regionID); w.u32(count); w.u64(pageIndex) }
+}
