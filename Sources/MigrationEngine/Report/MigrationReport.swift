@@ -27,6 +27,8 @@ public struct MigrationReport: Codable, Sendable {
     public var digestsAgree: Bool = false
     /// The disk part, when a disk was migrated.
     public var disk: DiskReport?
+    /// The memory part, when a process's memory was migrated.
+    public var memory: MemoryReport?
 
     public init(role: String) { self.role = role }
 
@@ -62,6 +64,71 @@ public struct MigrationReport: Codable, Sendable {
         public var postcopyRequests: UInt64 = 0
         /// Block size of dirty tracking.
         public var blockSize: Int = 0
+        public init() {}
+    }
+
+    /// Fault-latency percentiles, in microseconds.
+    public struct LatencySummary: Codable, Sendable {
+        public var count: Int = 0
+        public var p50Us: Double = 0
+        public var p90Us: Double = 0
+        public var p99Us: Double = 0
+        public var maxUs: Double = 0
+        public init(count: Int = 0, p50Us: Double = 0, p90Us: Double = 0, p99Us: Double = 0, maxUs: Double = 0) {
+            self.count = count; self.p50Us = p50Us; self.p90Us = p90Us; self.p99Us = p99Us; self.maxUs = maxUs
+        }
+    }
+
+    /// The memory part of a report, named after QEMU's `query-migrate` "ram" section where one exists.
+    public struct MemoryReport: Codable, Sendable {
+        /// "precopy", "postcopy" or "hybrid".
+        public var mode: String = ""
+        /// How dirty pages were tracked ("uffd-wp-async+pagemap-scan" or "content-hash").
+        public var trackingMethod: String = ""
+        /// Page size in bytes.
+        public var pageSize: Int = 4096
+        /// Bytes in the migrated regions.
+        public var total: UInt64 = 0
+        /// Bytes of pages the process had ever touched when the migration began (resident or swapped).
+        public var touched: UInt64 = 0
+        /// Data bytes sent (pages with content), all phases.
+        public var transferred: UInt64 = 0
+        /// Pages sent as zero runs (QEMU's "duplicate"), never-touched pages included.
+        public var duplicate: UInt64 = 0
+        /// Pages sent with their content (QEMU's "normal").
+        public var normal: UInt64 = 0
+        /// Data bytes sent before the pause.
+        public var precopyBytes: UInt64 = 0
+        /// Data bytes sent while paused, before the destination resumed.
+        public var downtimeBytes: UInt64 = 0
+        /// Data bytes sent after the destination resumed (pushed and requested).
+        public var postcopyBytes: UInt64 = 0
+        /// Dirty scans (QEMU's `dirty-sync-count`).
+        public var dirtySyncCount: Int = 0
+        /// Pages sent per round: round 0 (touched pages), each dirty round, then the final set.
+        public var pagesPerRound: [UInt64] = []
+        /// Dirty rate at the last round, bytes/s.
+        public var dirtyRate: Double = 0
+        /// Urgent page requests (QEMU's `postcopy-requests`).
+        public var postcopyRequests: UInt64 = 0
+        /// Pages delivered in answers to requests (the faulting page and its pre-paged neighbours).
+        public var pagesRequested: UInt64 = 0
+        /// Pages the source pushed after switchover in the background stream.
+        public var pagesPushed: UInt64 = 0
+        /// Destination: faults served from pages already received.
+        public var faultsOnReceived: UInt64 = 0
+        /// Destination: faults on pages not yet received (each waited for an urgent request).
+        public var faultsOnMissing: UInt64 = 0
+        /// Fault latency for faults on received pages (event read to UFFDIO_COPY / UFFDIO_ZEROPAGE done).
+        public var faultLatencyReceived: LatencySummary = LatencySummary()
+        /// Fault latency for faults on missing pages (event read to the reply's page installed).
+        public var faultLatencyMissing: LatencySummary = LatencySummary()
+        /// Bytes of the VM-state blob carried.
+        public var vmStateBytes: UInt64 = 0
+        /// Time to compute this side's digest, in milliseconds (off the downtime path).
+        public var digestTimeMs: Double = 0
+        /// This side's SHA-256 of the memory at pause.
+        public var digest: String = ""
         public init() {}
     }
 
