@@ -4,9 +4,9 @@ import SystemPackage
 /// One io_uring instance: a submission queue and a completion queue shared with the kernel.
 ///
 /// An `IORing` is used by one thread at a time; it may be created on one thread and handed to
-/// another (so it is not set up with `IORING_SETUP_SINGLE_ISSUER`, under which a submission from
-/// any thread but the creator's fails with `EEXIST`). It is noncopyable because it owns kernel
-/// resources; `deinit` tears the ring down.
+/// another (so by default it is not set up with `IORING_SETUP_SINGLE_ISSUER`, under which a
+/// submission from any thread but the creator's fails with `EEXIST`; ``SetupOptions`` asks for it).
+/// It is noncopyable because it owns kernel resources; `deinit` tears the ring down.
 ///
 /// Operations are queued with the `prepare…` methods (see `IORing+Operations.swift`), each tagged
 /// with a caller-chosen `UInt64`, submitted with ``submit()`` or ``submitAndWait(_:)``, and their
@@ -28,17 +28,32 @@ public struct IORing: ~Copyable {
     /// Operations prepared (queued or submitted) whose completion has not yet been visited.
     public var inFlight: Int { _inFlight }
 
+    /// The setup options the kernel granted (empty when it took none of those asked for).
+    public let options: SetupOptions
+
     /// Sets up a ring with `entries` submission slots (rounded up to a power of two by the kernel)
     /// and a completion queue twice that size.
     ///
+    /// `options` asks for more than the default (`IORING_SETUP_COOP_TASKRUN`); a kernel that
+    /// refuses them with `EINVAL` gets the default set-up instead, and ``options`` says what was
+    /// granted. With ``SetupOptions/singleIssuer`` the ring may only be used from the thread that
+    /// creates it.
+    ///
     /// The corresponding C function is `io_uring_queue_init_params`.
-    public init(entries: UInt32 = 256) throws(Errno) {
+    public init(entries: UInt32 = 256, options: SetupOptions = []) throws(Errno) {
         let ring = UnsafeMutablePointer<io_uring>.allocate(capacity: 1)
         ring.initialize(to: io_uring())
         var params = io_uring_params()
+        var granted = options.contains(.deferTaskRun) ? options.union(.singleIssuer) : options
         // Fewer inter-processor interrupts on kernels that have COOP_TASKRUN.
-        params.flags = UInt32(IORING_SETUP_COOP_TASKRUN)
+        params.flags = UInt32(IORING_SETUP_COOP_TASKRUN) | options.setupFlags
         var rc = io_uring_queue_init_params(entries, ring, &params)
+        if rc == -EINVAL && !options.isEmpty {
+            granted = []
+            params = io_uring_params()
+            params.flags = UInt32(IORING_SETUP_COOP_TASKRUN)
+            rc = io_uring_queue_init_params(entries, ring, &params)
+        }
         if rc == -EINVAL {
             params = io_uring_params()
             rc = io_uring_queue_init_params(entries, ring, &params)
@@ -47,6 +62,7 @@ public struct IORing: ~Copyable {
             ring.deallocate()
             throw Errno(rawValue: -rc)
         }
+        self.options = granted
         self.ring = ring
         self.submissionQueueEntries = params.sq_entries
         self.completionQueueEntries = params.cq_entries
@@ -175,5 +191,33 @@ public struct IORing: ~Copyable {
         sqe.pointee.user_data = tag
         if flags != 0 { sqe.pointee.flags |= flags }
         _inFlight += 1
+    }
+}
+
+extension IORing {
+    /// Optional `io_uring_setup` flags for ``IORing/init(entries:options:)``.
+    public struct SetupOptions: OptionSet, Sendable {
+        public let rawValue: UInt32
+        public init(rawValue: UInt32) { self.rawValue = rawValue }
+
+        /// Only the creating thread submits (`IORING_SETUP_SINGLE_ISSUER`); the kernel skips some
+        /// locking. A submission from another thread fails with `EEXIST`.
+        public static let singleIssuer = SetupOptions(rawValue: 1 << 0)
+        /// Completion work (e.g. finishing a `recv` whose data arrived) runs only when the owning
+        /// thread enters the kernel to wait or to ask for events, not at interrupt time
+        /// (`IORING_SETUP_DEFER_TASKRUN`, which implies ``singleIssuer``). Set up together with
+        /// `IORING_SETUP_TASKRUN_FLAG`, so ``IORing/drainCompletions(_:)`` sees that work is pending
+        /// and runs it (`io_uring_enter` with `IORING_ENTER_GETEVENTS`) before it reports none.
+        public static let deferTaskRun = SetupOptions(rawValue: 1 << 1)
+
+        /// The `IORING_SETUP_*` bits these options stand for.
+        var setupFlags: UInt32 {
+            var flags: UInt32 = 0
+            if contains(.singleIssuer) || contains(.deferTaskRun) { flags |= UInt32(IORING_SETUP_SINGLE_ISSUER) }
+            if contains(.deferTaskRun) {
+                flags |= UInt32(IORING_SETUP_DEFER_TASKRUN) | UInt32(IORING_SETUP_TASKRUN_FLAG)
+            }
+            return flags
+        }
     }
 }
