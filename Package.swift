@@ -86,6 +86,6 @@ let package = Package(
         .testTarget(name: "WireTests", dependencies: ["Wire"], swiftSettings: swift6),
         .testTarget(name: "NBDBridgeTests", dependencies: ["NBDBridge", "CNBD"], swiftSettings: swift6),
         .testTarget(name: "ProcessMemoryTests", dependencies: ["ProcessMemory", "FerryWorkload"], swiftSettings: swift6),
-        .testTarget(name: "AgentTests", dependencies: ["MigrationEngine", "Wire"], swiftSettings: swift6),
+        .testTarget(name: "AgentTests", dependencies: ["MigrationEngine", "Wire", "SourceAgent", "DestAgent"], swiftSettings: swift6),
     ]
 )

@@ -60,6 +60,9 @@ struct SourceAgent: ParsableCommand {
     @Option(name: .customLong("throttle-delay-ms"), help: "Delay of a throttled write, in milliseconds.")
     var throttleDelayMs: Double = 2
 
+    @Flag(name: .customLong("disk-postcopy"), help: "Disk post-copy: hand the disk over at once; the destination serves it while the rest arrives, fetching what its VM reads first.")
+    var diskPostcopy = false
+
     @Option(name: .customLong("link-timeout"), help: "Give the migration up if the link stays down this many seconds before switchover.")
     var linkTimeout: Double = 60
 
@@ -100,6 +103,7 @@ struct SourceAgent: ParsableCommand {
                                                                       throttleAboveFraction: throttleAbove, throttleTargetFraction: throttleTo))
             options.throttleDelayNanoseconds = UInt64(throttleDelayMs * 1e6)
             options.linkTimeout = linkTimeout
+            options.postcopy = diskPostcopy
             let migration = DiskSourceMigration(server: server, store: store, options: options, logger: logger)
             let reportPath = report
             Thread {

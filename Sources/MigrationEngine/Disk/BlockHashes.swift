@@ -7,7 +7,8 @@ import Wire
 ///
 /// The destination updates a block's hash as it writes the block (no re-read of the image); the
 /// source hashes its frozen image once. The digest is SHA-256 over the hashes in block order,
-/// each as 8 little-endian bytes, so it is cheap to produce at switchover.
+/// each as 8 little-endian bytes, so it is cheap to produce at switchover. Updates of different
+/// blocks may come from different threads (each block has one slot).
 public struct BlockHashes: ~Copyable {
     /// Bytes per block; the last block may be shorter.
     public let blockSize: Int
@@ -47,12 +48,12 @@ public struct BlockHashes: ~Copyable {
     }
 
     /// Records the contents of whole block `index`.
-    public mutating func update(block index: Int, contents: UnsafeRawBufferPointer) {
+    public func update(block index: Int, contents: UnsafeRawBufferPointer) {
         hashes[index] = XXH3_64bits(contents.baseAddress, contents.count)
     }
 
     /// Records that whole block `index` now reads as zeros.
-    public mutating func updateZero(block index: Int) {
+    public func updateZero(block index: Int) {
         let length = length(ofBlock: index)
         if length == blockSize {
             hashes[index] = zeroBlockHash

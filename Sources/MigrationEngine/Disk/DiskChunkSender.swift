@@ -56,21 +56,22 @@ struct DiskChunkSender: ~Copyable {
 
     /// Sends blocks `blocks` (clipped to the disk) as round `round`, chunk by chunk. When
     /// `store` is given, its holes are sent as zero runs without reading them.
+    /// With `replyTo`, each chunk goes as the urgent `diskReply` to that request instead.
     mutating func send(blocks: Range<Int>, round: UInt32, holesFrom store: (any BlockStore)?,
-                       via sender: inout FrameSender, counters: inout DiskTransferCounters,
+                       via sender: inout FrameSender, counters: inout DiskTransferCounters, replyTo: UInt64? = nil,
                        afterChunk: (Int) throws(LinkError) -> Void = { _ throws(LinkError) in }) throws(LinkError) {
         var first = blocks.lowerBound
         let end = min(blocks.upperBound, blockCount)
         while first < end {
             let last = min(first + blocksPerChunk, end)
-            try sendChunk(first..<last, round: round, holesFrom: store, via: &sender, counters: &counters)
+            try sendChunk(first..<last, round: round, holesFrom: store, via: &sender, counters: &counters, replyTo: replyTo)
             try afterChunk(last)
             first = last
         }
     }
 
     private mutating func sendChunk(_ blocks: Range<Int>, round: UInt32, holesFrom store: (any BlockStore)?,
-                                    via sender: inout FrameSender, counters: inout DiskTransferCounters) throws(LinkError) {
+                                    via sender: inout FrameSender, counters: inout DiskTransferCounters, replyTo: UInt64?) throws(LinkError) {
         let start = UInt64(blocks.lowerBound) * UInt64(blockSize)
         let length = min(UInt64(blocks.count) * UInt64(blockSize), diskSize - start)
         extents.removeAll(keepingCapacity: true)
@@ -102,7 +103,8 @@ struct DiskChunkSender: ~Copyable {
         }
 
         let payload = Payload(UnsafeRawBufferPointer(rebasing: buffer[..<payloadLength]))
-        try sender.send(.diskExtents(DiskExtents(diskID: diskID, round: round, extents: ExtentList(extents), payload: payload)))
+        let contents = DiskExtents(diskID: diskID, round: round, extents: ExtentList(extents), payload: payload)
+        try sender.send(replyTo.map { .diskReply(requestID: $0, extents: contents) } ?? .diskExtents(contents))
         for extent in extents {
             if extent.kind == .data { counters.dataBytes += UInt64(extent.length) } else { counters.zeroBytes += UInt64(extent.length) }
         }

@@ -54,6 +54,7 @@ public final class DiskDestinationMigration: @unchecked Sendable {
         var bulkHighWater: UInt64 = 0
         var finalRound: UInt32? = nil
         var serving = false
+        var postcopy = false
     }
 
     /// Receives until the digests are exchanged (or the migration fails). On success the disk is
@@ -62,7 +63,10 @@ public final class DiskDestinationMigration: @unchecked Sendable {
         var report = MigrationReport(role: "destination")
         let start = ContinuousClock.now
         var progress = Progress()
-        var image: DiskImageWriter? = nil
+        var image: DiskImage? = nil
+        var applier: DiskApplier? = nil
+        var urgent: UrgentLaneClient? = nil
+        var postcopyStore: PostcopyDiskStore? = nil
         var wireBytes: UInt64 = 0
         var reconnects = 0
         let listener: OwnedDescriptor
@@ -77,6 +81,8 @@ public final class DiskDestinationMigration: @unchecked Sendable {
         var failure: String? = nil
         var done = false
         var lastAck = ContinuousClock.now
+        var ackedBytes: UInt64 = 0
+        var switchoverAt: ContinuousClock.Instant? = nil
         session: while !done {
             // Accept the next connection: the first one, or the source coming back after a drop.
             let waitSeconds = progress.sessionID == nil ? options.acceptTimeout : options.linkTimeout
@@ -96,6 +102,19 @@ public final class DiskDestinationMigration: @unchecked Sendable {
                 continue session
             }
             if progress.sessionID != nil { reconnects += 1 }
+            if progress.postcopy, let image, let store = postcopyStore {
+                // The VM runs here and may be waiting for blocks: the source reopens the urgent lane.
+                urgent?.stop()
+                guard let lane = acceptUrgentLane(listener.rawValue, sessionID: link.agreement.sessionID) else {
+                    link.close()
+                    continue session
+                }
+                store.presence.forgetRequests()
+                do { urgent = try UrgentLaneClient(link: lane, image: image, store: store, logger: logger) } catch {
+                    link.close()
+                    continue session
+                }
+            }
             progress.sessionID = link.agreement.sessionID
             if report.setupTimeMs == 0 { report.setupTimeMs = Double((ContinuousClock.now - start).components.attoseconds) / 1e15 + Double((ContinuousClock.now - start).components.seconds) * 1000 }
 
@@ -105,7 +124,11 @@ public final class DiskDestinationMigration: @unchecked Sendable {
                     switch frame.message {
                     case .diskLayout(let layout):
                         if image == nil || image!.layout != layout {
-                            do { image = try DiskImageWriter(path: options.imagePath, layout: layout) } catch {
+                            do {
+                                let created = try DiskImage(path: options.imagePath, layout: layout)
+                                image = created
+                                applier = try DiskApplier(image: created)
+                            } catch {
                                 try? link.sender.send(.error(.truncating(code: .storageFailure, reason: "cannot create \(options.imagePath): \(error)")))
                                 failure = "cannot create the image \(options.imagePath): \(error)"
                                 break session
@@ -113,8 +136,8 @@ public final class DiskDestinationMigration: @unchecked Sendable {
                             logger.info("receiving disk", metadata: ["bytes": "\(layout.sizeBytes)", "block_size": "\(layout.blockSize)"])
                         }
                     case .diskExtents(let extents):
-                        guard image != nil else { throw LinkError.unexpected(.diskExtents, expecting: "diskLayout first") }
-                        do { try image!.apply(extents) } catch {
+                        guard image != nil, applier != nil else { throw LinkError.unexpected(.diskExtents, expecting: "diskLayout first") }
+                        do { try applier!.apply(extents) } catch {
                             try? link.sender.send(.error(.truncating(code: .storageFailure, reason: "writing the image: \(error)")))
                             failure = "writing the image failed: \(error)"
                             break session
@@ -124,8 +147,10 @@ public final class DiskDestinationMigration: @unchecked Sendable {
                         }
                         // A periodic ack: progress for the source, and proof of life on a long bulk copy.
                         let now = ContinuousClock.now
-                        if now - lastAck > .milliseconds(500) {
+                        ackedBytes += UInt64(extents.payload.count)
+                        if now - lastAck > .milliseconds(500) || ackedBytes >= 64 << 20 {
                             lastAck = now
+                            ackedBytes = 0
                             try link.sender.send(.ack(Ack(stream: .disk, streamID: extents.diskID,
                                                           sequence: UInt64(progress.completedRound + 1), offset: progress.bulkHighWater)))
                         }
@@ -134,18 +159,36 @@ public final class DiskDestinationMigration: @unchecked Sendable {
                         try link.sender.send(.ack(Ack(stream: .disk, streamID: end.streamID, sequence: UInt64(end.round) + 1,
                                                       offset: progress.bulkHighWater)))
                         if let finalRound = progress.finalRound, end.round >= finalRound, !progress.serving {
-                            try startServing(image!)
+                            try startServing(image!, postcopy: nil)
                             progress.serving = true
-                            try link.sender.send(.ack(Ack(stream: .control, streamID: 0, sequence: 0, offset: 1)))
+                            let since = ContinuousClock.now - (switchoverAt ?? ContinuousClock.now)
+                            try link.sender.send(.resumed(VMResumed(sinceSwitchoverNanoseconds:
+                                UInt64(since.components.seconds) * 1_000_000_000 + UInt64(since.components.attoseconds / 1_000_000_000))))
                             // Off the downtime path: the VM reads through the page cache, and its own
                             // FLUSH requests sync what it needs.
-                            do { try image!.flush() } catch { logger.warning("flushing the image failed", metadata: ["error": "\(error)"]) }
+                            do { try applier!.flush() } catch { logger.warning("flushing the image failed", metadata: ["error": "\(error)"]) }
                         }
                     case .switchover(let switchover):
                         progress.finalRound = switchover.finalRound
-                        logger.info("switchover: source paused", metadata: ["final_bytes": "\(switchover.diskBytesToCome)"])
+                        switchoverAt = ContinuousClock.now
+                        logger.info("switchover: source paused", metadata: ["final_bytes": "\(switchover.diskBytesToCome)",
+                                                                              "postcopy": "\(switchover.mode.contains(.diskPostcopy))"])
+                        if switchover.mode.contains(.diskPostcopy), !progress.serving, let image {
+                            // Post-copy: serve at once; missing blocks come over the urgent lane.
+                            image.claimsEnabled.store(true, ordering: .releasing)
+                            let store = try startServing(image, postcopy: PostcopyDiskStore.self)!
+                            guard let lane = acceptUrgentLane(listener.rawValue, sessionID: link.agreement.sessionID) else {
+                                throw LinkError.timedOut(during: "urgent lane set-up", seconds: 10)
+                            }
+                            urgent = try UrgentLaneClient(link: lane, image: image, store: store, logger: logger)
+                            postcopyStore = store
+                            progress.serving = true
+                            progress.postcopy = true
+                            try link.sender.send(.resumed(VMResumed(sinceSwitchoverNanoseconds: 0)))
+                        }
                     case .complete(let theirs):
                         guard image != nil else { throw LinkError.unexpected(.complete, expecting: "a disk first") }
+                        if let urgent { report.disk?.postcopyRequests = urgent.requestsSent }
                         let ours = image!.hashes.digest()
                         let diskID = image!.layout.diskID
                         try link.sender.send(.complete(Wire.Completion(digests: [StreamDigest(stream: .disk, streamID: diskID, digest: ours)])))
@@ -177,8 +220,13 @@ public final class DiskDestinationMigration: @unchecked Sendable {
             var disk = MigrationReport.DiskReport()
             disk.total = image.layout.sizeBytes
             disk.blockSize = Int(image.layout.blockSize)
-            disk.transferred = image.dataBytes
-            disk.duplicate = image.zeroBytes
+            disk.transferred = image.dataBytes.load(ordering: .relaxed)
+            disk.duplicate = image.zeroBytes.load(ordering: .relaxed)
+            if let urgent {
+                disk.postcopyRequests = urgent.requestsSent
+                disk.postcopyBytes = urgent.bytesReceived
+                urgent.stop()
+            }
             report.disk = disk
         }
         report.reconnects = reconnects
@@ -196,16 +244,15 @@ public final class DiskDestinationMigration: @unchecked Sendable {
     }
 
     /// Decides whether to take a hello: a new session when none is held, or the held one resumed.
-    private func admit(_ hello: Hello, progress: Progress) throws(LinkError) -> (features: Features, resumePoints: [ResumePoint]) {
-        let features: Features = [.disk, .zeroRuns, .resume]
+    private func admit(_ hello: Hello, progress: Progress) throws(LinkError) -> SessionHandshake.Admission {
+        let features: Features = [.disk, .zeroRuns, .resume, .diskPostcopy, .urgentLane]
         switch (hello.mode, progress.sessionID) {
         case (.new, nil):
-            return (features, [])
+            return .init(features: features)
         case (.resume, let held?) where held == hello.sessionID:
-            var points = [ResumePoint(stream: .disk, streamID: 1, sequence: UInt64(progress.completedRound + 1),
+            let points = [ResumePoint(stream: .disk, streamID: 1, sequence: UInt64(progress.completedRound + 1),
                                       offset: progress.bulkHighWater)]
-            if progress.serving { points.append(ResumePoint(stream: .control, streamID: 0, sequence: 0, offset: 1)) }
-            return (features, points)
+            return .init(features: features, resumePoints: points, handedOver: progress.serving)
         case (.resume, _):
             throw .peer(.unknownSession, reason: "this destination holds no session \(hello.sessionID)")
         case (.new, _?):
@@ -213,17 +260,33 @@ public final class DiskDestinationMigration: @unchecked Sendable {
         }
     }
 
-    /// Serves the image over NBD.
-    private func startServing(_ image: DiskImageWriter) throws(LinkError) {
+    /// Serves the image over NBD: as it is (pre-copy), or through a ``PostcopyDiskStore`` that holds
+    /// reads and writes of blocks that have not arrived (post-copy), which it returns.
+    @discardableResult
+    private func startServing(_ image: DiskImage, postcopy: PostcopyDiskStore.Type?) throws(LinkError) -> PostcopyDiskStore? {
         do {
-            let store = try FileBlockStore(path: image.path)
+            let file = try FileBlockStore(path: image.path)
+            let postcopyStore = postcopy.map { _ in PostcopyDiskStore(base: file, presence: image.presence, blockSize: Int(image.layout.blockSize)) }
+            let store: any BlockStore = postcopyStore ?? file
             let server = try NBDServer(store: store, options: NBDServer.Options(exportName: "", dirtyBlockSize: UInt64(image.layout.blockSize)))
             servingAddress = try server.listen(options.nbdEndpoint)
             server.start()
             self.server = server
-            logger.info("serving the migrated disk", metadata: ["nbd": "\(options.nbdEndpoint)"])
+            logger.info("serving the migrated disk", metadata: ["nbd": "\(options.nbdEndpoint)", "postcopy": "\(postcopy != nil)"])
+            return postcopyStore
         } catch {
             throw .peer(.vmStartFailed, reason: "cannot serve the image over NBD: \(error)")
+        }
+    }
+
+    /// Accepts the source's urgent-lane connection of session `sessionID` (docs/wire.md, "Urgent lane").
+    private func acceptUrgentLane(_ listener: Int32, sessionID: SessionID) -> PeerLink? {
+        guard let fd = acceptConnection(listener, timeout: 10) else { return nil }
+        return try? PeerLink.accept(fd: fd, key: options.key, receiveTimeout: options.receiveTimeout) { (hello: Hello) throws(LinkError) in
+            guard hello.sessionID == sessionID, hello.features == [.urgentLane] else {
+                throw .peer(.protocolViolation, reason: "expected the urgent lane of session \(sessionID)")
+            }
+            return .init(features: [.urgentLane])
         }
     }
 

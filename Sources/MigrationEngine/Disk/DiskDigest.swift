@@ -5,7 +5,7 @@ import Wire
 extension BlockHashes {
     /// Hashes every block of the image open at `fd` (read through io_uring, 4 MiB at a time).
     public static func hashing(fd: Int32, diskSize: UInt64, blockSize: Int) throws(Errno) -> BlockHashes {
-        var hashes = BlockHashes(diskSize: diskSize, blockSize: blockSize)
+        let hashes = BlockHashes(diskSize: diskSize, blockSize: blockSize)
         var ring = try Ring(entries: 4)
         let chunkBlocks = max(1, (4 << 20) / blockSize)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkBlocks * blockSize, alignment: 4096)

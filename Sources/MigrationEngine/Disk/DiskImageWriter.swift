@@ -1,26 +1,28 @@
 import CFerryShims
 import Glibc
+import Synchronization
 import SystemPackage
 import URing
 import Wire
 
-/// The destination's image of a migrating disk: applies `diskExtents` (data written through
-/// io_uring straight from the receive buffer, zero runs punched as holes) and keeps the per-block
-/// hashes current as it goes, so the final digest costs nothing at switchover.
-final class DiskImageWriter {
+/// The destination's image of a migrating disk, shared by the threads that apply data to it: the
+/// file, the per-block hashes (kept current as blocks are written, so the final digest costs
+/// nothing at switchover) and which blocks have arrived. Each applying thread uses its own
+/// ``DiskApplier``.
+final class DiskImage: @unchecked Sendable {
     let path: String
     let layout: DiskLayout
     let fd: Int32
-    private var ring: Ring
-    private(set) var hashes: BlockHashes
-    private let scratch: UnsafeMutableRawBufferPointer
-    /// Data bytes written, zero bytes punched.
-    private(set) var dataBytes: UInt64 = 0
-    private(set) var zeroBytes: UInt64 = 0
+    let hashes: BlockHashes
+    /// Blocks that have arrived (and, in post-copy, who may write them).
+    let presence: BlockPresence
+    /// In post-copy each block is written once, by the applier that claims it first.
+    let claimsEnabled = Atomic<Bool>(false)
+    let dataBytes = Atomic<UInt64>(0)
+    let zeroBytes = Atomic<UInt64>(0)
 
     /// Creates (or empties) the image at `path` and sizes it for `layout`.
     init(path: String, layout: DiskLayout) throws(Errno) {
-        let ring = try Ring(entries: 8)
         let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         if fd < 0 { throw Errno(rawValue: errno) }
         if ftruncate(fd, off_t(layout.sizeBytes)) != 0 {
@@ -31,63 +33,118 @@ final class DiskImageWriter {
         self.path = path
         self.layout = layout
         self.fd = fd
-        self.ring = ring
         self.hashes = BlockHashes(diskSize: layout.sizeBytes, blockSize: Int(layout.blockSize))
-        self.scratch = .allocate(byteCount: Int(layout.blockSize), alignment: 4096)
+        self.presence = BlockPresence(blockCount: hashes.blockCount)
     }
 
-    deinit {
-        scratch.deallocate()
-        close(fd)
+    deinit { close(fd) }
+
+    var blockSize: UInt64 { UInt64(layout.blockSize) }
+}
+
+/// One thread's means of applying `diskExtents` to a ``DiskImage``: its own io_uring ring and
+/// scratch block. Data is written straight from the receive buffer; zero runs are punched as holes.
+struct DiskApplier: ~Copyable {
+    let image: DiskImage
+    private var ring: Ring
+    private let scratch: UnsafeMutableRawBufferPointer
+
+    init(image: DiskImage) throws(Errno) {
+        self.ring = try Ring(entries: 8)
+        self.image = image
+        self.scratch = .allocate(byteCount: Int(image.layout.blockSize), alignment: 4096)
     }
+
+    deinit { scratch.deallocate() }
 
     /// Applies one frame's extents. Throws `EINVAL` for an extent beyond the disk.
-    func apply(_ message: DiskExtents) throws(Errno) {
+    mutating func apply(_ message: DiskExtents) throws(Errno) {
         var payloadOffset = 0
         let payload = message.payload.bytes
+        let claims = image.claimsEnabled.load(ordering: .acquiring)
         for extent in message.extents {
             let end = extent.offset + UInt64(extent.length)
-            guard end <= layout.sizeBytes else { throw Errno.invalidArgument }
-            switch extent.kind {
-            case .data:
-                let bytes = UnsafeRawBufferPointer(rebasing: payload[payloadOffset..<(payloadOffset + Int(extent.length))])
-                try ring.writeFully(fd, bytes, offset: extent.offset)
+            guard end <= image.layout.sizeBytes else { throw Errno.invalidArgument }
+            let bytes: UnsafeRawBufferPointer? = extent.kind == .data
+                ? UnsafeRawBufferPointer(rebasing: payload[payloadOffset..<(payloadOffset + Int(extent.length))]) : nil
+            if claims {
+                try applyClaimed(offset: extent.offset, length: UInt64(extent.length), bytes: bytes)
+            } else if let bytes {
+                try ring.writeFully(image.fd, bytes, offset: extent.offset)
                 try rehash(offset: extent.offset, bytes: bytes)
+            } else {
+                try zero(offset: extent.offset, length: UInt64(extent.length))
+            }
+            if extent.kind == .data {
                 payloadOffset += Int(extent.length)
-                dataBytes += UInt64(extent.length)
-            case .zero:
-                try punch(offset: extent.offset, length: UInt64(extent.length))
-                zeroBytes += UInt64(extent.length)
+                image.dataBytes.add(UInt64(extent.length), ordering: .relaxed)
+            } else {
+                image.zeroBytes.add(UInt64(extent.length), ordering: .relaxed)
             }
         }
     }
 
     /// Flushes the image to stable storage (`fdatasync`).
-    func flush() throws(Errno) {
-        do { try ring.prepareFsync(fd, dataOnly: true, tag: Ring.sequentialTag) } catch { throw error.errno }
+    mutating func flush() throws(Errno) {
+        do { try ring.prepareFsync(image.fd, dataOnly: true, tag: Ring.sequentialTag) } catch { throw error.errno }
         _ = try ring.waitCompletion().get()
     }
 
+    /// Post-copy: writes only the whole blocks this applier wins the claim of, runs of them at a
+    /// time, and marks them present after the write.
+    private mutating func applyClaimed(offset: UInt64, length: UInt64, bytes: UnsafeRawBufferPointer?) throws(Errno) {
+        let blockSize = image.blockSize
+        var block = Int(offset / blockSize)
+        let end = offset + length
+        var runStart = -1
+        func flushRun(upTo stop: Int, applier: inout DiskApplier) throws(Errno) {
+            guard runStart >= 0 else { return }
+            let from = UInt64(runStart) * blockSize
+            let to = min(UInt64(stop) * blockSize, end)
+            if let bytes {
+                let slice = UnsafeRawBufferPointer(rebasing: bytes[Int(from - offset)..<Int(to - offset)])
+                try applier.ring.writeFully(applier.image.fd, slice, offset: from)
+                try applier.rehash(offset: from, bytes: slice)
+            } else {
+                try applier.zero(offset: from, length: to - from)
+            }
+            for claimed in runStart..<stop { applier.image.presence.markPresent(claimed) }
+            runStart = -1
+        }
+        while UInt64(block) * blockSize < end {
+            let blockStart = UInt64(block) * blockSize
+            let whole = blockStart >= offset && blockStart + UInt64(image.hashes.length(ofBlock: block)) <= end
+            if whole && image.presence.tryClaim(block) {
+                if runStart < 0 { runStart = block }
+            } else {
+                try flushRun(upTo: block, applier: &self)
+            }
+            block += 1
+        }
+        try flushRun(upTo: block, applier: &self)
+    }
+
     /// Zeroes a range: a hole where the filesystem can punch one, written zeros elsewhere.
-    private func punch(offset: UInt64, length: UInt64) throws(Errno) {
+    private mutating func zero(offset: UInt64, length: UInt64) throws(Errno) {
         let mode = ferry_nbd_falloc_punch_hole | ferry_nbd_falloc_keep_size
-        do { try ring.prepareFallocate(fd, mode: mode, offset: offset, length: length, tag: Ring.sequentialTag) } catch { throw error.errno }
+        do { try ring.prepareFallocate(image.fd, mode: mode, offset: offset, length: length, tag: Ring.sequentialTag) } catch { throw error.errno }
         if try ring.waitCompletion().errno != nil {
             scratch.initializeMemory(as: UInt8.self, repeating: 0)
             var done: UInt64 = 0
             while done < length {
                 let count = Int(min(UInt64(scratch.count), length - done))
-                try ring.writeFully(fd, UnsafeRawBufferPointer(rebasing: scratch[..<count]), offset: offset + done)
+                try ring.writeFully(image.fd, UnsafeRawBufferPointer(rebasing: scratch[..<count]), offset: offset + done)
                 done += UInt64(count)
             }
         }
-        let blockSize = UInt64(layout.blockSize)
+        let blockSize = image.blockSize
         var block = offset / blockSize
         while block * blockSize < offset + length {
             let blockStart = block * blockSize
-            let blockEnd = blockStart + UInt64(hashes.length(ofBlock: Int(block)))
+            let blockEnd = blockStart + UInt64(image.hashes.length(ofBlock: Int(block)))
             if blockStart >= offset && blockEnd <= offset + length {
-                hashes.updateZero(block: Int(block))
+                image.hashes.updateZero(block: Int(block))
+                image.presence.markPresent(Int(block))
             } else {
                 try rehashFromImage(block: Int(block))
             }
@@ -97,16 +154,17 @@ final class DiskImageWriter {
 
     /// Updates the hashes of the blocks `bytes` (written at `offset`) touch: whole blocks from the
     /// bytes themselves, partly covered ones by reading the block back.
-    private func rehash(offset: UInt64, bytes: UnsafeRawBufferPointer) throws(Errno) {
-        let blockSize = UInt64(layout.blockSize)
+    private mutating func rehash(offset: UInt64, bytes: UnsafeRawBufferPointer) throws(Errno) {
+        let blockSize = image.blockSize
         var block = offset / blockSize
         let end = offset + UInt64(bytes.count)
         while block * blockSize < end {
             let blockStart = block * blockSize
-            let blockLength = UInt64(hashes.length(ofBlock: Int(block)))
+            let blockLength = UInt64(image.hashes.length(ofBlock: Int(block)))
             if blockStart >= offset && blockStart + blockLength <= end {
                 let from = Int(blockStart - offset)
-                hashes.update(block: Int(block), contents: UnsafeRawBufferPointer(rebasing: bytes[from..<(from + Int(blockLength))]))
+                image.hashes.update(block: Int(block), contents: UnsafeRawBufferPointer(rebasing: bytes[from..<(from + Int(blockLength))]))
+                image.presence.markPresent(Int(block))
             } else {
                 try rehashFromImage(block: Int(block))
             }
@@ -114,12 +172,11 @@ final class DiskImageWriter {
         }
     }
 
-    private func rehashFromImage(block: Int) throws(Errno) {
-        let length = hashes.length(ofBlock: block)
+    private mutating func rehashFromImage(block: Int) throws(Errno) {
+        let length = image.hashes.length(ofBlock: block)
         let target = UnsafeMutableRawBufferPointer(rebasing: scratch[..<length])
-        let got = try ring.readFully(fd, into: target, offset: UInt64(block) * UInt64(layout.blockSize))
+        let got = try ring.readFully(image.fd, into: target, offset: UInt64(block) * image.blockSize)
         if got < length { UnsafeMutableRawBufferPointer(rebasing: target[got...]).initializeMemory(as: UInt8.self, repeating: 0) }
-        hashes.update(block: block, contents: UnsafeRawBufferPointer(target))
+        image.hashes.update(block: block, contents: UnsafeRawBufferPointer(target))
     }
 }
-

@@ -77,6 +77,8 @@ public final class DiskSourceMigration: @unchecked Sendable {
         var unacknowledged: [(round: Int, runs: [Range<Int>])] = []
         var bulkStart = ContinuousClock.now
         var failure: String? = nil
+        var urgentLane: UrgentLaneServer? = nil
+        var postcopyCounters = DiskTransferCounters()
 
         func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18 }
 
@@ -90,6 +92,7 @@ public final class DiskSourceMigration: @unchecked Sendable {
                     let resumed = linkDownSince != nil
                     let newLink = try connectWithBackoff(resume: resumed, since: linkDownSince ?? ContinuousClock.now)
                     link = newLink
+                    if newLink.agreement.handedOver { peerServing = true }
                     if resumed {
                         tally.reconnects += 1
                         let bulkHighWater = applyResumePoints(newLink.agreement.peerResumePoints)
@@ -102,12 +105,21 @@ public final class DiskSourceMigration: @unchecked Sendable {
                         report.setupTimeMs = seconds(ContinuousClock.now - start) * 1000
                         try newLink.sender.send(.diskLayout(DiskLayout(diskID: options.diskID, sizeBytes: store.size,
                                                                         blockSize: UInt32(blockSize), name: store.path)))
-                        phase.move(to: .bulk)
                         bulkStart = ContinuousClock.now
-                        logger.info("bulk copy started", metadata: ["bytes": "\(store.size)", "block_size": "\(blockSize)"])
+                        if options.postcopy {
+                            report.reason = "disk post-copy: hand over at once"
+                            phase.move(to: .switchover)
+                        } else {
+                            phase.move(to: .bulk)
+                            logger.info("bulk copy started", metadata: ["bytes": "\(store.size)", "block_size": "\(blockSize)"])
+                        }
                     }
                     linkDownSince = nil
                     startReader(on: newLink)
+                    if phase.current == .postcopy {
+                        urgentLane?.stop()
+                        urgentLane = try openUrgentLane(blockSize: blockSize)
+                    }
                 } catch {
                     failure = "could not reach the destination: \(error)"
                     break migration
@@ -186,6 +198,26 @@ public final class DiskSourceMigration: @unchecked Sendable {
                     }
 
                 case .switchover:
+                    if options.postcopy {
+                        if quiescedAt == nil {
+                            quiescedAt = ContinuousClock.now
+                            guard server.quiesce(timeoutNanoseconds: 10_000_000_000) else {
+                                failure = "in-flight writes did not drain within 10 s at switchover"
+                                break migration
+                            }
+                        }
+                        if !active.publish({ peerServing }) {
+                            try active.sender.send(.switchover(Switchover(finalRound: 0, mode: [.diskPostcopy], diskBytesToCome: store.size,
+                                                                          memoryPagesToCome: 0, vmStateLength: 0)))
+                            urgentLane?.stop()
+                            urgentLane = try openUrgentLane(blockSize: blockSize)
+                            try active.wait(timeout: options.receiveTimeout, during: "switchover") { peerServing }
+                        }
+                        downtime = ContinuousClock.now - quiescedAt!
+                        logger.info("destination serves the disk; pushing the rest", metadata: ["downtime_ms": "\(seconds(downtime) * 1000)"])
+                        phase.move(to: .postcopy)
+                        continue migration
+                    }
                     if quiescedAt == nil {
                         // Let what is queued in socket buffers and on the link arrive first, so it
                         // does not count against the downtime (the VM still runs meanwhile).
@@ -228,18 +260,21 @@ public final class DiskSourceMigration: @unchecked Sendable {
                     logger.info("destination serves the disk", metadata: ["downtime_ms": "\(seconds(downtime) * 1000)"])
                     // Authority has moved: from here on the VM must not run here again.
                     phase.move(to: .complete)
-                    let digest: Wire.Digest
-                    do {
-                        digest = try BlockHashes.hashing(fd: store.fileDescriptor, diskSize: store.size, blockSize: blockSize).digest()
-                    } catch {
-                        failure = "could not read the disk for its digest: \(error)"
-                        break migration
-                    }
-                    try active.sender.send(.complete(Wire.Completion(digests: [StreamDigest(stream: .disk, streamID: options.diskID, digest: digest)])))
-                    try active.wait(timeout: options.receiveTimeout, during: "digest exchange") { peerCompletion != nil }
-                    let theirs = active.publish { peerCompletion }!
-                    report.digestsAgree = theirs.digests.first { $0.stream == .disk && $0.streamID == options.diskID }?.digest == digest
-                    if !report.digestsAgree { failure = "disk digests differ: source \(digest), destination \(theirs.digests)" }
+                    if let problem = try exchangeDigests(on: active, blockSize: blockSize, report: &report) { failure = problem }
+
+                case .postcopy:
+                    // The destination runs the VM; push every block it has not fetched, from where it got to.
+                    var pushCounters = postcopyCounters
+                    defer { postcopyCounters = pushCounters }
+                    try chunks.send(blocks: bulkNextBlock..<Int.max, round: 0, holesFrom: store, via: &active.sender,
+                                    counters: &pushCounters) { (next: Int) throws(LinkError) in bulkNextBlock = next }
+                    postcopyCounters = pushCounters
+                    try active.sender.send(.roundEnd(RoundEnd(stream: .disk, streamID: options.diskID, round: 0,
+                                                              itemsSent: pushCounters.blocks, bytesSent: pushCounters.dataBytes, dirtyRemaining: 0)))
+                    tally.blocksPerRound.append(pushCounters.blocks)
+                    try active.wait(timeout: options.receiveTimeout, during: "post-copy push") { completedRoundAtPeer >= 0 }
+                    phase.move(to: .complete)
+                    if let problem = try exchangeDigests(on: active, blockSize: blockSize, report: &report) { failure = problem }
 
                 default:
                     break migration
@@ -295,6 +330,10 @@ public final class DiskSourceMigration: @unchecked Sendable {
         disk.bulkBytes = tally.bulk.dataBytes
         disk.deltaBytes = tally.rounds.dataBytes
         disk.downtimeBytes = tally.final.dataBytes
+        disk.postcopyBytes = postcopyCounters.dataBytes + (urgentLane?.bytesSent ?? 0)
+        disk.transferred += disk.postcopyBytes
+        disk.duplicate += postcopyCounters.zeroBytes
+        urgentLane?.stop()
         disk.rounds = max(0, tally.blocksPerRound.count - 2)
         disk.blocksPerRound = tally.blocksPerRound
         disk.dirtyRate = tally.dirtyRate
@@ -303,6 +342,29 @@ public final class DiskSourceMigration: @unchecked Sendable {
         disk.throttleDelayMs = Double(server.throttle.totalDelayNanoseconds) / 1e6
         report.disk = disk
         return report
+    }
+
+    /// Hashes the (frozen) disk, sends the digest, and compares it with the destination's.
+    /// Returns a failure reason, or nil when they agree.
+    private func exchangeDigests(on link: PeerLink, blockSize: Int, report: inout MigrationReport) throws(LinkError) -> String? {
+        let digest: Wire.Digest
+        do {
+            digest = try BlockHashes.hashing(fd: store.fileDescriptor, diskSize: store.size, blockSize: blockSize).digest()
+        } catch {
+            return "could not read the disk for its digest: \(error)"
+        }
+        try link.sender.send(.complete(Wire.Completion(digests: [StreamDigest(stream: .disk, streamID: options.diskID, digest: digest)])))
+        try link.wait(timeout: options.receiveTimeout, during: "digest exchange") { peerCompletion != nil }
+        let theirs = link.publish { peerCompletion }!
+        report.digestsAgree = theirs.digests.first { $0.stream == .disk && $0.streamID == options.diskID }?.digest == digest
+        return report.digestsAgree ? nil : "disk digests differ: source \(digest), destination \(theirs.digests)"
+    }
+
+    /// Opens the urgent lane (a second connection of the session) and starts answering fetches.
+    private func openUrgentLane(blockSize: Int) throws(LinkError) -> UrgentLaneServer {
+        let lane = try PeerLink.connect(to: options.destination, key: options.key, sessionID: sessionID, features: [.urgentLane],
+                                        mode: .new, resumePoints: [], receiveTimeout: 3600)
+        return try UrgentLaneServer(link: lane, store: store, diskID: options.diskID, blockSize: blockSize, logger: logger)
     }
 
     /// Connects (or reconnects) with exponential backoff, until ``DiskSourceOptions/linkTimeout``
@@ -314,10 +376,12 @@ public final class DiskSourceMigration: @unchecked Sendable {
         repeat {
             do {
                 return try PeerLink.connect(to: options.destination, key: options.key, sessionID: sessionID,
-                                            features: [.disk, .zeroRuns, .resume], mode: resume ? .resume : .new,
+                                            features: options.postcopy ? [.disk, .zeroRuns, .resume, .diskPostcopy, .urgentLane] : [.disk, .zeroRuns, .resume],
+                                            mode: resume ? .resume : .new,
                                             resumePoints: [], receiveTimeout: options.receiveTimeout)
             } catch {
                 if !error.isRetryable { throw error }
+                logger.debug("connect attempt failed", metadata: ["error": "\(error)", "retry_in_s": "\(delay)"])
                 lastError = error
             }
             usleep(UInt32(delay * 1e6))
@@ -334,8 +398,6 @@ public final class DiskSourceMigration: @unchecked Sendable {
             case .disk where point.streamID == options.diskID:
                 completedRoundAtPeer = Int(point.sequence) - 1
                 bulkHighWater = point.offset
-            case .control:
-                if point.offset == 1 { peerServing = true }
             default:
                 break
             }
@@ -354,7 +416,7 @@ public final class DiskSourceMigration: @unchecked Sendable {
         let completed = completedRoundAtPeer
         unacknowledged.removeAll { $0.round <= completed }
         if completed < 0 {
-            if phase.current == .bulk {
+            if phase.current == .bulk || phase.current == .postcopy {
                 bulkNextBlock = min(bulkNextBlock, Int(bulkHighWater / UInt64(blockSize)))
             } else if bulkHighWater < store.size {
                 bitmap.markDirty(offset: bulkHighWater, length: store.size - bulkHighWater)
@@ -380,14 +442,15 @@ public final class DiskSourceMigration: @unchecked Sendable {
             case .ack(let ack):
                 link.publish {
                     if ack.stream == .disk { completedRoundAtPeer = Int(ack.sequence) - 1 }
-                    if ack.stream == .control && ack.offset == 1 { peerServing = true }
                 }
+            case .resumed:
+                link.publish { peerServing = true }
             case .complete(let completion):
                 link.publish { peerCompletion = completion }
             case .keepalive:
                 break
             default:
-                throw .unexpected(frame.header.type, expecting: "ack, complete or keepalive")
+                throw .unexpected(frame.header.type, expecting: "ack, resumed, complete or keepalive")
             }
         }
     }

@@ -16,6 +16,9 @@ public struct DiskSourceOptions: Sendable {
     public var linkTimeout: Double = 60
     /// A receive that sees nothing for this long (seconds) counts as a dropped link.
     public var receiveTimeout: Double = 30
+    /// Disk post-copy: hand the disk over at once and push it afterwards; the destination fetches
+    /// what its VM needs first over the urgent lane.
+    public var postcopy = false
     /// The disk id in the protocol.
     public var diskID: UInt32 = 1
 

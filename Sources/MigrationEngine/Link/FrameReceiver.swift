@@ -13,7 +13,10 @@ public struct FrameReceiver: ~Copyable {
     private let buffer: UnsafeMutableRawBufferPointer
     private var start = 0, end = 0, pendingConsume = 0
     private let timeout: UnsafeMutablePointer<KernelTimespec>
-    private let timeoutSeconds: Double
+    /// How long a receive may see no bytes before it fails with ``LinkError/timedOut(during:seconds:)``.
+    public var timeoutSeconds: Double {
+        didSet { timeout.pointee = KernelTimespec(nanoseconds: UInt64(timeoutSeconds * 1e9)) }
+    }
     /// Bytes received so far.
     public private(set) var bytesReceived: UInt64 = 0
 

@@ -13,6 +13,8 @@ public enum LinkError: Error, Sendable, CustomStringConvertible {
     case unexpected(MessageType, expecting: String)
     /// The peer reported an error and will close.
     case peer(ErrorCode, reason: String)
+    /// This side refused the peer's handshake (an error frame with the code was sent).
+    case refused(ErrorCode, reason: String)
     /// The peer's proof of the shared key did not verify.
     case authenticationFailed(String)
     /// Nothing arrived within the allowed time.
@@ -23,7 +25,7 @@ public enum LinkError: Error, Sendable, CustomStringConvertible {
         switch self {
         case .socket, .closed, .timedOut: return true
         case .peer(let code, _): return code.isRetryable
-        case .malformed, .unexpected, .authenticationFailed: return false
+        case .malformed, .unexpected, .authenticationFailed, .refused: return false
         }
     }
 
@@ -34,6 +36,7 @@ public enum LinkError: Error, Sendable, CustomStringConvertible {
         case .malformed(let error): return "malformed frame from the peer: \(error)"
         case .unexpected(let type, let expecting): return "unexpected \(type) frame from the peer (expecting \(expecting))"
         case .peer(let code, let reason): return "peer reported \(code): \(reason)"
+        case .refused(let code, let reason): return "refused the peer's handshake (\(code)): \(reason)"
         case .authenticationFailed(let reason): return "authentication failed: \(reason)"
         case .timedOut(let during, let seconds): return "no frame from the peer for \(seconds) s during \(during)"
         }

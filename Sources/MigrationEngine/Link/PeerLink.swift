@@ -34,6 +34,9 @@ public final class PeerLink: @unchecked Sendable {
 
     deinit { Glibc.close(descriptor) }
 
+    /// The longest a handshake may wait for the peer's next frame (seconds).
+    public static let handshakeTimeout = 10.0
+
     /// Connects to `address` and runs the initiator's handshake.
     public static func connect(to address: SocketAddress, key: SharedKey, sessionID: SessionID, features: Features,
                                mode: HelloMode, resumePoints: [ResumePoint], receiveTimeout: Double) throws(LinkError) -> PeerLink {
@@ -47,9 +50,10 @@ public final class PeerLink: @unchecked Sendable {
         }
         do {
             var sender = try FrameSender(fd: fd)
-            var receiver = try FrameReceiver(fd: fd, timeoutSeconds: receiveTimeout)
+            var receiver = try FrameReceiver(fd: fd, timeoutSeconds: min(receiveTimeout, handshakeTimeout))
             let agreement = try SessionHandshake.initiate(sender: &sender, receiver: &receiver, key: key, sessionID: sessionID,
                                                           features: features, mode: mode, resumePoints: resumePoints)
+            receiver.timeoutSeconds = receiveTimeout
             return PeerLink(descriptor: fd, agreement: agreement, sender: sender, receiver: receiver)
         } catch let error as LinkError {
             Glibc.close(fd)
@@ -62,12 +66,13 @@ public final class PeerLink: @unchecked Sendable {
 
     /// Runs the acceptor's handshake on an accepted connection `fd` (the link owns it from now on).
     public static func accept(fd: Int32, key: SharedKey, receiveTimeout: Double,
-                              decide: (Hello) throws(LinkError) -> (features: Features, resumePoints: [ResumePoint]))
+                              decide: (Hello) throws(LinkError) -> SessionHandshake.Admission)
         throws(LinkError) -> PeerLink {
         do {
             var sender = try FrameSender(fd: fd)
-            var receiver = try FrameReceiver(fd: fd, timeoutSeconds: receiveTimeout)
+            var receiver = try FrameReceiver(fd: fd, timeoutSeconds: min(receiveTimeout, handshakeTimeout))
             let agreement = try SessionHandshake.accept(sender: &sender, receiver: &receiver, key: key, decide: decide)
+            receiver.timeoutSeconds = receiveTimeout
             return PeerLink(descriptor: fd, agreement: agreement, sender: sender, receiver: receiver)
         } catch let error as LinkError {
             Glibc.close(fd)

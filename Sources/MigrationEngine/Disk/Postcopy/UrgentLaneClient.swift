@@ -1,0 +1,74 @@
+import Foundation
+import Logging
+import Synchronization
+import SystemPackage
+import Wire
+
+/// The destination's end of the urgent lane during disk post-copy: a thread sends a `diskFetch`
+/// for every block run the NBD server is waiting for, and the lane's reader applies each
+/// `diskReply` as it arrives — on their own connection, so they never queue behind bulk data.
+final class UrgentLaneClient: @unchecked Sendable {
+    private let link: PeerLink
+    private let store: PostcopyDiskStore
+    private let image: DiskImage
+    private let logger: Logger
+    private let stopped = Atomic<Bool>(false)
+    private let sent = Atomic<UInt64>(0)
+    private let received = Atomic<UInt64>(0)
+
+    private final class ApplierBox: @unchecked Sendable {
+        var applier: DiskApplier
+        init(_ applier: consuming DiskApplier) { self.applier = applier }
+    }
+
+    init(link: PeerLink, image: DiskImage, store: PostcopyDiskStore, logger: Logger) throws(LinkError) {
+        self.link = link
+        self.store = store
+        self.image = image
+        self.logger = logger
+        let box: ApplierBox
+        do { box = ApplierBox(try DiskApplier(image: image)) } catch { throw .socket(error, during: "urgent lane set-up") }
+        link.startReader(name: "ferry-urgent-reader") { [self] (frame: DecodedFrame) throws(LinkError) in
+            guard case .diskReply(_, let extents) = frame.message else {
+                if case .keepalive = frame.message { return }
+                throw .unexpected(frame.header.type, expecting: "diskReply on the urgent lane")
+            }
+            do throws(Errno) { try box.applier.apply(extents) } catch { throw .socket(error, during: "applying a fetched block") }
+            received.add(UInt64(extents.payload.count), ordering: .relaxed)
+        }
+        Thread { [self] in fetchLoop() }.start()
+    }
+
+    /// Fetch requests sent (QEMU's `postcopy-requests`).
+    var requestsSent: UInt64 { sent.load(ordering: .relaxed) }
+    /// Data bytes that arrived on the urgent lane.
+    var bytesReceived: UInt64 { received.load(ordering: .relaxed) }
+
+    /// Ends the fetch thread and closes the lane.
+    func stop() {
+        stopped.store(true, ordering: .releasing)
+        link.close()
+    }
+
+    private func fetchLoop() {
+        var requestID: UInt64 = 0
+        let blockSize = image.blockSize
+        while !stopped.load(ordering: .acquiring) {
+            for run in store.nextRequests(timeout: 0.2) {
+                requestID += 1
+                let offset = UInt64(run.lowerBound) * blockSize
+                let length = min(UInt64(run.count) * blockSize, image.layout.sizeBytes - offset)
+                do {
+                    try link.sender.send(.diskFetch(DiskFetch(requestID: requestID, diskID: image.layout.diskID,
+                                                              offset: offset, length: UInt32(length))))
+                    sent.add(1, ordering: .relaxed)
+                } catch {
+                    if !stopped.load(ordering: .acquiring) {
+                        logger.error("urgent lane lost; missing blocks now wait for the bulk push", metadata: ["error": "\(error)"])
+                    }
+                    return
+                }
+            }
+        }
+    }
+}

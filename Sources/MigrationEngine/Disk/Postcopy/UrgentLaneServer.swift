@@ -1,0 +1,46 @@
+import Foundation
+import Logging
+import NBDBridge
+import Wire
+
+/// The source's end of the urgent lane during disk post-copy: answers each `diskFetch` with a
+/// `diskReply` read from the (paused, so frozen) image, on a connection of its own so the answer
+/// overtakes the bulk push.
+final class UrgentLaneServer: @unchecked Sendable {
+    private let link: PeerLink
+    private let logger: Logger
+
+    private final class ChunkBox: @unchecked Sendable {
+        var chunks: DiskChunkSender
+        var counters = DiskTransferCounters()
+        init(_ chunks: consuming DiskChunkSender) { self.chunks = chunks }
+    }
+    private let box: ChunkBox
+
+    init(link: PeerLink, store: FileBlockStore, diskID: UInt32, blockSize: Int, logger: Logger) throws(LinkError) {
+        self.link = link
+        self.logger = logger
+        do {
+            box = ChunkBox(try DiskChunkSender(diskID: diskID, fd: store.fileDescriptor, diskSize: store.size,
+                                               blockSize: blockSize, chunkBytes: 1 << 20))
+        } catch {
+            throw .socket(error, during: "urgent lane set-up")
+        }
+        link.startReader(name: "ferry-urgent-responder") { [box, link] (frame: DecodedFrame) throws(LinkError) in
+            guard case .diskFetch(let fetch) = frame.message else {
+                if case .keepalive = frame.message { return }
+                throw .unexpected(frame.header.type, expecting: "diskFetch on the urgent lane")
+            }
+            let first = Int(fetch.offset / UInt64(blockSize))
+            let end = Int((fetch.offset + UInt64(fetch.length) + UInt64(blockSize) - 1) / UInt64(blockSize))
+            try box.chunks.send(blocks: first..<end, round: 0, holesFrom: nil, via: &link.sender,
+                                counters: &box.counters, replyTo: fetch.requestID)
+        }
+    }
+
+    /// Data bytes sent in answers.
+    var bytesSent: UInt64 { box.counters.dataBytes }
+
+    /// Closes the lane.
+    func stop() { link.close() }
+}
