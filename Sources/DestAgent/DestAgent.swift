@@ -31,10 +31,17 @@ struct DestAgent: ParsableCommand {
     var keyFile: String
 
     @Option(name: .long, help: ArgumentHelp("Image to write the migrated disk to (created or emptied).", valueName: "OUT.img"))
-    var disk: String
+    var disk: String?
 
     @Option(name: .long, help: ArgumentHelp("Where to serve the migrated disk over NBD: unix:PATH or tcp:HOST:PORT.", valueName: "ENDPOINT"))
-    var nbd: String
+    var nbd: String?
+
+    @OptionGroup(title: "Memory migration (without --disk)")
+    var memory: MemoryOptions
+
+    func validate() throws {
+        if (disk == nil) != (nbd == nil) { throw ValidationError("--disk and --nbd go together") }
+    }
 
     @Option(name: .customLong("link-timeout"), help: "Give up if the source does not come back within this many seconds after a link drop.")
     var linkTimeout: Double = 60
@@ -54,6 +61,9 @@ struct DestAgent: ParsableCommand {
     func run() throws {
         SignalWaiter.blockAll()
         let logger = AgentLogging.make(label: "ferry.dest", level: logLevel)
+        guard let disk, let nbd else {
+            return try memory.receive(listen: listen, keyFile: keyFile, acceptTimeout: acceptTimeout, reportPath: report, logger: logger)
+        }
         let key = try SharedKey(contentsOf: keyFile)
         var options = DiskDestinationOptions(listen: try SocketAddress(parsing: listen), key: key, imagePath: disk,
                                              nbdEndpoint: try NBDEndpoint.parse(nbd))

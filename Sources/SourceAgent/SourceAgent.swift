@@ -75,9 +75,16 @@ struct SourceAgent: ParsableCommand {
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
 
+    @OptionGroup(title: "Memory migration")
+    var memory: MemoryOptions
+
     func validate() throws {
-        if disk == nil { throw ValidationError("give --disk IMG (the VM's disk image)") }
-        if nbd.isEmpty && dest == nil { throw ValidationError("give --nbd to serve the disk, --dest to migrate it, or both") }
+        if memory.vm != nil {
+            if disk != nil { throw ValidationError("--disk with --vm in one run is not supported yet: run one source-agent per part") }
+            if dest == nil || keyFile == nil { throw ValidationError("--vm needs --dest HOST:PORT and --key-file") }
+        }
+        if disk == nil && memory.vm == nil { throw ValidationError("give --disk IMG (the VM's disk image) or --vm PID (a process whose memory to migrate)") }
+        if memory.vm == nil && nbd.isEmpty && dest == nil { throw ValidationError("give --nbd to serve the disk, --dest to migrate it, or both") }
         if dest != nil && keyFile == nil { throw ValidationError("--dest needs --key-file (make one with: head -c 32 /dev/urandom > ferry.key)") }
         if blockSize < 4096 || blockSize & (blockSize - 1) != 0 { throw ValidationError("--block-size must be a power of two of at least 4096") }
         if maxDowntime <= 0 { throw ValidationError("--max-downtime must be positive") }
@@ -86,6 +93,10 @@ struct SourceAgent: ParsableCommand {
     func run() throws {
         SignalWaiter.blockAll()
         let logger = AgentLogging.make(label: "ferry.source", level: logLevel)
+        if memory.vm != nil {
+            return try memory.migrate(dest: dest!, keyFile: keyFile!, policy: ConvergencePolicy(maxDowntime: maxDowntime, maxRounds: maxRounds, maxSeconds: maxTime),
+                                      reportPath: report, logger: logger)
+        }
         let disk = self.disk!
         let store = try FileBlockStore(path: disk)
         let server = try NBDServer(store: store, options: NBDServer.Options(dirtyBlockSize: UInt64(blockSize)))

@@ -1,0 +1,226 @@
+import CFerryShims
+import Glibc
+import ProcessMemory
+import Wire
+
+/// The destination's copy of the migrating memory: one anonymous mapping holding every region back
+/// to back (in layout order), with lock-free page sets saying which pages have arrived, which are
+/// zero, and which were requested. The link reader threads write pages in; the fault-service thread
+/// copies them out into the resumed VM. Once the VM runs (``attachVM(uffd:)``), pages arriving in
+/// post-copy are also installed into it at once with UFFDIO_COPY (EEXIST: the VM already has it).
+public final class GuestMemoryImage: @unchecked Sendable {
+    public let layout: GuestMemoryLayout
+    public let pageSize: Int
+    /// Pages in all regions.
+    public let totalPages: Int
+    /// First global page of each region (layout order).
+    let firstPage: [Int]
+    /// The local copy: page g at `base + g * pageSize`.
+    let base: UnsafeMutableRawPointer
+    let byteCount: Int
+    /// Pages whose final content is here (data or zero).
+    public let received: PageSet
+    /// Pages known to be zero (never touched at the source, or zero content).
+    public let zero: PageSet
+    /// Pages with a request in flight.
+    public let requested: PageSet
+    /// Data pages and zero pages applied (all rounds; a page may count more than once).
+    public let dataPagesApplied = SharedCounter()
+    public let zeroPagesApplied = SharedCounter()
+    /// The VM's userfaultfd once it runs here (-1 before).
+    private let vmUffd = UnsafeMutablePointer<Int32>.allocate(capacity: 1)
+    /// Host address of each region in the resumed VM (from its handshake; layout's by default).
+    private var vmAddress: [UInt64]
+
+    /// Maps room for every region of `layout`. The corresponding system call is `mmap`.
+    public init(layout: GuestMemoryLayout) throws {
+        self.layout = layout
+        pageSize = Int(layout.pageSize)
+        var first: [Int] = []
+        var pages = 0
+        for region in layout.regions {
+            guard region.size % UInt64(layout.pageSize) == 0 else {
+                throw SetupError("region \(region.id) of \(region.size) bytes is not a multiple of the \(layout.pageSize)-byte page")
+            }
+            first.append(pages)
+            pages += Int(region.size / UInt64(layout.pageSize))
+        }
+        firstPage = first
+        totalPages = pages
+        byteCount = max(pages * pageSize, pageSize)
+        let address: UInt64
+        do { address = try AnonymousMemory.map(length: UInt64(byteCount)) } catch {
+            throw SetupError("cannot map \(byteCount) bytes for the received memory: \(error)")
+        }
+        madvise(UnsafeMutableRawPointer(bitPattern: UInt(address)), byteCount, 14) // MADV_HUGEPAGE: fewer faults here
+        base = UnsafeMutableRawPointer(bitPattern: UInt(address))!
+        received = PageSet(pageCount: pages)
+        zero = PageSet(pageCount: pages)
+        requested = PageSet(pageCount: pages)
+        vmUffd.initialize(to: -1)
+        vmAddress = layout.regions.map(\.hostAddress)
+    }
+
+    deinit {
+        munmap(base, byteCount)
+        vmUffd.deallocate()
+    }
+
+    /// Region index of a region id.
+    @inline(__always) func regionIndex(_ id: UInt32) -> Int? {
+        if Int(id) < layout.regions.count && layout.regions[Int(id)].id == id { return Int(id) }
+        return layout.regions.firstIndex { $0.id == id }
+    }
+
+    /// Number of pages received so far.
+    public var receivedCount: Int { received.count }
+
+    /// From now on, pages that arrive are also installed into the VM through `uffd`, at the VM's
+    /// region addresses `addresses` (layout order).
+    public func attachVM(uffd: Int32, addresses: [UInt64]) {
+        vmAddress = addresses
+        ferry_store_i32_release(vmUffd, uffd)
+    }
+
+    /// The VM's address of global page `g`.
+    @inline(__always) func vmAddress(ofGlobal g: Int, region: Int) -> UInt64 {
+        vmAddress[region] + UInt64((g - firstPage[region]) * pageSize)
+    }
+
+    /// The local copy of global page `g`.
+    @inline(__always) func pointer(_ g: Int) -> UnsafeMutableRawPointer { base + g * pageSize }
+
+    /// Applies a batch: data pages copied in, zero runs recorded (and zeroed here if they held data).
+    /// With `install`, pages go into the running VM too (data by UFFDIO_COPY; zero pages by
+    /// UFFDIO_ZEROPAGE only when `installZeros`, i.e. for a reply some fault waits for).
+    /// Returns the pages that were new (not received before).
+    @discardableResult
+    public func apply(_ batch: PageBatch, installZeros: Bool = false) throws -> Int {
+        guard let index = regionIndex(batch.regionID) else {
+            throw LinkError.peer(.protocolViolation, reason: "pageBatch for unknown region \(batch.regionID)")
+        }
+        guard Int(batch.pageShift) == pageSize.trailingZeroBitCount else {
+            throw LinkError.peer(.protocolViolation, reason: "pageBatch with page shift \(batch.pageShift), layout page \(pageSize)")
+        }
+        let regionPages = Int(layout.regions[index].size / UInt64(pageSize))
+        guard batch.firstPage + batch.pageCount <= UInt64(regionPages) else {
+            throw LinkError.peer(.protocolViolation, reason: "pageBatch pages \(batch.firstPage)+\(batch.pageCount) beyond region \(batch.regionID) of \(regionPages) pages")
+        }
+        let uffd = ferry_load_i32_acquire(vmUffd)
+        var g = firstPage[index] + Int(batch.firstPage)
+        var payloadOffset = 0
+        let payload = batch.payload.bytes
+        var fresh = 0
+        for run in batch.runs {
+            let n = Int(run.count)
+            if run.isZero {
+                for page in g..<(g + n) {
+                    if !zero.contains(page) {
+                        if received.contains(page) { memset(pointer(page), 0, pageSize) }
+                        zero.insert(page)
+                    }
+                    if !received.insert(page) { fresh += 1 }
+                    if uffd >= 0 && installZeros {
+                        install(zeroAt: vmAddress(ofGlobal: page, region: index), uffd: uffd)
+                    }
+                }
+                zeroPagesApplied.add(UInt64(n))
+            } else {
+                pointer(g).copyMemory(from: payload.baseAddress! + payloadOffset, byteCount: n * pageSize)
+                for page in g..<(g + n) {
+                    zero.remove(page)
+                    if !received.insert(page) { fresh += 1 }
+                }
+                if uffd >= 0 {
+                    for page in g..<(g + n) { install(copyOf: page, at: vmAddress(ofGlobal: page, region: index), uffd: uffd) }
+                }
+                payloadOffset += n * pageSize
+                dataPagesApplied.add(UInt64(n))
+            }
+            g += n
+        }
+        return fresh
+    }
+
+    /// Hybrid: forgets pages whose copies here are stale.
+    public func discard(_ range: PageRange) throws {
+        guard let index = regionIndex(range.regionID) else {
+            throw LinkError.peer(.protocolViolation, reason: "pageDiscard for unknown region \(range.regionID)")
+        }
+        let regionPages = Int(layout.regions[index].size / UInt64(pageSize))
+        guard range.pageIndex + UInt64(range.count) <= UInt64(regionPages) else {
+            throw LinkError.peer(.protocolViolation, reason: "pageDiscard \(range.pageIndex)+\(range.count) beyond region \(range.regionID)")
+        }
+        let first = firstPage[index] + Int(range.pageIndex)
+        for page in first..<(first + Int(range.count)) {
+            received.remove(page)
+            requested.remove(page)
+        }
+    }
+
+    /// UFFDIO_COPY of a received page into the VM. EEXIST: the VM has it already. EAGAIN (a REMOVE
+    /// event is queued for the fault thread): retried briefly, else left for the fault path.
+    @inline(__always) func install(copyOf page: Int, at address: UInt64, uffd: Int32) {
+        var copied: Int64 = 0
+        for _ in 0..<100 {
+            let r = ferry_uffdio_copy(uffd, address, pointer(page), UInt64(pageSize), 0, &copied)
+            if r != -EAGAIN { return }
+            usleep(20)
+        }
+    }
+
+    /// UFFDIO_ZEROPAGE into the VM (same rules as ``install(copyOf:at:uffd:)``).
+    @inline(__always) func install(zeroAt address: UInt64, uffd: Int32) {
+        var zeroed: Int64 = 0
+        for _ in 0..<100 {
+            let r = ferry_uffdio_zeropage(uffd, address, UInt64(pageSize), 0, &zeroed)
+            if r != -EAGAIN { return }
+            usleep(20)
+        }
+    }
+
+    /// Locates a VM address: (region index, global page), or nil outside every region.
+    @inline(__always) func locate(vmAddress address: UInt64) -> (region: Int, page: Int)? {
+        for i in 0..<vmAddress.count {
+            let start = vmAddress[i]
+            if address >= start && address < start + layout.regions[i].size {
+                return (i, firstPage[i] + Int((address - start) / UInt64(pageSize)))
+            }
+        }
+        return nil
+    }
+
+    /// SHA-256 of every region in layout order (MemoryDigest, as the source computes it).
+    public func digest() -> String {
+        var d = MemoryDigest()
+        d.update(UnsafeRawBufferPointer(start: base, count: totalPages * pageSize))
+        return d.finalizeHex()
+    }
+
+    /// Writes Firecracker's memory file: each region at its `fileOffset`; zero pages stay holes.
+    public func write(memoryFile path: String) throws {
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SetupError("cannot create --mem-out \(path): errno \(errno)") }
+        defer { close(fd) }
+        let end = layout.regions.map { $0.fileOffset + $0.size }.max() ?? 0
+        guard ftruncate(fd, off_t(end)) == 0 else { throw SetupError("ftruncate of \(path) to \(end) bytes failed: errno \(errno)") }
+        for (i, region) in layout.regions.enumerated() {
+            let pages = Int(region.size) / pageSize
+            var p = 0
+            while p < pages {
+                let g = firstPage[i] + p
+                if zero.contains(g) { p += 1; continue }
+                var n = 1
+                while p + n < pages && !zero.contains(g + n) && n < 4096 { n += 1 }
+                var done = 0
+                let bytes = n * pageSize
+                while done < bytes {
+                    let w = pwrite(fd, pointer(g) + done, bytes - done, off_t(region.fileOffset) + off_t(p * pageSize + done))
+                    guard w > 0 else { throw SetupError("pwrite to \(path) at \(region.fileOffset + UInt64(p * pageSize)) failed: errno \(errno)") }
+                    done += w
+                }
+                p += n
+            }
+        }
+    }
+}

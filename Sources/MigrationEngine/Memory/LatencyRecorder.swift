@@ -1,0 +1,40 @@
+import CFerryShims
+
+/// Fault-latency samples in nanoseconds, recorded from any thread into preallocated storage (an
+/// atomic slot counter; no lock, no allocation per sample), summarised as percentiles at the end.
+/// Samples beyond the capacity are counted but not kept.
+public final class LatencyRecorder: @unchecked Sendable {
+    private let samples: UnsafeMutablePointer<UInt64>
+    private let capacity: Int
+    private let counterCell: UnsafeMutablePointer<UInt64>
+
+    public init(capacity: Int = 1 << 20) {
+        self.capacity = capacity
+        samples = .allocate(capacity: capacity)
+        samples.initialize(repeating: 0, count: capacity)
+        counterCell = .allocate(capacity: 1)
+        counterCell.initialize(to: 0)
+    }
+
+    deinit { samples.deallocate(); counterCell.deallocate() }
+
+    /// Records one latency.
+    @inline(__always) public func record(nanoseconds: UInt64) {
+        let slot = Int(ferry_counter_add(counterCell, 1))
+        if slot < capacity { samples[slot] = nanoseconds }
+    }
+
+    /// Samples recorded so far.
+    public var count: Int { Int(ferry_counter_load(counterCell)) }
+
+    /// Percentiles of what was recorded, in microseconds (allocates: call at the end).
+    public func summary() -> MigrationReport.LatencySummary {
+        let n = min(count, capacity)
+        var sorted = Array(UnsafeBufferPointer(start: samples, count: n))
+        sorted.sort()
+        func at(_ q: Double) -> Double {
+            sorted.isEmpty ? 0 : Double(sorted[min(sorted.count - 1, Int(Double(sorted.count - 1) * q + 0.5))]) / 1000
+        }
+        return MigrationReport.LatencySummary(count: count, p50Us: at(0.5), p90Us: at(0.9), p99Us: at(0.99), maxUs: at(1))
+    }
+}

@@ -1,0 +1,190 @@
+import CFerryShims
+import Foundation
+import Glibc
+import Logging
+import ProcessMemory
+import Synchronization
+import Wire
+
+/// The destination's fault service for the resumed VM (Firecracker's UFFD handler is the model): one
+/// thread reads userfaultfd events and answers each fault on a page already here with UFFDIO_COPY
+/// (UFFDIO_ZEROPAGE for zero or never-touched pages); a fault on a page not yet here sends an urgent
+/// `pageRequest` for it and its neighbours (pre-paging) on the urgent lane and moves on, so only
+/// that fault waits: the reply's reader installs the pages, which wakes it.
+public final class MemoryFaultService: @unchecked Sendable {
+    private final class ServerBox: @unchecked Sendable {
+        var server: FaultServer
+        init(_ server: consuming FaultServer) { self.server = server }
+    }
+
+    private let box: ServerBox
+    private let image: GuestMemoryImage
+    private let urgent: PeerLink?
+    private let prepagingWindow: Int
+    private let logger: Logger
+    /// The VMM's PID (SO_PEERCRED), to notice when it exits.
+    public let vmPID: Int32
+    private let stopping = Atomic<Bool>(false)
+    private let finished = Atomic<Bool>(false)
+    private let onExit: @Sendable () -> Void
+
+    /// Faults on pages already here, and their latency (event read to page installed).
+    public let faultsOnReceived = SharedCounter()
+    public let receivedLatency = LatencyRecorder()
+    /// Faults on pages not here yet, and their latency (event read to the reply's page installed).
+    public let faultsOnMissing = SharedCounter()
+    public let missingLatency = LatencyRecorder()
+    /// Requests sent.
+    public let requestsSent = SharedCounter()
+    /// Remove events (madvise DONTNEED in the VM) seen.
+    public let removeEvents = SharedCounter()
+    /// Request send time by request id (slot = id & mask), 0 when answered.
+    private let pendingSince: UnsafeMutablePointer<UInt64>
+    private static let pendingSlots = 1 << 16
+    private var nextRequestID: UInt64 = 1
+
+    /// Serves the VM of `handshake` from `image`; missing pages are requested on `urgent` (nil: every
+    /// page must already be here, as in pre-copy). `onExit` runs when the VM has gone.
+    public init(handshake: consuming UFFDHandshake, image: GuestMemoryImage, urgent: PeerLink?, prepagingWindow: Int,
+                logger: Logger, onExit: @escaping @Sendable () -> Void) throws {
+        vmPID = handshake.peerPID
+        let mappings = handshake.mappings
+        // Each layout region's address in the VM, through the memory-file offsets both sides share.
+        var addresses: [UInt64] = []
+        for region in image.layout.regions {
+            guard let m = mappings.first(where: { region.fileOffset >= $0.offset && region.fileOffset + region.size <= $0.offset + $0.size }) else {
+                throw SetupError("the VM's UFFD handshake maps no range for region \(region.id) (file offset \(region.fileOffset), \(region.size) bytes): \(mappings)")
+            }
+            addresses.append(m.baseHostVirtAddr + (region.fileOffset - m.offset))
+        }
+        let server = FaultServer(handshake: handshake)
+        let fd = server.uffd.descriptor.rawValue
+        box = ServerBox(server)
+        self.image = image
+        self.urgent = urgent
+        self.prepagingWindow = max(1, prepagingWindow)
+        self.logger = logger
+        self.onExit = onExit
+        pendingSince = .allocate(capacity: Self.pendingSlots)
+        pendingSince.initialize(repeating: 0, count: Self.pendingSlots)
+        image.attachVM(uffd: fd, addresses: addresses)
+    }
+
+    deinit { pendingSince.deallocate() }
+
+    /// Starts the fault thread.
+    public func start() {
+        let thread = Thread { [self] in
+            do { try serve() } catch { logger.error("fault service stopped", metadata: ["error": "\(error)"]) }
+            finished.store(true, ordering: .releasing)
+            onExit()
+        }
+        thread.name = "ferry-fault-service"
+        thread.start()
+    }
+
+    /// Asks the fault thread to stop (it notices within 100 ms).
+    public func stop() { stopping.store(true, ordering: .relaxed) }
+
+    /// Whether the fault thread has ended (the VM exited, or ``stop()``).
+    public var hasFinished: Bool { finished.load(ordering: .acquiring) }
+
+    /// A reply from the source (urgent lane reader thread): pages in, faults woken, latency taken.
+    public func handleReply(requestID: UInt64, batch: PageBatch) throws {
+        try image.apply(batch, installZeros: true)
+        let slot = pendingSince + Int(requestID & UInt64(Self.pendingSlots - 1))
+        let since = ferry_counter_load(slot)
+        if since != 0 {
+            missingLatency.record(nanoseconds: ferry_monotonic_ns() &- since)
+            slot.pointee = 0
+        }
+    }
+
+    private func serve() throws {
+        let pageSize = image.pageSize
+        while !stopping.load(ordering: .relaxed) {
+            let events = try box.server.nextEvents(timeoutMilliseconds: 100)
+            if events.isEmpty {
+                if vmHasExited() {
+                    logger.info("the resumed VM has exited", metadata: ["pid": "\(vmPID)"])
+                    return
+                }
+                continue
+            }
+            for event in events {
+                switch event.kind {
+                case .pageFault:
+                    let t0 = ferry_monotonic_ns()
+                    let address = event.address
+                    guard let (region, page) = image.locate(vmAddress: address) else {
+                        try box.server.zero(range: AddressRange(start: address, length: UInt64(pageSize)))
+                        continue
+                    }
+                    if image.received.contains(page) {
+                        if image.zero.contains(page) {
+                            try box.server.zero(range: AddressRange(start: address, length: UInt64(pageSize)))
+                        } else {
+                            try box.server.copy(page: UnsafeRawBufferPointer(start: image.pointer(page), count: pageSize), to: address)
+                        }
+                        faultsOnReceived.add(1)
+                        receivedLatency.record(nanoseconds: ferry_monotonic_ns() &- t0)
+                    } else {
+                        faultsOnMissing.add(1)
+                        try request(page: page, region: region, since: t0)
+                    }
+                case .remove:
+                    removeEvents.add(1)
+                default:
+                    break
+                }
+            }
+        }
+    }
+
+    /// Whether the VMM is gone (no such process, or a zombie nobody has reaped yet).
+    private func vmHasExited() -> Bool {
+        if kill(vmPID, 0) != 0 && errno == ESRCH { return true }
+        guard let stat = try? String(contentsOfFile: "/proc/\(vmPID)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return true }
+        return stat[stat.index(close, offsetBy: 2)] == "Z"
+    }
+
+    /// Requests `page` and the missing neighbours around it (a window centred on it, stopping at
+    /// pages here or already asked for).
+    private func request(page: Int, region: Int, since t0: UInt64) throws {
+        if image.requested.insert(page) { return }   // one request in flight is enough
+        guard let urgent else {
+            throw SetupError("fault on page \(page) that never arrived, and no urgent lane to request it")
+        }
+        let regionFirst = image.firstPage[region]
+        let regionEnd = regionFirst + Int(image.layout.regions[region].size) / image.pageSize
+        var low = page
+        while low > regionFirst && page - low < prepagingWindow / 4 && !image.received.contains(low - 1) && !image.requested.contains(low - 1) {
+            low -= 1
+            image.requested.insert(low)
+        }
+        var high = page + 1
+        while high < regionEnd && high - low < prepagingWindow && !image.received.contains(high) && !image.requested.insert(high) {
+            high += 1
+        }
+        let id = nextRequestID
+        nextRequestID += 1
+        pendingSince[Int(id & UInt64(Self.pendingSlots - 1))] = t0
+        requestsSent.add(1)
+        do {
+            try urgent.sender.send(.pageRequest(PageRequest(requestID: id, regionID: image.layout.regions[region].id,
+                                                            pageIndex: UInt64(low - regionFirst), count: UInt32(high - low))))
+        } catch {
+            throw SetupError("urgent page request failed: \(error)")
+        }
+    }
+
+    /// Fills the fault part of a memory report.
+    public func summarize(into memory: inout MigrationReport.MemoryReport) {
+        memory.faultsOnReceived = faultsOnReceived.value
+        memory.faultsOnMissing = faultsOnMissing.value
+        memory.postcopyRequests = requestsSent.value
+        memory.faultLatencyReceived = receivedLatency.summary()
+        memory.faultLatencyMissing = missingLatency.summary()
+    }
+}

@@ -1,0 +1,71 @@
+import ArgumentParser
+import Foundation
+import Glibc
+import Logging
+import MigrationEngine
+import URing
+
+/// `source-agent --vm PID ...`: the memory-migration options and the run that uses them.
+struct MemoryOptions: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("Migrate the memory of this running process (a KVM VMM or any process).", valueName: "PID"))
+    var vm: Int32?
+
+    @Option(name: .long, help: "precopy, postcopy or hybrid (some pre-copy rounds, then post-copy).")
+    var mode: String = "precopy"
+
+    @Option(name: .customLong("region"), help: ArgumentHelp("A memory region to migrate, START-END in hex (repeatable; default: the writable anonymous and memfd mappings of at least 1 MiB, largest first).", valueName: "START-END"))
+    var regions: [String] = []
+
+    @Option(name: .customLong("precopy-rounds"), help: "Hybrid: dirty-page rounds before switching to post-copy.")
+    var precopyRounds: Int = 2
+
+    @Option(name: .customLong("pause-cmd"), help: ArgumentHelp("Shell command that pauses the VM (default: SIGSTOP). FERRY_PID is set.", valueName: "CMD"))
+    var pauseCmd: String?
+
+    @Option(name: .customLong("resume-cmd"), help: ArgumentHelp("Shell command that resumes the VM here after a failure (default: SIGCONT).", valueName: "CMD"))
+    var resumeCmd: String?
+
+    @Option(name: .customLong("state-cmd"), help: ArgumentHelp("Shell command run at pause that writes the VM-state blob to $FERRY_STATE_FILE (or prints the path of a file holding it as its last line).", valueName: "CMD"))
+    var stateCmd: String?
+
+    func validate() throws {
+        guard vm != nil else { return }
+        if MemoryMigrationMode(rawValue: mode) == nil { throw ValidationError("--mode must be precopy, postcopy or hybrid, not '\(mode)'") }
+        if precopyRounds < 0 { throw ValidationError("--precopy-rounds must not be negative") }
+        if let bad = regions.first(where: { $0.split(separator: "-").count != 2 }) {
+            throw ValidationError("--region \(bad): expected START-END in hex")
+        }
+    }
+
+    /// Migrates the process's memory to `dest`; exits 0 when it completed (the process stays paused
+    /// here), 1 when it failed (the process runs here again).
+    func migrate(dest: String, keyFile: String, policy: ConvergencePolicy, reportPath: String?, logger: Logger) throws {
+        guard let pid = vm else { return }
+        var options = MemorySourceOptions(destination: try SocketAddress(parsing: dest), key: try SharedKey(contentsOf: keyFile), pid: pid)
+        options.mode = MemoryMigrationMode(rawValue: mode)!
+        try options.setRegions(parsing: regions)
+        options.policy = policy
+        options.precopyRounds = precopyRounds
+        options.pauseCommand = pauseCmd
+        options.resumeCommand = resumeCmd
+        options.stateCommand = stateCmd
+        let migration = MemorySourceMigration(options: options, logger: logger)
+        let outcome = MigrationOutcome()
+        Thread {
+            let result = migration.run()
+            AgentLogging.finish(result, writingTo: reportPath, logger: logger)
+            outcome.set(result.status == "completed")
+            SignalWaiter.wake()
+        }.start()
+        while true {
+            switch SignalWaiter.wait() {
+            case .stop(let signal):
+                logger.info("stopping: cancelling the memory migration", metadata: ["signal": "\(signal)"])
+                migration.cancel()
+            case .workFinished:
+                if outcome.get() == true { return }
+                throw ExitCode(1)
+            }
+        }
+    }
+}
