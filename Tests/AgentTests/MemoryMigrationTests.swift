@@ -1,0 +1,199 @@
+import Foundation
+import Glibc
+import XCTest
+
+/// End-to-end memory migrations between the real source-agent and dest-agent executables on
+/// loopback: a 512 MiB `ferry-workload` dirtying 20 MB/s moves by pre-copy, post-copy and hybrid;
+/// the dest-agent resumes it with `ferry-workload --resume` (started by --on-switchover), which
+/// touches and verifies every page; both agents' digests must agree.
+final class MemoryMigrationTests: XCTestCase {
+    func testPrecopyMigratesRunningWorkload() throws { try migrateWorkload(mode: "precopy") }
+    func testPostcopyMigratesRunningWorkload() throws { try migrateWorkload(mode: "postcopy") }
+    func testHybridMigratesRunningWorkload() throws { try migrateWorkload(mode: "hybrid") }
+
+    func migrateWorkload(mode: String) throws {
+        try MemE2E.requireMemoryMigration()
+        let dir = try MemE2E.scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let workloadPath = try MemE2E.tool("ferry-workload")
+        let key = dir + "/key"
+        FileManager.default.createFile(atPath: key, contents: Data((0..<32).map { _ in UInt8.random(in: 0...255) }))
+        let fifo = dir + "/resumed.in"
+        let resumedOut = dir + "/resumed.jsonl"
+        guard mkfifo(fifo, 0o600) == 0 else { throw MemTestError("mkfifo \(fifo) failed: \(errno)") }
+        // Opened read-write so neither side blocks on open; the resumed workload reads commands from it.
+        let commands = open(fifo, O_RDWR)
+        defer { close(commands) }
+
+        // The source workload: 512 MiB, every page filled, 20 MB/s of verified rewrites.
+        let source = try MemChild(workloadPath, ["--memory", "512M", "--dirty-rate", "20M", "--report-interval", "0.5"])
+        _ = try source.waitFor("ready", timeout: 60)
+        let before = try source.waitFor("report", timeout: 10)
+        let opsBefore = (before["ops_per_sec"] as? NSNumber)?.doubleValue ?? 0
+
+        let port = MemE2E.freePort()
+        let dest = try MemChild(try MemE2E.tool("dest-agent"), [
+            "--listen", "127.0.0.1:\(port)", "--key-file", key, "--uffd-socket", dir + "/uffd.sock",
+            "--on-switchover", "\(workloadPath) --resume --uffd-socket \"$FERRY_UFFD_SOCKET\" --layout \"$FERRY_LAYOUT_FILE\" --dirty-rate 20M --report-interval 0.5 < \(fifo) > \(resumedOut) 2>&1 &",
+            "--work-dir", dir + "/dest", "--report", dir + "/dest.json", "--accept-timeout", "60"], logPath: dir + "/dest.log")
+        defer { kill(dest.pid, SIGKILL) }
+        usleep(300_000)
+
+        let started = Date()
+        var sourceArguments = ["--vm", "\(source.pid)", "--dest", "127.0.0.1:\(port)", "--key-file", key, "--mode", mode,
+                               "--report", dir + "/source.json"]
+        if mode == "hybrid" { sourceArguments += ["--precopy-rounds", "1"] }
+        let agent = try MemChild(try MemE2E.tool("source-agent"), sourceArguments, logPath: dir + "/source.log")
+        guard let status = agent.wait(timeout: 120) else {
+            kill(agent.pid, SIGKILL)
+            throw MemTestError("source-agent did not finish within 120 s: \(log(dir + "/source.log"))")
+        }
+        let seconds = Date().timeIntervalSince(started)
+        XCTAssertEqual(status, 0, "source-agent failed: \(log(dir + "/source.log"))\n--- dest:\n\(log(dir + "/dest.log"))")
+        let opsDuring = source.drainOps()
+        XCTAssertEqual(MemE2E.state(of: source.pid), "T", "after switchover the source process stays paused")
+
+        // The resumed workload at the destination: it runs, dirties and verifies every page it touches.
+        let resumed = MemLineFile(resumedOut)
+        let ready = try resumed.waitFor("ready", timeout: 20)
+        XCTAssertEqual((ready["pages"] as? NSNumber)?.intValue, 131072)
+        let after = try resumed.waitFor("report", timeout: 10)
+        let opsAfter = (after["ops_per_sec"] as? NSNumber)?.doubleValue ?? 0
+        _ = "verify\n".withCString { write(commands, $0, 7) }
+        let verified = try resumed.waitFor("verified", timeout: 60)
+        XCTAssertEqual((verified["corrupt"] as? NSNumber)?.intValue, 0, "resumed workload found corrupt pages: \(verified)")
+        XCTAssertEqual((verified["valid"] as? NSNumber)?.intValue, 131072, "every page arrives with its pattern: \(verified)")
+        // Keep running and verifying a little longer, then quit cleanly.
+        usleep(2_000_000)
+        _ = "quit\n".withCString { write(commands, $0, 5) }
+        let exit = try resumed.waitFor("exit", timeout: 20)
+        XCTAssertEqual((exit["corrupt"] as? NSNumber)?.intValue, 0, "resumed workload: \(exit)")
+
+        // The destination writes its final report (with the fault figures) when its VM has gone.
+        let destStatus = dest.wait(timeout: 20)
+        if destStatus == nil { kill(dest.pid, SIGTERM); _ = dest.wait(timeout: 10) }
+        XCTAssertEqual(dest.exitStatus, 0, "dest-agent: \(log(dir + "/dest.log"))")
+        let sourceReport = try MemE2E.readJSON(dir + "/source.json")
+        let destReport = try MemE2E.readJSON(dir + "/dest.json")
+        XCTAssertEqual(sourceReport["status"] as? String, "completed")
+        XCTAssertEqual(sourceReport["digests_agree"] as? Bool, true)
+        XCTAssertEqual(destReport["digests_agree"] as? Bool, true)
+        let sourceMemory = try XCTUnwrap(sourceReport["memory"] as? [String: Any])
+        let destMemory = try XCTUnwrap(destReport["memory"] as? [String: Any])
+        XCTAssertEqual(sourceMemory["digest"] as? String, destMemory["digest"] as? String)
+        let missing = destMemory["fault_latency_missing"] as? [String: Any]
+        let received = destMemory["fault_latency_received"] as? [String: Any]
+        let requests = (sourceMemory["postcopy_requests"] as? NSNumber)?.intValue ?? 0
+        let pushed = (sourceMemory["pages_pushed"] as? NSNumber)?.intValue ?? 0
+        switch mode {
+        case "precopy":
+            XCTAssertEqual(requests, 0)
+            XCTAssertGreaterThan((destMemory["faults_on_received"] as? NSNumber)?.intValue ?? 0, 100_000, "the resumed workload faulted its pages in")
+        case "postcopy":
+            XCTAssertGreaterThan(pushed, 0, "post-copy pushes pages")
+            XCTAssertGreaterThan((destMemory["faults_on_missing"] as? NSNumber)?.intValue ?? 0, 0, "the resumed workload faulted on pages not yet here")
+        default:
+            XCTAssertGreaterThanOrEqual((sourceMemory["pages_per_round"] as? [Any])?.count ?? 0, 2, "hybrid ran pre-copy rounds")
+        }
+        print("""
+            memory migration \(mode): \(String(format: "%.1f", seconds)) s, downtime \(sourceReport["downtime_ms"] ?? "?") ms, \
+            wire \(sourceReport["wire_bytes"] ?? "?") bytes, pages per round \(sourceMemory["pages_per_round"] ?? "?"), \
+            requests \(requests), pushed \(pushed), fault p50 received \(received?["p50_us"] ?? "?") us, \
+            missing \(missing?["p50_us"] ?? "?") us; workload ops/s before \(opsBefore), during \(opsDuring), after \(opsAfter)
+            """)
+        kill(source.pid, SIGKILL)
+    }
+
+    /// A failure before switchover (the destination dies during the rounds) leaves the source
+    /// process running: SIGCONT'ed if it was paused, never left stopped.
+    func testDestinationDeathBeforeSwitchoverLeavesSourceRunning() throws {
+        try MemE2E.requireMemoryMigration()
+        let dir = try MemE2E.scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let key = dir + "/key"
+        FileManager.default.createFile(atPath: key, contents: Data((0..<32).map { _ in UInt8.random(in: 0...255) }))
+        let source = try MemChild(try MemE2E.tool("ferry-workload"), ["--memory", "256M", "--dirty-rate", "20M", "--report-interval", "0.2"])
+        _ = try source.waitFor("ready", timeout: 60)
+        let port = MemE2E.freePort()
+        let dest = try MemChild(try MemE2E.tool("dest-agent"), ["--listen", "127.0.0.1:\(port)", "--key-file", key,
+                                                              "--accept-timeout", "60"], logPath: dir + "/dest.log")
+        usleep(300_000)
+        // A downtime target nothing can meet: it iterates until the destination dies.
+        let agent = try MemChild(try MemE2E.tool("source-agent"), [
+            "--vm", "\(source.pid)", "--dest", "127.0.0.1:\(port)", "--key-file", key, "--max-downtime", "0.000001",
+            "--max-rounds", "100000", "--report", dir + "/source.json"], logPath: dir + "/source.log")
+        usleep(1_500_000)
+        kill(dest.pid, SIGKILL)
+        _ = dest.wait(timeout: 10)
+        guard let status = agent.wait(timeout: 60) else {
+            kill(agent.pid, SIGKILL)
+            throw MemTestError("source-agent did not give up within 60 s after the destination died: \(log(dir + "/source.log"))")
+        }
+        XCTAssertEqual(status, 1, "the migration must fail: \(log(dir + "/source.log"))")
+        let report = try MemE2E.readJSON(dir + "/source.json")
+        XCTAssertEqual(report["status"] as? String, "failed")
+        // The workload runs on here: not stopped, and it still reports and verifies.
+        XCTAssertNotEqual(MemE2E.state(of: source.pid), "T")
+        _ = source.drainOps()
+        let report2 = try source.waitFor("report", timeout: 5)
+        XCTAssertEqual((report2["corrupt"] as? NSNumber)?.intValue, 0)
+        source.send("write 1 2 3")
+        let written = try source.waitFor("written", timeout: 10)
+        XCTAssertEqual((written["count"] as? NSNumber)?.intValue, 3)
+        kill(source.pid, SIGKILL)
+    }
+
+    /// KVM mode: a real KVM guest's writes to its RAM are tracked (kernel method) and migrated by
+    /// pre-copy; the digests agree and the memory file holds the guest's counters, consistent
+    /// (all equal but for one step) because the VM was paused.
+    func testKVMGuestPrecopy() throws {
+        try MemE2E.requireMemoryMigration()
+        try MemE2E.require(access("/dev/kvm", R_OK | W_OK) == 0, "/dev/kvm is not available")
+        let dir = try MemE2E.scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let key = dir + "/key"
+        FileManager.default.createFile(atPath: key, contents: Data((0..<32).map { _ in UInt8.random(in: 0...255) }))
+        let guest = try MemChild(try MemE2E.tool("ferry-workload"), ["--kvm", "--memory", "4M"])
+        let region = try guest.waitFor("region", timeout: 30)
+        _ = try guest.waitFor("ready", timeout: 30)
+        let start = (region["start"] as? NSNumber)?.uint64Value ?? 0
+        let size = (region["size"] as? NSNumber)?.uint64Value ?? 0
+        let port = MemE2E.freePort()
+        let memOut = dir + "/guest.mem"
+        let dest = try MemChild(try MemE2E.tool("dest-agent"), ["--listen", "127.0.0.1:\(port)", "--key-file", key, "--mem-out", memOut,
+                                                              "--report", dir + "/dest.json", "--accept-timeout", "60"],
+                                logPath: dir + "/dest.log")
+        defer { kill(dest.pid, SIGKILL) }
+        usleep(300_000)
+        let agent = try MemChild(try MemE2E.tool("source-agent"), [
+            "--vm", "\(guest.pid)", "--region", String(start, radix: 16) + "-" + String(start + size, radix: 16),
+            "--dest", "127.0.0.1:\(port)", "--key-file", key, "--max-rounds", "3", "--max-downtime", "0.000001",
+            "--report", dir + "/source.json"], logPath: dir + "/source.log")
+        guard let status = agent.wait(timeout: 60) else {
+            kill(agent.pid, SIGKILL)
+            throw MemTestError("source-agent did not finish: \(log(dir + "/source.log"))")
+        }
+        XCTAssertEqual(status, 0, "source-agent: \(log(dir + "/source.log"))\n--- dest:\n\(log(dir + "/dest.log"))")
+        XCTAssertEqual(dest.wait(timeout: 20), 0, "dest-agent: \(log(dir + "/dest.log"))")
+        let report = try MemE2E.readJSON(dir + "/source.json")
+        XCTAssertEqual(report["digests_agree"] as? Bool, true)
+        let memory = try XCTUnwrap(report["memory"] as? [String: Any])
+        XCTAssertEqual(memory["tracking_method"] as? String, "uffd-wp-async+pagemap-scan")
+        let rounds = (memory["pages_per_round"] as? [NSNumber])?.map(\.intValue) ?? []
+        XCTAssertGreaterThanOrEqual(rounds.count, 3, "round 0, dirty rounds and the final set: \(rounds)")
+        // The guest writes pages 1...15 in a loop: each dirty round and the final set carry them.
+        for pages in rounds.dropFirst() { XCTAssertGreaterThanOrEqual(pages, 1, "the guest's dirty pages are tracked: \(rounds)") }
+        XCTAssertLessThanOrEqual(rounds.dropFirst().max() ?? 0, 64, "only the guest's pages are dirty: \(rounds)")
+        let image = try Data(contentsOf: URL(fileURLWithPath: memOut))
+        XCTAssertEqual(UInt64(image.count), size)
+        let counters = (1...15).map { page in image.withUnsafeBytes { $0.load(fromByteOffset: page * 4096, as: UInt16.self) } }
+        XCTAssertGreaterThan(counters.min() ?? 0, 0, "the guest ran before the migration: \(counters)")
+        XCTAssertLessThanOrEqual((counters.max() ?? 0) &- (counters.min() ?? 0), 1, "a consistent snapshot: \(counters)")
+        kill(guest.pid, SIGKILL)
+    }
+
+    private func log(_ path: String) -> String {
+        let text = (try? String(contentsOfFile: path, encoding: .utf8)) ?? "(no log)"
+        return String(text.suffix(4000))
+    }
+}
