@@ -94,6 +94,29 @@ final class DiskMigrationTests: XCTestCase {
         print("disk migration under a writer: \(report["total_time_ms"] ?? 0) ms total, \(report["downtime_ms"] ?? 0) ms downtime, rounds \(rounds)")
     }
 
+    /// A writer that dirties faster than the link drains: the source throttles it (Bradford et al.
+    /// 2007), the migration still ends, and the images are equal.
+    func testWriterFasterThanTheLinkIsThrottledAndTheMigrationEnds() throws {
+        try E2E.requireTool("/usr/bin/fio")
+        let setup = try Setup(imageMiB: 24, linkBytesPerSecond: 4e6)
+        let dest = try setup.startDest()
+        let source = try setup.startSource(extra: ["--exit-after-migration", "--max-rounds", "8", "--throttle-delay-ms", "5"])
+        setup.waitForSocket(setup.sourceSocket)
+        let writer = try setup.startWriter(rate: "8m", seconds: 120)
+        defer { if writer.isRunning { writer.terminate() } }
+        XCTAssertEqual(source.waitForExit(timeout: 150), 0, "source-agent failed:\n\(source.log)")
+        XCTAssertEqual(dest.waitForExit(timeout: 30), 0, "dest-agent failed:\n\(dest.log)")
+        writer.terminate()
+        let report = setup.report("src.json")
+        let disk = report["disk"] as? [String: Any] ?? [:]
+        XCTAssertEqual(report["status"] as? String, "completed", "\(report)")
+        XCTAssertTrue(source.log.contains("write throttle on"), "the throttle never engaged:\n\(source.log)")
+        XCTAssertGreaterThan(disk["throttled_writes"] as? Int ?? 0, 0, "\(disk)")
+        XCTAssertGreaterThan(disk["throttle_seconds"] as? Double ?? 0, 0, "\(disk)")
+        XCTAssertEqual(E2E.sha256(setup.source), E2E.sha256(setup.destination), "images differ after switchover")
+        print("throttled migration: \(disk["throttled_writes"] ?? 0) writes delayed over \(disk["throttle_seconds"] ?? 0) s, rounds \(disk["blocks_per_round"] ?? [])")
+    }
+
     /// The link is cut once during the bulk copy and once during the dirty rounds; both agents
     /// reconnect, resume from the last acknowledged point and still end with equal images.
     func testLinkCutMidBulkAndMidDeltaResumesAndEndsEqual() throws {
