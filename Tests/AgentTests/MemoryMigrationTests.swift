@@ -34,7 +34,7 @@ final class MemoryMigrationTests: XCTestCase {
         let port = MemE2E.freePort()
         let dest = try MemChild(try MemE2E.tool("dest-agent"), [
             "--listen", "127.0.0.1:\(port)", "--key-file", key, "--uffd-socket", dir + "/uffd.sock",
-            "--on-switchover", "\(workloadPath) --resume --uffd-socket \"$FERRY_UFFD_SOCKET\" --layout \"$FERRY_LAYOUT_FILE\" --dirty-rate 20M --report-interval 0.5 < \(fifo) > \(resumedOut) 2>&1 &",
+            "--on-switchover", "cp \"$FERRY_STATE_FILE\" \(dir)/state-at-dest; \(workloadPath) --resume --uffd-socket \"$FERRY_UFFD_SOCKET\" --layout \"$FERRY_LAYOUT_FILE\" --dirty-rate 20M --report-interval 0.5 < \(fifo) > \(resumedOut) 2>&1 &",
             "--work-dir", dir + "/dest", "--report", dir + "/dest.json", "--accept-timeout", "60"], logPath: dir + "/dest.log")
         defer { kill(dest.pid, SIGKILL) }
         usleep(300_000)
@@ -43,6 +43,8 @@ final class MemoryMigrationTests: XCTestCase {
         var sourceArguments = ["--vm", "\(source.pid)", "--dest", "127.0.0.1:\(port)", "--key-file", key, "--mode", mode,
                                "--report", dir + "/source.json"]
         if mode == "hybrid" { sourceArguments += ["--precopy-rounds", "1"] }
+        // An opaque VM-state blob made at pause travels to the destination's FERRY_STATE_FILE.
+        sourceArguments += ["--state-cmd", "printf 'state of %s' $FERRY_PID > \"$FERRY_STATE_FILE\""]
         let agent = try MemChild(try MemE2E.tool("source-agent"), sourceArguments, logPath: dir + "/source.log")
         guard let status = agent.wait(timeout: 120) else {
             kill(agent.pid, SIGKILL)
@@ -52,6 +54,8 @@ final class MemoryMigrationTests: XCTestCase {
         XCTAssertEqual(status, 0, "source-agent failed: \(log(dir + "/source.log"))\n--- dest:\n\(log(dir + "/dest.log"))")
         let opsDuring = source.drainOps()
         XCTAssertEqual(MemE2E.state(of: source.pid), "T", "after switchover the source process stays paused")
+        XCTAssertEqual(try? String(contentsOfFile: dir + "/state-at-dest", encoding: .utf8), "state of \(source.pid)",
+                       "the VM state reached --on-switchover")
 
         // The resumed workload at the destination: it runs, dirties and verifies every page it touches.
         let resumed = MemLineFile(resumedOut)
@@ -140,6 +144,42 @@ final class MemoryMigrationTests: XCTestCase {
         source.send("write 1 2 3")
         let written = try source.waitFor("written", timeout: 10)
         XCTAssertEqual((written["count"] as? NSNumber)?.intValue, 3)
+        kill(source.pid, SIGKILL)
+    }
+
+    /// A failure after the pause but before switchover (the VM-state hook fails) resumes the
+    /// paused process with SIGCONT.
+    func testFailureAfterPauseResumesSource() throws {
+        try MemE2E.requireMemoryMigration()
+        let dir = try MemE2E.scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let key = dir + "/key"
+        FileManager.default.createFile(atPath: key, contents: Data((0..<32).map { _ in UInt8.random(in: 0...255) }))
+        let source = try MemChild(try MemE2E.tool("ferry-workload"), ["--memory", "64M", "--dirty-rate", "4M", "--report-interval", "0.2"])
+        _ = try source.waitFor("ready", timeout: 60)
+        let port = MemE2E.freePort()
+        let dest = try MemChild(try MemE2E.tool("dest-agent"), ["--listen", "127.0.0.1:\(port)", "--key-file", key,
+                                                              "--accept-timeout", "60"], logPath: dir + "/dest.log")
+        defer { kill(dest.pid, SIGKILL) }
+        usleep(300_000)
+        let agent = try MemChild(try MemE2E.tool("source-agent"), [
+            "--vm", "\(source.pid)", "--dest", "127.0.0.1:\(port)", "--key-file", key, "--state-cmd", "echo paused-at-$FERRY_PID > \(dir)/hook; exit 3",
+            "--report", dir + "/source.json"], logPath: dir + "/source.log")
+        guard let status = agent.wait(timeout: 60) else {
+            kill(agent.pid, SIGKILL)
+            throw MemTestError("source-agent did not finish: \(log(dir + "/source.log"))")
+        }
+        XCTAssertEqual(status, 1, "the migration must fail: \(log(dir + "/source.log"))")
+        XCTAssertEqual(try? String(contentsOfFile: dir + "/hook", encoding: .utf8), "paused-at-\(source.pid)\n", "the hook ran at pause")
+        let report = try MemE2E.readJSON(dir + "/source.json")
+        XCTAssertEqual(report["status"] as? String, "failed")
+        XCTAssertTrue((report["reason"] as? String ?? "").contains("exit status 3"), "\(report["reason"] ?? "")")
+        usleep(100_000)
+        XCTAssertNotEqual(MemE2E.state(of: source.pid), "T", "SIGCONT resumed the paused process")
+        _ = source.drainOps()
+        source.send("write 5 6")
+        let written = try source.waitFor("written", timeout: 10)
+        XCTAssertEqual((written["count"] as? NSNumber)?.intValue, 2)
         kill(source.pid, SIGKILL)
     }
 
