@@ -113,6 +113,9 @@ public final class PeerLink: @unchecked Sendable {
         readerDone = true
         condition.broadcast()
         condition.unlock()
+        // A send blocked on a peer that stopped reading must not wait for ever: the failure the
+        // reader saw ends it too (it fails with EPIPE at once).
+        Socket.shutdownBoth(descriptor)
     }
 
     /// The first failure the reader saw, if any.
