@@ -27,6 +27,8 @@ final class MemoryMigrationTests: XCTestCase {
 
         // The source workload: 512 MiB, every page filled, 20 MB/s of verified rewrites.
         let source = try MemChild(workloadPath, ["--memory", "512M", "--dirty-rate", "20M", "--report-interval", "0.5"])
+        let region = try source.waitFor("region", timeout: 60)
+        let regionStart = (region["start"] as? NSNumber)?.uint64Value ?? 0
         _ = try source.waitFor("ready", timeout: 60)
         let before = try source.waitFor("report", timeout: 10)
         let opsBefore = (before["ops_per_sec"] as? NSNumber)?.doubleValue ?? 0
@@ -65,13 +67,23 @@ final class MemoryMigrationTests: XCTestCase {
         let opsAfter = (after["ops_per_sec"] as? NSNumber)?.doubleValue ?? 0
         _ = "verify\n".withCString { write(commands, $0, 7) }
         let verified = try resumed.waitFor("verified", timeout: 60)
-        XCTAssertEqual((verified["corrupt"] as? NSNumber)?.intValue, 0, "resumed workload found corrupt pages: \(verified)")
-        XCTAssertEqual((verified["valid"] as? NSNumber)?.intValue, 131072, "every page arrives with its pattern: \(verified)")
+        // SIGSTOP may catch the source workload halfway through rewriting one page (its CPU state
+        // does not travel to the resumed workload, which cannot finish that write): such a page
+        // is torn at the source itself, and migrating it faithfully is right. Any other corrupt
+        // page is a migration bug.
+        for page in resumed.corruptPages {
+            XCTAssertFalse(try MemPattern.isIntact(pid: source.pid, address: regionStart + UInt64(page) * 4096, index: UInt64(page)),
+                           "page \(page) is intact at the paused source but corrupt at the destination")
+        }
+        XCTAssertLessThanOrEqual(resumed.corruptPages.count, 1, "at most the one page SIGSTOP interrupted: \(resumed.corruptPages)")
+        let torn = resumed.corruptPages.count
+        XCTAssertEqual((verified["valid"] as? NSNumber)?.intValue, 131072 - (verified["corrupt"] as? NSNumber)!.intValue,
+                       "every page arrives with its pattern: \(verified)")
         // Keep running and verifying a little longer, then quit cleanly.
         usleep(2_000_000)
         _ = "quit\n".withCString { write(commands, $0, 5) }
         let exit = try resumed.waitFor("exit", timeout: 20)
-        XCTAssertEqual((exit["corrupt"] as? NSNumber)?.intValue, 0, "resumed workload: \(exit)")
+        XCTAssertLessThanOrEqual((exit["corrupt"] as? NSNumber)?.intValue ?? 99, torn, "resumed workload: \(exit)")
 
         // The destination writes its final report (with the fault figures) when its VM has gone.
         let destStatus = dest.wait(timeout: 20)

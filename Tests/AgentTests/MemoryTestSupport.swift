@@ -225,14 +225,39 @@ final class MemLineFile {
         }
     }
 
+    /// Pages the workload reported corrupt so far (see ``waitFor(_:timeout:)``).
+    private(set) var corruptPages: [Int] = []
+
+    /// Waits for a line with this event; "corrupt" lines are collected in ``corruptPages`` (the
+    /// caller judges them), "error" lines throw.
     func waitFor(_ event: String, timeout: Double) throws -> [String: Any] {
         let deadline = Date().addingTimeInterval(timeout)
         while deadline.timeIntervalSinceNow > 0 {
             guard let object = nextLine(timeout: deadline.timeIntervalSinceNow) else { break }
             let e = object["event"] as? String
             if e == event { return object }
-            if e == "error" || e == "corrupt" { throw MemTestError("\(path) reported \(object)") }
+            if e == "corrupt" { corruptPages.append((object["page"] as? NSNumber)?.intValue ?? -1) }
+            if e == "error" { throw MemTestError("\(path) reported \(object)") }
         }
         throw MemTestError("\(path): no '\(event)' line within \(timeout) s")
+    }
+}
+
+/// ferry-workload's page pattern (ProcessMemory's WorkloadPattern), re-checked here on bytes read
+/// from another process.
+enum MemPattern {
+    /// Whether the page at `address` of process `pid` (index `index`) is a valid pattern page or zero.
+    static func isIntact(pid: pid_t, address: UInt64, index: UInt64) throws -> Bool {
+        let fd = open("/proc/\(pid)/mem", O_RDONLY)
+        guard fd >= 0 else { throw MemTestError("open /proc/\(pid)/mem failed: \(errno)") }
+        defer { close(fd) }
+        var words = [UInt64](repeating: 0, count: 512)
+        let n = words.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 4096, off_t(Int64(bitPattern: address))) }
+        guard n == 4096 else { throw MemTestError("pread of page \(index) in \(pid) read \(n)") }
+        if words[1] == 0 { return words.allSatisfy { $0 == 0 } }
+        guard words[0] == index else { return false }
+        let seed = (index &* 0x9E37_79B9_7F4A_7C15) ^ (words[1] &* 0xD6E8_FEB8_6659_FD93) ^ 0x5EED
+        for w in 2..<512 where words[w] != seed ^ (UInt64(w) &* 0xA076_1D64_78BD_642F) { return false }
+        return true
     }
 }

@@ -40,6 +40,7 @@ public final class MemoryDestinationMigration: @unchecked Sendable {
         var stateReceived: UInt64 = 0
         var resumed = false
         var pushComplete = false
+        var pushFramesApplied: UInt64 = 0
     }
 
     /// Receives until the digests are compared. The fault service keeps serving the VM afterwards.
@@ -99,6 +100,12 @@ public final class MemoryDestinationMigration: @unchecked Sendable {
                 case .pageBatch(let batch):
                     guard let image else { throw LinkError.unexpected(.pageBatch, expecting: "memoryLayout first") }
                     try image.apply(batch)
+                    if session.mode?.contains(.memoryPostcopy) == true {
+                        // Post-copy push: every frame is acknowledged, for the source's pacer.
+                        session.pushFramesApplied += 1
+                        try link.sender.send(.ack(Ack(stream: .memory, streamID: PushPacer.ackStreamID, sequence: 0,
+                                                      offset: session.pushFramesApplied)))
+                    }
                     let now = ContinuousClock.now
                     if now - lastAck > .milliseconds(500) {
                         lastAck = now

@@ -31,6 +31,7 @@ public final class MemorySourceMigration: @unchecked Sendable {
 
     // Published by the main link's reader thread, read under the link's lock.
     private var completedRoundAtPeer = -1
+    private var pacer = PushPacer()
     private var resumedAt: UInt64?
     private var peerCompletion: Wire.Completion?
 
@@ -38,6 +39,8 @@ public final class MemorySourceMigration: @unchecked Sendable {
         self.options = options
         self.logger = logger
     }
+
+    deinit { pacer.deallocate() }
 
     /// Stops the migration from another thread (SIGTERM): the links close and ``run()`` fails,
     /// resuming the process if it has not switched over.
@@ -442,6 +445,9 @@ public final class MemorySourceMigration: @unchecked Sendable {
         var lastHint = UInt64.max
         var pushed: UInt64 = 0
         var left = needed.reduce(0) { $0 + $1.count }
+        // Small frames: a reply never queues behind more than one of them at the bottleneck.
+        let pushBatchPages = min(builder.batchPages, 16)
+        defer { logger.info("push done", metadata: ["pages": "\(pushed)", "final_window_bytes": "\(Int(link.publish { pacer.window }))"]) }
         while left > 0 {
             if let failure = link.failureSeen { throw failure }
             let hint = server.latestFault.load(ordering: .acquiring)
@@ -461,7 +467,7 @@ public final class MemorySourceMigration: @unchecked Sendable {
             let region = regions[regionIndex]
             let delivered = server.delivered[regionIndex]
             var end = first
-            while end < region.pageCount && end - first < builder.batchPages && set.contains(end) && !delivered.contains(end) { end += 1 }
+            while end < region.pageCount && end - first < pushBatchPages && set.contains(end) && !delivered.contains(end) { end += 1 }
             if end == first {
                 // Delivered by a reply already.
                 set.remove(first)
@@ -470,9 +476,15 @@ public final class MemorySourceMigration: @unchecked Sendable {
                 continue
             }
             let resident = residents[regionIndex]
+            // Wait for room in the pacer's window (the destination acknowledges every push frame).
+            try link.wait(timeout: options.receiveTimeout, during: "post-copy push") { pacer.maySend }
             try builder.withBatch(regionID: region.id, hostAddress: region.range.start, first: first, count: end - first,
                                   mayHoldData: { resident.contains($0) }) { batch in
-                try link.sender.send(.pageBatch(batch))
+                // Recorded before sending: the acknowledgement may come back before send returns.
+                let message = Message.pageBatch(batch)
+                let bytes = UInt64(try FrameEncoder.frameSize(of: message))
+                link.publish { pacer.sent(bytes: bytes) }
+                try link.sender.send(message)
             }
             for p in first..<end { set.remove(p) }
             pushed += UInt64(end - first)
@@ -523,7 +535,11 @@ public final class MemorySourceMigration: @unchecked Sendable {
         link.startReader(name: "ferry-memory-source-reader") { [self] (frame: DecodedFrame) throws(LinkError) in
             switch frame.message {
             case .ack(let ack):
-                if ack.stream == .memory { link.publish { completedRoundAtPeer = max(completedRoundAtPeer, Int(ack.sequence) - 1) } }
+                if ack.stream == .memory && ack.streamID == 0 {
+                    link.publish { completedRoundAtPeer = max(completedRoundAtPeer, Int(ack.sequence) - 1) }
+                } else if ack.stream == .memory && ack.streamID == PushPacer.ackStreamID {
+                    link.publish { pacer.acknowledged(upTo: ack.offset) }
+                }
             case .resumed:
                 let now = ferry_monotonic_ns()
                 link.publish { resumedAt = now }

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Memory migration of a running process over an emulated WAN: pre-copy, then post-copy.
+#
+#   scripts/bench-memory.sh [MEM_MIB] [RATE_MBIT] [RTT_MS] [DIRTY_MBPS]
+#
+# Runs ferry-workload with MEM_MIB of memory (default 256) dirtying DIRTY_MBPS MB/s (default 5) in
+# the source namespace of a RATE_MBIT link (default 200) with RTT_MS of round trip (default 20)
+# (scripts/wan/wan-link.sh; both of a session's connections, bulk and urgent lane, go through the
+# same relay and share the shaped link). dest-agent resumes it with ferry-workload --resume, which
+# then dirties at the same rate and finally touches and verifies every page.
+#
+# Prints, per mode: downtime, total time, wire bytes / touched memory, fault latency on received
+# pages (goal: median < 20 us) and on missing pages while the push stream fills the link (goal:
+# median < RTT + 1 ms), and the workload's operations per second before, during and after.
+# Needs root (network namespaces, ptrace, userfaultfd).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mem=${1:-256}; rate=${2:-200}; rtt=${3:-20}; dirty=${4:-5}
+config=${FERRY_BUILD_CONFIG:-release}
+scratch=()
+[ -n "${FERRY_SCRATCH:-}" ] && scratch=(--scratch-path "$FERRY_SCRATCH")
+for product in source-agent dest-agent ferry-workload; do swift build -c "$config" "${scratch[@]}" --product "$product" >/dev/null; done
+bin=$(swift build -c "$config" "${scratch[@]}" --show-bin-path)
+wan=scripts/wan/wan-link.sh
+name=fmem
+work=$(mktemp -d /tmp/ferry-bench-mem.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  bash "$wan" down "$name" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+head -c 32 /dev/urandom > "$work/key"
+
+run_mode() {
+  local mode=$1 port=$2 relay_port=$3
+  local dir="$work/$mode"; mkdir -p "$dir"
+  mkfifo "$dir/resumed.in"
+  exec {cmd_fd}<>"$dir/resumed.in"
+  local relay; relay=$(bash "$wan" up "$name" "$rate" "$rtt" "$port" "$relay_port")
+  # The source workload lives in the source namespace (only the agents' traffic matters here).
+  "$bin/ferry-workload" --memory "${mem}M" --dirty-rate "${dirty}M" --report-interval 0.5 > "$dir/source.jsonl" 2>&1 &
+  local wpid=$!; pids+=("$wpid")
+  for _ in $(seq 200); do grep -q '"ready"' "$dir/source.jsonl" 2>/dev/null && break; sleep 0.05; done
+  sleep 1.2
+  bash "$wan" dst "$name" "$bin/dest-agent" --listen "127.0.0.1:$port" --key-file "$work/key" --uffd-socket "$dir/uffd.sock" \
+    --on-switchover "$bin/ferry-workload --resume --uffd-socket \$FERRY_UFFD_SOCKET --layout \$FERRY_LAYOUT_FILE --dirty-rate ${dirty}M --report-interval 0.5 < $dir/resumed.in > $dir/resumed.jsonl 2>&1 &" \
+    --work-dir "$dir/dest" --report "$dir/dest.json" 2> "$dir/dest.log" &
+  local dpid=$!; pids+=("$dpid")
+  sleep 0.5
+  local status=0
+  bash "$wan" src "$name" "$bin/source-agent" --vm "$wpid" --dest "$relay" --key-file "$work/key" --mode "$mode" \
+    --report "$dir/source.json" 2> "$dir/source.log" || status=$?
+  if [ "$status" -ne 0 ]; then echo "source-agent ($mode) failed:"; tail -5 "$dir/source.log"; tail -5 "$dir/dest.log"; return 1; fi
+  # Let the resumed workload run (post-copy: while the push fills the link), then verify every page.
+  sleep 2
+  echo verify >&$cmd_fd
+  for _ in $(seq 600); do grep -q '"verified"' "$dir/resumed.jsonl" 2>/dev/null && break; sleep 0.1; done
+  sleep 1
+  echo quit >&$cmd_fd
+  for _ in $(seq 100); do kill -0 "$dpid" 2>/dev/null || break; sleep 0.1; done
+  kill "$dpid" 2>/dev/null || true; wait "$dpid" 2>/dev/null || true
+  kill -9 "$wpid" 2>/dev/null || true
+  exec {cmd_fd}>&-
+  bash "$wan" down "$name" >/dev/null
+  /usr/bin/python3 - "$mode" "$dir" "$rtt" "$rate" <<'PY'
+import json, sys, statistics
+mode, d, rtt, rate = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+src = json.load(open(f"{d}/source.json")); dst = json.load(open(f"{d}/dest.json"))
+sm, dm = src["memory"], dst["memory"]
+def lines(path):
+    out = []
+    for l in open(path):
+        try: out.append(json.loads(l))
+        except ValueError: pass
+    return out
+source_lines = lines(f"{d}/source.jsonl"); resumed = lines(f"{d}/resumed.jsonl")
+ops = [l["ops_per_sec"] for l in source_lines if l.get("event") == "report"]
+after = [l["ops_per_sec"] for l in resumed if l.get("event") == "report"]
+verified = next((l for l in resumed if l.get("event") == "verified"), {})
+touched = sm["touched"] or sm["total"]
+rcv, mis = dm["fault_latency_received"], dm["fault_latency_missing"]
+print(f"memory migration, {mode}, {sm['total'] >> 20} MiB over {rate} Mbit/s, RTT {rtt:g} ms")
+print(f"  status                   {src['status']}  digests agree {src['digests_agree']}  ({src['reason']})")
+print(f"  downtime                 {src['downtime_ms']:.1f} ms")
+print(f"  total time               {src['total_time_ms']/1000:.2f} s")
+print(f"  wire bytes / touched     {src['wire_bytes']/touched:.3f}   (touched {touched >> 20} MiB, tracking {sm['tracking_method']})")
+print(f"  pages per round          {sm['pages_per_round']}  pushed {sm['pages_pushed']}  requests {sm['postcopy_requests']}")
+print(f"  faults on received pages {rcv['count']}  p50 {rcv['p50_us']:.1f} us  p90 {rcv['p90_us']:.1f}  p99 {rcv['p99_us']:.1f}   (goal p50 < 20 us)")
+print(f"  faults on missing pages  {mis['count']}  p50 {mis['p50_us']/1000:.2f} ms  p90 {mis['p90_us']/1000:.2f}  p99 {mis['p99_us']/1000:.2f}   (goal p50 < {rtt + 1:g} ms)")
+print(f"  resumed workload verify  valid {verified.get('valid')} corrupt {verified.get('corrupt')}  first-touch p50 {verified.get('p50_us')} us")
+print(f"  workload ops/s           before {ops[0] if ops else 0:.0f}  during {statistics.mean(ops[1:]) if len(ops) > 1 else 0:.0f}  after {statistics.mean(after) if after else 0:.0f}")
+ok = src["status"] == "completed" and src["digests_agree"] and verified.get("corrupt") == 0
+sys.exit(0 if ok else 1)
+PY
+}
+
+run_mode precopy 7171 6271
+run_mode postcopy 7172 6272
