@@ -40,6 +40,8 @@ final class Connection {
     private static let maxBatch = 32
     private static let discardLimit: UInt32 = 64 * 1024 * 1024
     private static let pollNanoseconds: UInt64 = 1_000_000
+    /// Blocking waits that skip the poll after a poll found nothing.
+    private static let spinBackoff = 4
 
     private let server: NBDServer
     private let store: any BlockStore
@@ -51,6 +53,8 @@ final class Connection {
     private let slotBufferSize: Int
     private let maxBlock: UInt32
     private let inlineIO: Bool
+    private let spinNanoseconds: UInt64
+    private var spinSkip = 0
 
     private let slots: UnsafeMutablePointer<Slot>
     private let freeList: UnsafeMutablePointer<Int32>
@@ -101,6 +105,7 @@ final class Connection {
         self.slotBufferSize = server.options.slotBufferSize
         self.maxBlock = server.export.maximumBlockSize
         self.inlineIO = server.store.memoryBacked
+        self.spinNanoseconds = server.options.idleSpinNanoseconds
 
         slotMemory = .allocate(byteCount: slotCount * slotBufferSize, alignment: 4096)
         headerMemory = .allocate(byteCount: slotCount * Connection.headerArea, alignment: 64)
@@ -245,10 +250,24 @@ final class Connection {
         }
     }
 
-    /// Waits for the client in `recv(2)` on the blocking socket. Server shutdown wakes it
-    /// (`shutdown(SHUT_RD)` makes it return 0).
+    /// Waits for the client: first polls with a non-blocking `recv(2)` for up to
+    /// `idleSpinNanoseconds` (a client at iodepth 1 answers within that, and the poll saves the
+    /// sleeping thread's wake-up), then sleeps in `recv(2)` on the blocking socket. A poll that
+    /// found nothing turns polling off for the next few waits (an idle or slow client).
+    /// Server shutdown wakes the sleep (`shutdown(SHUT_RD)` makes it return 0).
     private func receiveBlocking() {
         compactInput()
+        if spinSkip > 0 {
+            spinSkip -= 1
+        } else if spinNanoseconds > 0 {
+            let deadline = MonotonicClock.nanoseconds() + spinNanoseconds
+            repeat {
+                let n = recv(fd, rx + rxEnd, Connection.receiveCapacity - rxEnd, Int32(MSG_DONTWAIT))
+                if n > 0 { rxEnd += n; return }
+                if n == 0 || (errno != EAGAIN && errno != EINTR) { inputClosed = true; return }
+            } while MonotonicClock.nanoseconds() < deadline
+            spinSkip = Connection.spinBackoff
+        }
         while true {
             let n = recv(fd, rx + rxEnd, Connection.receiveCapacity - rxEnd, 0)
             if n > 0 { rxEnd += n; return }
