@@ -34,8 +34,9 @@ trap cleanup EXIT
 head -c 32 /dev/urandom > "$work/key"
 
 run_mode() {
-  local mode=$1 port=$2 relay_port=$3
-  local dir="$work/$mode"; mkdir -p "$dir"
+  local mode=$1 port=$2 relay_port=$3 label=$4; shift 4
+  local extra=("$@")
+  local dir="$work/$port"; mkdir -p "$dir"
   mkfifo "$dir/resumed.in"
   exec {cmd_fd}<>"$dir/resumed.in"
   local relay; relay=$(bash "$wan" up "$name" "$rate" "$rtt" "$port" "$relay_port")
@@ -51,7 +52,7 @@ run_mode() {
   sleep 0.5
   local status=0
   bash "$wan" src "$name" "$bin/source-agent" --vm "$wpid" --dest "$relay" --key-file "$work/key" --mode "$mode" \
-    --report "$dir/source.json" 2> "$dir/source.log" || status=$?
+    --report "$dir/source.json" "${extra[@]}" 2> "$dir/source.log" || status=$?
   if [ "$status" -ne 0 ]; then echo "source-agent ($mode) failed:"; tail -5 "$dir/source.log"; tail -5 "$dir/dest.log"; return 1; fi
   # Let the resumed workload run (post-copy: while the push fills the link), then verify every page.
   sleep 2
@@ -64,7 +65,7 @@ run_mode() {
   kill -9 "$wpid" 2>/dev/null || true
   exec {cmd_fd}>&-
   bash "$wan" down "$name" >/dev/null
-  /usr/bin/python3 - "$mode" "$dir" "$rtt" "$rate" <<'PY'
+  /usr/bin/python3 - "$label" "$dir" "$rtt" "$rate" <<'PY'
 import json, sys, statistics
 mode, d, rtt, rate = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 src = json.load(open(f"{d}/source.json")); dst = json.load(open(f"{d}/dest.json"))
@@ -81,7 +82,7 @@ after = [l["ops_per_sec"] for l in resumed if l.get("event") == "report"]
 verified = next((l for l in resumed if l.get("event") == "verified"), {})
 touched = sm["touched"] or sm["total"]
 rcv, mis = dm["fault_latency_received"], dm["fault_latency_missing"]
-print(f"memory migration, {mode}, {sm['total'] >> 20} MiB over {rate} Mbit/s, RTT {rtt:g} ms")
+print(f"memory migration, {mode}: {sm['total'] >> 20} MiB over {rate} Mbit/s, RTT {rtt:g} ms")
 print(f"  status                   {src['status']}  digests agree {src['digests_agree']}  ({src['reason']})")
 print(f"  downtime                 {src['downtime_ms']:.1f} ms")
 print(f"  total time               {src['total_time_ms']/1000:.2f} s")
@@ -96,5 +97,9 @@ sys.exit(0 if ok else 1)
 PY
 }
 
-run_mode precopy 7171 6271
-run_mode postcopy 7172 6272
+run_mode precopy 7171 6271 "precopy"
+# Post-copy on a plain shaped link (one FIFO): the push paces itself by queueing delay (2 ms target).
+run_mode postcopy 7172 6272 "postcopy, push paced (2 ms), one FIFO"
+# Post-copy on a link with a priority band for the urgent lane (SO_PRIORITY 6): push at full speed.
+export FERRY_WAN_PRIORITY_BANDS=1
+run_mode postcopy 7173 6273 "postcopy, push unpaced, urgent lane prioritised" --push-delay-target-ms 0

@@ -22,6 +22,9 @@ struct MemoryOptions: ParsableArguments {
     @Option(name: .customLong("work-dir"), help: ArgumentHelp("Where the state and layout files go (default: a directory under /tmp).", valueName: "DIR"))
     var workDir: String?
 
+    @Option(name: .customLong("urgent-priority"), help: "SO_PRIORITY of the urgent lane (6 = interactive band of pfifo_fast; 0: leave it).")
+    var urgentPriority: Int32 = 6
+
     func validate() throws {
         if onSwitchover != nil && uffdSocket == nil { throw ValidationError("--on-switchover needs --uffd-socket (where the started VM hands over its memory)") }
         if prepagingWindow < 1 || prepagingWindow > 256 { throw ValidationError("--prepaging-window must be 1 ... 256") }
@@ -36,6 +39,7 @@ struct MemoryOptions: ParsableArguments {
         options.memOut = memOut
         options.prepagingWindow = prepagingWindow
         options.workDirectory = workDir
+        options.urgentPriority = urgentPriority
         options.acceptTimeout = acceptTimeout
         let migration = MemoryDestinationMigration(options: options, logger: logger, vmExited: { SignalWaiter.wake() })
         let result = ResultBox()

@@ -28,6 +28,12 @@ struct MemoryOptions: ParsableArguments {
     @Option(name: .customLong("state-cmd"), help: ArgumentHelp("Shell command run at pause that writes the VM-state blob to $FERRY_STATE_FILE (or prints the path of a file holding it as its last line).", valueName: "CMD"))
     var stateCmd: String?
 
+    @Option(name: .customLong("push-delay-target-ms"), help: "Post-copy: queueing delay the push stream may add at the bottleneck (delay-based pacing); 0: push at full speed (links that prioritise the urgent lane).")
+    var pushDelayTargetMs: Double = 2
+
+    @Option(name: .customLong("urgent-priority"), help: "SO_PRIORITY of the urgent lane (6 = interactive band of pfifo_fast; 0: leave it).")
+    var urgentPriority: Int32 = 6
+
     func validate() throws {
         guard vm != nil else { return }
         if MemoryMigrationMode(rawValue: mode) == nil { throw ValidationError("--mode must be precopy, postcopy or hybrid, not '\(mode)'") }
@@ -49,6 +55,8 @@ struct MemoryOptions: ParsableArguments {
         options.pauseCommand = pauseCmd
         options.resumeCommand = resumeCmd
         options.stateCommand = stateCmd
+        options.pushDelayTarget = pushDelayTargetMs / 1000
+        options.urgentPriority = urgentPriority
         let migration = MemorySourceMigration(options: options, logger: logger)
         let outcome = MigrationOutcome()
         Thread {

@@ -7,6 +7,7 @@
 #       creates namespaces NAME-src (10.77.X.1) and NAME-dst (10.77.X.2); inside NAME-dst a relay
 #       listens on 10.77.X.2:RELAY_PORT and forwards to 127.0.0.1:TARGET_PORT after RTT/2 each way.
 #       Prints the relay's address.
+#   FERRY_WAN_PRIORITY_BANDS=1 adds a priority FIFO inside the bucket (SO_PRIORITY 6 goes first).
 #   wan-link.sh down NAME          removes both namespaces and the relay.
 #   wan-link.sh src NAME CMD...    runs CMD in the source namespace.
 #   wan-link.sh dst NAME CMD...    runs CMD in the destination namespace.
@@ -35,6 +36,15 @@ up)
   for pair in "$src:$name-a" "$dst:$name-b"; do
     ip netns exec "${pair%%:*}" tc qdisc add dev "${pair#*:}" root tbf rate "${rate}mbit" burst "$burst" latency 200ms
   done
+  # Opt-in (FERRY_WAN_PRIORITY_BANDS=1): a 3-band priority FIFO inside the token bucket, so packets
+  # of sockets with SO_PRIORITY 6 (the agents' urgent lane) leave before queued bulk packets, as on a
+  # WAN with an expedited class. Without it the bucket's single FIFO is shared.
+  if [ "${FERRY_WAN_PRIORITY_BANDS:-0}" = 1 ]; then
+    for pair in "$src:$name-a" "$dst:$name-b"; do
+      ip netns exec "${pair%%:*}" tc qdisc replace dev "${pair#*:}" root handle 1: tbf rate "${rate}mbit" burst "$burst" latency 200ms
+      ip netns exec "${pair%%:*}" tc qdisc add dev "${pair#*:}" parent 1:1 pfifo_fast
+    done
+  fi
   ip netns exec "$dst" setsid /usr/bin/python3 "$here/delay-relay.py" "$dst_ip" "$relay" 127.0.0.1 "$target" "$(awk "BEGIN{print $rtt/2}")" \
     </dev/null >/dev/null 2>&1 &
   echo $! > "$pidfile"

@@ -149,8 +149,8 @@ public final class MemoryFaultService: @unchecked Sendable {
         return stat[stat.index(close, offsetBy: 2)] == "Z"
     }
 
-    /// Requests `page` and the missing neighbours around it (a window centred on it, stopping at
-    /// pages here or already asked for).
+    /// Requests `page` and the missing pages after it (pre-paging; the window stops at pages here
+    /// or already asked for).
     private func request(page: Int, region: Int, since t0: UInt64) throws {
         if image.requested.insert(page) { return }   // one request in flight is enough
         guard let urgent else {
@@ -158,11 +158,8 @@ public final class MemoryFaultService: @unchecked Sendable {
         }
         let regionFirst = image.firstPage[region]
         let regionEnd = regionFirst + Int(image.layout.regions[region].size) / image.pageSize
-        var low = page
-        while low > regionFirst && page - low < prepagingWindow / 4 && !image.received.contains(low - 1) && !image.requested.contains(low - 1) {
-            low -= 1
-            image.requested.insert(low)
-        }
+        // The window starts at the faulting page: the source answers it alone first, then the rest.
+        let low = page
         var high = page + 1
         while high < regionEnd && high - low < prepagingWindow && !image.received.contains(high) && !image.requested.insert(high) {
             high += 1

@@ -39,6 +39,11 @@ public struct MemorySourceOptions: Sendable {
     public var resumeCommand: String?
     /// Shell command that produces the opaque VM-state blob at pause (see ``VMStateCommand``).
     public var stateCommand: String?
+    /// Post-copy push pacing: the queueing delay (seconds) the push may add at the bottleneck
+    /// (``PushPacer``); 0 pushes as fast as the link takes it (for links that prioritise the urgent lane).
+    public var pushDelayTarget: Double = 0.002
+    /// SO_PRIORITY of the urgent lane's socket (6, TC_PRIO_INTERACTIVE; 0 leaves it alone).
+    public var urgentPriority: Int32 = 6
     /// Pages per `pageBatch` frame.
     public var batchPages: Int = 256
     /// A receive that sees nothing for this long (seconds) counts as a dropped link.
@@ -70,6 +75,8 @@ public struct MemoryDestinationOptions: Sendable {
     public var memOut: String?
     /// Where the state and layout files go (a fresh directory by default).
     public var workDirectory: String?
+    /// SO_PRIORITY of the urgent lane's socket (6, TC_PRIO_INTERACTIVE; 0 leaves it alone).
+    public var urgentPriority: Int32 = 6
     /// Pages requested around a faulting page (pre-paging), the faulting page included.
     public var prepagingWindow: Int = 16
     /// A receive that sees nothing for this long (seconds) counts as a dropped link.

@@ -31,7 +31,7 @@ public final class MemorySourceMigration: @unchecked Sendable {
 
     // Published by the main link's reader thread, read under the link's lock.
     private var completedRoundAtPeer = -1
-    private var pacer = PushPacer()
+    private var pacer = PushPacer(targetNanoseconds: 2_000_000)
     private var resumedAt: UInt64?
     private var peerCompletion: Wire.Completion?
 
@@ -118,9 +118,19 @@ public final class MemorySourceMigration: @unchecked Sendable {
                 guard link.agreement.features.contains(.urgentLane) else {
                     throw SetupError("the destination does not offer the urgent lane post-copy needs")
                 }
+                // PeerLink does not show its descriptor: the urgent lane's socket is the one that is new
+                // after connecting (no other thread opens sockets at this point).
+                let socketsBefore = SocketPriority.socketDescriptors()
                 let urgent = try PeerLink.connect(to: options.destination, key: options.key, sessionID: sessionID,
                                                   features: [.urgentLane], mode: .new, resumePoints: [],
                                                   receiveTimeout: 3600)
+                if options.urgentPriority > 0 {
+                    for fd in SocketPriority.socketDescriptors().subtracting(socketsBefore) {
+                        if !SocketPriority.set(fd, priority: options.urgentPriority) {
+                            logger.warning("cannot set SO_PRIORITY on the urgent lane", metadata: ["errno": "\(errno)"])
+                        }
+                    }
+                }
                 urgentLink = urgent
                 links.withLock { $0.append(urgent) }
             }
@@ -447,6 +457,8 @@ public final class MemorySourceMigration: @unchecked Sendable {
         var left = needed.reduce(0) { $0 + $1.count }
         // Small frames: a reply never queues behind more than one of them at the bottleneck.
         let pushBatchPages = min(builder.batchPages, 16)
+        let pacing = options.pushDelayTarget > 0
+        link.publish { pacer.targetNanoseconds = options.pushDelayTarget * 1e9 }
         defer { logger.info("push done", metadata: ["pages": "\(pushed)", "final_window_bytes": "\(Int(link.publish { pacer.window }))"]) }
         while left > 0 {
             if let failure = link.failureSeen { throw failure }
@@ -477,7 +489,7 @@ public final class MemorySourceMigration: @unchecked Sendable {
             }
             let resident = residents[regionIndex]
             // Wait for room in the pacer's window (the destination acknowledges every push frame).
-            try link.wait(timeout: options.receiveTimeout, during: "post-copy push") { pacer.maySend }
+            if pacing { try link.wait(timeout: options.receiveTimeout, during: "post-copy push") { pacer.maySend } }
             try builder.withBatch(regionID: region.id, hostAddress: region.range.start, first: first, count: end - first,
                                   mayHoldData: { resident.contains($0) }) { batch in
                 // Recorded before sending: the acknowledgement may come back before send returns.

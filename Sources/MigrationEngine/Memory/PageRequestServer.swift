@@ -55,11 +55,9 @@ public final class PageRequestServer: @unchecked Sendable {
         let first = Int(request.pageIndex)
         let count = min(Int(request.count), region.pageCount - first, builder.batchPages)
         do {
-            try builder.withBatch(regionID: region.id, hostAddress: region.range.start, first: first, count: count,
-                                  mayHoldData: { _ in true }) { batch in
-                try link.sender.send(.pageReply(requestID: request.requestID, batch: batch))
-                dataBytes.add(UInt64(batch.payload.count))
-            }
+            // The faulting page alone first (one page to serialize on a slow link), then its neighbours.
+            try reply(request.requestID, region: region, first: first, count: 1, on: link)
+            if count > 1 { try reply(request.requestID, region: region, first: first + 1, count: count - 1, on: link) }
         } catch let error as LinkError {
             throw error
         } catch {
@@ -67,5 +65,13 @@ public final class PageRequestServer: @unchecked Sendable {
         }
         for p in first..<(first + count) { delivered[index].insert(p) }
         pagesSent.add(UInt64(count))
+    }
+
+    private func reply(_ id: UInt64, region: SourceRegion, first: Int, count: Int, on link: PeerLink) throws {
+        try builder.withBatch(regionID: region.id, hostAddress: region.range.start, first: first, count: count,
+                              mayHoldData: { _ in true }) { batch in
+            try link.sender.send(.pageReply(requestID: id, batch: batch))
+            dataBytes.add(UInt64(batch.payload.count))
+        }
     }
 }

@@ -10,7 +10,7 @@ struct PushPacer {
     /// The memory stream id of the destination's per-frame push acknowledgements (offset = frames applied).
     static let ackStreamID: UInt32 = 1
     /// Queueing delay to aim at.
-    let targetNanoseconds: Double
+    var targetNanoseconds: Double
     /// Unacknowledged push bytes allowed now.
     private(set) var window: Double
     let minimumWindow: Double
@@ -25,7 +25,7 @@ struct PushPacer {
     private(set) var framesAcked: UInt64 = 0
     private(set) var bytesAcked: UInt64 = 0
 
-    init(targetNanoseconds: Double = 1_500_000, initialWindow: Double = 1_048_576, minimumWindow: Double = 131_072,
+    init(targetNanoseconds: Double, initialWindow: Double = 1_048_576, minimumWindow: Double = 131_072,
          maximumWindow: Double = 67_108_864) {
         self.targetNanoseconds = targetNanoseconds
         window = initialWindow
