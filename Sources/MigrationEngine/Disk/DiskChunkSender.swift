@@ -17,19 +17,28 @@ public struct DiskTransferCounters: Sendable, Codable, Equatable {
     public init() {}
 }
 
-/// Reads runs of disk blocks and sends them as `diskExtents` frames: holes (from the store's
-/// allocation map) and all-zero blocks travel as zero extents, data as one gathered payload per
-/// chunk. One reused buffer, one reused extent list: nothing allocated per chunk.
+/// Reads runs of disk blocks and sends them as `diskExtents` frames: blocks that are holes in the
+/// store's allocation map and all-zero blocks travel as zero extents, data as one gathered payload
+/// per chunk. Extents are always whole blocks (a block partly a hole is read and sent as data), so a
+/// post-copy destination can claim and write each block once. One reused buffer, one reused extent
+/// list: nothing allocated per chunk.
+///
+/// It also keeps the hash of every block it sends: a block's last send reads its content at the
+/// moment of pause (any later write puts it back in the dirty set), so after the final round the
+/// hashes are the image at pause, and the digest costs nothing at switchover.
 struct DiskChunkSender: ~Copyable {
     let diskID: UInt32
     let fd: Int32
     let diskSize: UInt64
     let blockSize: Int
     let blocksPerChunk: Int
+    /// The hash of each block as last sent.
+    let hashes: BlockHashes
     private var ring: Ring
     private let buffer: UnsafeMutableRawBufferPointer
     private let zeroBlock: UnsafeMutableRawBufferPointer
     private let allocation: UnsafeMutableBufferPointer<BlockExtent>
+    private let holeBlocks: UnsafeMutableBufferPointer<Bool>
     private var extents: [Extent] = []
 
     init(diskID: UInt32, fd: Int32, diskSize: UInt64, blockSize: Int, chunkBytes: Int) throws(Errno) {
@@ -38,11 +47,13 @@ struct DiskChunkSender: ~Copyable {
         self.diskSize = diskSize
         self.blockSize = blockSize
         self.blocksPerChunk = max(1, chunkBytes / blockSize)
+        self.hashes = BlockHashes(diskSize: diskSize, blockSize: blockSize)
         self.ring = try Ring(entries: 8)
         self.buffer = .allocate(byteCount: blocksPerChunk * blockSize, alignment: 4096)
         self.zeroBlock = .allocate(byteCount: blockSize, alignment: 4096)
         zeroBlock.initializeMemory(as: UInt8.self, repeating: 0)
         self.allocation = .allocate(capacity: 256)
+        self.holeBlocks = .allocate(capacity: blocksPerChunk)
         extents.reserveCapacity(blocksPerChunk)
     }
 
@@ -50,12 +61,13 @@ struct DiskChunkSender: ~Copyable {
         buffer.deallocate()
         zeroBlock.deallocate()
         allocation.deallocate()
+        holeBlocks.deallocate()
     }
 
-    var blockCount: Int { Int((diskSize + UInt64(blockSize) - 1) / UInt64(blockSize)) }
+    var blockCount: Int { hashes.blockCount }
 
     /// Sends blocks `blocks` (clipped to the disk) as round `round`, chunk by chunk. When
-    /// `store` is given, its holes are sent as zero runs without reading them.
+    /// `store` is given, blocks that are wholly holes are sent as zero runs without reading them.
     /// With `replyTo`, each chunk goes as the urgent `diskReply` to that request instead.
     mutating func send(blocks: Range<Int>, round: UInt32, holesFrom store: (any BlockStore)?,
                        via sender: inout FrameSender, counters: inout DiskTransferCounters, replyTo: UInt64? = nil,
@@ -74,32 +86,23 @@ struct DiskChunkSender: ~Copyable {
                                     via sender: inout FrameSender, counters: inout DiskTransferCounters, replyTo: UInt64?) throws(LinkError) {
         let start = UInt64(blocks.lowerBound) * UInt64(blockSize)
         let length = min(UInt64(blocks.count) * UInt64(blockSize), diskSize - start)
+        markHoleBlocks(blocks, start: start, length: length, store: store)
         extents.removeAll(keepingCapacity: true)
         var payloadLength = 0
-
-        // The store's allocation map: holes need no read.
-        var runs = 0
-        if let store {
-            runs = store.extents(offset: start, length: length, maxCount: allocation.count, into: allocation)
-        }
-        if runs == 0 {
-            allocation[0] = BlockExtent(length: length, isHole: false)
-            runs = 1
-        }
-        var position = start
-        for index in 0..<runs {
-            let run = allocation[index]
-            let runEnd = min(position + run.length, start + length)
-            if run.isHole {
-                append(offset: position, length: runEnd - position, kind: .zero)
-            } else {
-                try readAndSplit(from: position, to: runEnd, payloadLength: &payloadLength)
+        var index = 0
+        while index < blocks.count {
+            if holeBlocks[index] {
+                let block = blocks.lowerBound + index
+                append(offset: UInt64(block) * UInt64(blockSize), length: UInt64(hashes.length(ofBlock: block)), kind: .zero)
+                hashes.updateZero(block: block)
+                index += 1
+                continue
             }
-            position = runEnd
-            if position >= start + length { break }
-        }
-        if position < start + length {   // the map stopped early: read the rest
-            try readAndSplit(from: position, to: start + length, payloadLength: &payloadLength)
+            // One read for the whole run of data blocks, then a zero check block by block.
+            var runEnd = index + 1
+            while runEnd < blocks.count && !holeBlocks[runEnd] { runEnd += 1 }
+            try readAndSplit(blocks.lowerBound + index ..< blocks.lowerBound + runEnd, payloadLength: &payloadLength)
+            index = runEnd
         }
 
         let payload = Payload(UnsafeRawBufferPointer(rebasing: buffer[..<payloadLength]))
@@ -112,29 +115,61 @@ struct DiskChunkSender: ~Copyable {
         counters.frames += 1
     }
 
-    /// Reads `[from, to)` block by block to the end of the payload so far, dropping all-zero blocks
-    /// back out of the payload as zero extents.
-    private mutating func readAndSplit(from: UInt64, to: UInt64, payloadLength: inout Int) throws(LinkError) {
-        var offset = from
-        while offset < to {
-            let blockEnd = min((offset / UInt64(blockSize) + 1) * UInt64(blockSize), to)
-            let count = Int(blockEnd - offset)
-            let target = UnsafeMutableRawBufferPointer(rebasing: buffer[payloadLength..<(payloadLength + count)])
-            let got: Int
-            do { got = try ring.readFully(fd, into: target, offset: offset) } catch {
-                throw .socket(error, during: "reading the disk at \(offset)")
+    /// Sets `holeBlocks[i]` for each block of the chunk that lies wholly inside a hole of the
+    /// store's allocation map (all false without a store).
+    private func markHoleBlocks(_ blocks: Range<Int>, start: UInt64, length: UInt64, store: (any BlockStore)?) {
+        for index in 0..<blocks.count { holeBlocks[index] = false }
+        guard let store else { return }
+        let runs = store.extents(offset: start, length: length, maxCount: allocation.count, into: allocation)
+        var position = start
+        for run in 0..<runs {
+            let runEnd = min(position + allocation[run].length, start + length)
+            if allocation[run].isHole {
+                // Blocks wholly inside [position, runEnd).
+                let firstBlock = Int((position + UInt64(blockSize) - 1) / UInt64(blockSize))
+                var block = firstBlock
+                while block < blocks.upperBound {
+                    let blockStart = UInt64(block) * UInt64(blockSize)
+                    if blockStart + UInt64(hashes.length(ofBlock: block)) > runEnd { break }
+                    if block >= blocks.lowerBound { holeBlocks[block - blocks.lowerBound] = true }
+                    block += 1
+                }
             }
-            if got < count {   // the image is shorter than its layout: the rest reads as zeros
-                UnsafeMutableRawBufferPointer(rebasing: target[got...]).initializeMemory(as: UInt8.self, repeating: 0)
-            }
-            if memcmp(target.baseAddress!, zeroBlock.baseAddress!, count) == 0 {
-                append(offset: offset, length: UInt64(count), kind: .zero)
-            } else {
-                append(offset: offset, length: UInt64(count), kind: .data)
-                payloadLength += count
-            }
-            offset = blockEnd
+            position = runEnd
+            if position >= start + length { break }
         }
+    }
+
+    /// Reads whole blocks `blocks` to the end of the payload so far in one read, then drops
+    /// all-zero blocks back out of the payload as zero extents, hashing each block.
+    private mutating func readAndSplit(_ blocks: Range<Int>, payloadLength: inout Int) throws(LinkError) {
+        let offset = UInt64(blocks.lowerBound) * UInt64(blockSize)
+        let count = Int(min(UInt64(blocks.count) * UInt64(blockSize), diskSize - offset))
+        let target = UnsafeMutableRawBufferPointer(rebasing: buffer[payloadLength..<(payloadLength + count)])
+        let got: Int
+        do { got = try ring.readFully(fd, into: target, offset: offset) } catch {
+            throw .storage(error, during: "reading the disk at \(offset)+\(count)")
+        }
+        if got < count {   // the image is shorter than its layout: the rest reads as zeros
+            UnsafeMutableRawBufferPointer(rebasing: target[got...]).initializeMemory(as: UInt8.self, repeating: 0)
+        }
+        var keep = payloadLength           // where the next kept (non-zero) block goes
+        var from = payloadLength
+        for block in blocks {
+            let length = hashes.length(ofBlock: block)
+            let contents = UnsafeRawBufferPointer(rebasing: buffer[from..<(from + length)])
+            if memcmp(contents.baseAddress!, zeroBlock.baseAddress!, length) == 0 {
+                append(offset: UInt64(block) * UInt64(blockSize), length: UInt64(length), kind: .zero)
+                hashes.updateZero(block: block)
+            } else {
+                hashes.update(block: block, contents: contents)
+                if keep != from { memmove(buffer.baseAddress! + keep, buffer.baseAddress! + from, length) }
+                append(offset: UInt64(block) * UInt64(blockSize), length: UInt64(length), kind: .data)
+                keep += length
+            }
+            from += length
+        }
+        payloadLength = keep
     }
 
     /// Adds an extent, merging it into the previous one when they touch and are of one kind.

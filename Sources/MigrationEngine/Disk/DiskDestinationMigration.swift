@@ -55,6 +55,7 @@ public final class DiskDestinationMigration: @unchecked Sendable {
         var finalRound: UInt32? = nil
         var serving = false
         var postcopy = false
+        var diskID: UInt32 = 1
     }
 
     /// Receives until the digests are exchanged (or the migration fails). On success the disk is
@@ -110,7 +111,7 @@ public final class DiskDestinationMigration: @unchecked Sendable {
                     continue session
                 }
                 store.presence.forgetRequests()
-                do { urgent = try UrgentLaneClient(link: lane, image: image, store: store, logger: logger) } catch {
+                do { urgent = try UrgentLaneClient(link: lane, image: image, store: store, mainLink: link, logger: logger) } catch {
                     link.close()
                     continue session
                 }
@@ -133,6 +134,7 @@ public final class DiskDestinationMigration: @unchecked Sendable {
                                 failure = "cannot create the image \(options.imagePath): \(error)"
                                 break session
                             }
+                            progress.diskID = layout.diskID
                             logger.info("receiving disk", metadata: ["bytes": "\(layout.sizeBytes)", "block_size": "\(layout.blockSize)"])
                         }
                     case .diskExtents(let extents):
@@ -158,8 +160,44 @@ public final class DiskDestinationMigration: @unchecked Sendable {
                         progress.completedRound = max(progress.completedRound, Int(end.round))
                         try link.sender.send(.ack(Ack(stream: .disk, streamID: end.streamID, sequence: UInt64(end.round) + 1,
                                                       offset: progress.bulkHighWater)))
-                        if let finalRound = progress.finalRound, end.round >= finalRound, !progress.serving {
-                            try startServing(image!, postcopy: nil)
+                    case .switchover(let switchover):
+                        progress.finalRound = switchover.finalRound
+                        switchoverAt = ContinuousClock.now
+                        logger.info("switchover: source paused", metadata: ["final_bytes": "\(switchover.diskBytesToCome)",
+                                                                              "postcopy": "\(switchover.mode.contains(.diskPostcopy))"])
+                        if switchover.mode.contains(.diskPostcopy), !progress.serving, let image {
+                            // Post-copy: serve at once (once: a repeated switchover finds it serving);
+                            // missing blocks come over the urgent lane.
+                            image.claimsEnabled.store(true, ordering: .releasing)
+                            postcopyStore = try startServing(image, postcopy: PostcopyDiskStore.self)
+                            progress.serving = true
+                            progress.postcopy = true
+                            guard let lane = acceptUrgentLane(listener.rawValue, sessionID: link.agreement.sessionID) else {
+                                throw LinkError.timedOut(during: "urgent lane set-up", seconds: 10)   // the source reconnects and reopens it
+                            }
+                            urgent = try UrgentLaneClient(link: lane, image: image, store: postcopyStore!, mainLink: link, logger: logger)
+                            try link.sender.send(.resumed(VMResumed(sinceSwitchoverNanoseconds: 0)))
+                        }
+                    case .complete(let theirs):
+                        guard let image else { throw LinkError.unexpected(.complete, expecting: "a disk first") }
+                        let diskID = image.layout.diskID
+                        if progress.postcopy && image.presence.presentCount < image.hashes.blockCount {
+                            let reason = "complete with \(image.hashes.blockCount - image.presence.presentCount) blocks still missing"
+                            try? link.sender.send(.error(.truncating(code: .protocolViolation, reason: reason)))
+                            failure = reason
+                            break session
+                        }
+                        // The image's digest is kept current as blocks are written, so this costs nothing.
+                        let ours = image.hashes.digest()
+                        report.digestsAgree = theirs.digests.first { $0.stream == .disk && $0.streamID == diskID }?.digest == ours
+                        guard report.digestsAgree else {
+                            try? link.sender.send(.error(.truncating(code: .digestMismatch, reason: "destination \(ours) differs from the source's")))
+                            failure = "disk digests differ: destination \(ours), source \(theirs.digests)" + (progress.serving ? "" : "; not serving it")
+                            break session
+                        }
+                        if !progress.serving {
+                            // Pre-copy: the image equals the source's at pause; hand over.
+                            try startServing(image, postcopy: nil)
                             progress.serving = true
                             let since = ContinuousClock.now - (switchoverAt ?? ContinuousClock.now)
                             try link.sender.send(.resumed(VMResumed(sinceSwitchoverNanoseconds:
@@ -168,32 +206,7 @@ public final class DiskDestinationMigration: @unchecked Sendable {
                             // FLUSH requests sync what it needs.
                             do { try applier!.flush() } catch { logger.warning("flushing the image failed", metadata: ["error": "\(error)"]) }
                         }
-                    case .switchover(let switchover):
-                        progress.finalRound = switchover.finalRound
-                        switchoverAt = ContinuousClock.now
-                        logger.info("switchover: source paused", metadata: ["final_bytes": "\(switchover.diskBytesToCome)",
-                                                                              "postcopy": "\(switchover.mode.contains(.diskPostcopy))"])
-                        if switchover.mode.contains(.diskPostcopy), !progress.serving, let image {
-                            // Post-copy: serve at once; missing blocks come over the urgent lane.
-                            image.claimsEnabled.store(true, ordering: .releasing)
-                            let store = try startServing(image, postcopy: PostcopyDiskStore.self)!
-                            guard let lane = acceptUrgentLane(listener.rawValue, sessionID: link.agreement.sessionID) else {
-                                throw LinkError.timedOut(during: "urgent lane set-up", seconds: 10)
-                            }
-                            urgent = try UrgentLaneClient(link: lane, image: image, store: store, logger: logger)
-                            postcopyStore = store
-                            progress.serving = true
-                            progress.postcopy = true
-                            try link.sender.send(.resumed(VMResumed(sinceSwitchoverNanoseconds: 0)))
-                        }
-                    case .complete(let theirs):
-                        guard image != nil else { throw LinkError.unexpected(.complete, expecting: "a disk first") }
-                        if let urgent { report.disk?.postcopyRequests = urgent.requestsSent }
-                        let ours = image!.hashes.digest()
-                        let diskID = image!.layout.diskID
                         try link.sender.send(.complete(Wire.Completion(digests: [StreamDigest(stream: .disk, streamID: diskID, digest: ours)])))
-                        report.digestsAgree = theirs.digests.first { $0.stream == .disk && $0.streamID == diskID }?.digest == ours
-                        if !report.digestsAgree { failure = "disk digests differ: destination \(ours), source \(theirs.digests)" }
                         done = true
                         wireBytes += link.sender.bytesSent
                         link.close()
@@ -206,11 +219,16 @@ public final class DiskDestinationMigration: @unchecked Sendable {
                 }
             } catch {
                 wireBytes += link.sender.bytesSent
-                link.close()
                 if error.isRetryable {
+                    link.close()
                     logger.warning("link lost; waiting for the source to resume", metadata: ["error": "\(error)", "serving": "\(progress.serving)"])
                     continue session
                 }
+                // Tell the source before closing, so it does not wait for a reconnect that will not come.
+                if case .peer = error {} else {
+                    try? link.sender.send(.error(.truncating(code: error.wireCode, reason: "\(error)")))
+                }
+                link.close()
                 failure = "\(error)"
                 break session
             }
@@ -250,7 +268,7 @@ public final class DiskDestinationMigration: @unchecked Sendable {
         case (.new, nil):
             return .init(features: features)
         case (.resume, let held?) where held == hello.sessionID:
-            let points = [ResumePoint(stream: .disk, streamID: 1, sequence: UInt64(progress.completedRound + 1),
+            let points = [ResumePoint(stream: .disk, streamID: progress.diskID, sequence: UInt64(progress.completedRound + 1),
                                       offset: progress.bulkHighWater)]
             return .init(features: features, resumePoints: points, handedOver: progress.serving)
         case (.resume, _):
@@ -275,14 +293,15 @@ public final class DiskDestinationMigration: @unchecked Sendable {
             logger.info("serving the migrated disk", metadata: ["nbd": "\(options.nbdEndpoint)", "postcopy": "\(postcopy != nil)"])
             return postcopyStore
         } catch {
-            throw .peer(.vmStartFailed, reason: "cannot serve the image over NBD: \(error)")
+            throw .local(.vmStartFailed, reason: "cannot serve the image over NBD: \(error)")
         }
     }
 
     /// Accepts the source's urgent-lane connection of session `sessionID` (docs/wire.md, "Urgent lane").
     private func acceptUrgentLane(_ listener: Int32, sessionID: SessionID) -> PeerLink? {
         guard let fd = acceptConnection(listener, timeout: 10) else { return nil }
-        return try? PeerLink.accept(fd: fd, key: options.key, receiveTimeout: options.receiveTimeout) { (hello: Hello) throws(LinkError) in
+        // No idle timeout worth the name: a VM may go minutes without a missing block.
+        return try? PeerLink.accept(fd: fd, key: options.key, receiveTimeout: 86_400) { (hello: Hello) throws(LinkError) in
             guard hello.sessionID == sessionID, hello.features == [.urgentLane] else {
                 throw .peer(.protocolViolation, reason: "expected the urgent lane of session \(sessionID)")
             }
@@ -298,7 +317,12 @@ public final class DiskDestinationMigration: @unchecked Sendable {
             let rc = poll(&poller, 1, millis)
             if rc < 0 && errno == EINTR { continue }
             if rc <= 0 { return nil }
-            guard let connection = try? Socket.accept(from: listener) else { return nil }
+            let connection: OwnedDescriptor
+            do { connection = try Socket.accept(from: listener) } catch {
+                if error == .connectionAbort || error == .resourceTemporarilyUnavailable || error == .interrupted { continue }
+                logger.error("accept failed", metadata: ["error": "\(error)"])
+                return nil
+            }
             try? Socket.setBufferSizes(connection.rawValue, send: 4 << 20, receive: 4 << 20)
             return connection.take()
         }

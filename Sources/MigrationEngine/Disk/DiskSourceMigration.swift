@@ -79,6 +79,10 @@ public final class DiskSourceMigration: @unchecked Sendable {
         var failure: String? = nil
         var urgentLane: UrgentLaneServer? = nil
         var postcopyCounters = DiskTransferCounters()
+        // Once the destination may run the VM (it got `complete` in pre-copy, `switchover` in
+        // post-copy), the VM must never resume here unless the destination refuses explicitly.
+        var handOverSent = false
+        var refusedByPeer = false
 
         func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18 }
 
@@ -90,7 +94,8 @@ public final class DiskSourceMigration: @unchecked Sendable {
             if link == nil {
                 do {
                     let resumed = linkDownSince != nil
-                    let newLink = try connectWithBackoff(resume: resumed, since: linkDownSince ?? ContinuousClock.now)
+                    let newLink = try connectWithBackoff(resume: resumed, since: linkDownSince ?? ContinuousClock.now,
+                                                         unbounded: handOverSent)
                     link = newLink
                     if newLink.agreement.handedOver { peerServing = true }
                     if resumed {
@@ -114,12 +119,20 @@ public final class DiskSourceMigration: @unchecked Sendable {
                             logger.info("bulk copy started", metadata: ["bytes": "\(store.size)", "block_size": "\(blockSize)"])
                         }
                     }
-                    linkDownSince = nil
                     startReader(on: newLink)
-                    if phase.current == .postcopy {
+                    if options.postcopy && peerServing {
+                        // The VM runs there and may be waiting for blocks: a new urgent lane.
                         urgentLane?.stop()
-                        urgentLane = try openUrgentLane(blockSize: blockSize)
+                        do { urgentLane = try openUrgentLane(blockSize: blockSize) } catch {
+                            logger.warning("urgent lane not reopened; reconnecting", metadata: ["error": "\(error)"])
+                            newLink.close()
+                            newLink.waitForReader()
+                            link = nil
+                            usleep(100_000)
+                            continue migration
+                        }
                     }
+                    linkDownSince = nil
                 } catch {
                     failure = "could not reach the destination: \(error)"
                     break migration
@@ -207,6 +220,7 @@ public final class DiskSourceMigration: @unchecked Sendable {
                             }
                         }
                         if !active.publish({ peerServing }) {
+                            handOverSent = true
                             try active.sender.send(.switchover(Switchover(finalRound: 0, mode: [.diskPostcopy], diskBytesToCome: store.size,
                                                                           memoryPagesToCome: 0, vmStateLength: 0)))
                             urgentLane?.stop()
@@ -249,6 +263,11 @@ public final class DiskSourceMigration: @unchecked Sendable {
                                                                   dirtyRemaining: 0)))
                         tally.blocksPerRound.append(tally.final.blocks - before)
                         unacknowledged.append((Int(finalRound), roundSet!))
+                        // The digest of the image at pause (kept as blocks were sent): the destination
+                        // compares it with its own and serves only if they agree.
+                        handOverSent = true
+                        try active.sender.send(.complete(Wire.Completion(digests: [StreamDigest(stream: .disk, streamID: options.diskID,
+                                                                                                digest: chunks.hashes.digest())])))
                         try active.wait(timeout: options.receiveTimeout, during: "switchover") { peerServing }
                     }
                     downtime = ContinuousClock.now - quiescedAt!
@@ -258,9 +277,11 @@ public final class DiskSourceMigration: @unchecked Sendable {
                     }
                     server.throttle.disable()
                     logger.info("destination serves the disk", metadata: ["downtime_ms": "\(seconds(downtime) * 1000)"])
-                    // Authority has moved: from here on the VM must not run here again.
+                    // Authority has moved: from here on the VM must not run here again. The destination
+                    // serves only after its digest matched ours.
+                    report.digestsAgree = true
                     phase.move(to: .complete)
-                    if let problem = try exchangeDigests(on: active, blockSize: blockSize, report: &report) { failure = problem }
+                    try? active.wait(timeout: 5, during: "digest report") { peerCompletion != nil }
 
                 case .postcopy:
                     // The destination runs the VM; push every block it has not fetched, from where it got to.
@@ -272,9 +293,13 @@ public final class DiskSourceMigration: @unchecked Sendable {
                     try active.sender.send(.roundEnd(RoundEnd(stream: .disk, streamID: options.diskID, round: 0,
                                                               itemsSent: pushCounters.blocks, bytesSent: pushCounters.dataBytes, dirtyRemaining: 0)))
                     tally.blocksPerRound.append(pushCounters.blocks)
-                    try active.wait(timeout: options.receiveTimeout, during: "post-copy push") { completedRoundAtPeer >= 0 }
+                    let digest = chunks.hashes.digest()
+                    try active.sender.send(.complete(Wire.Completion(digests: [StreamDigest(stream: .disk, streamID: options.diskID, digest: digest)])))
+                    try active.wait(timeout: options.receiveTimeout, during: "post-copy digest exchange") { peerCompletion != nil }
+                    let theirs = active.publish { peerCompletion }!
+                    report.digestsAgree = theirs.digests.first { $0.stream == .disk && $0.streamID == options.diskID }?.digest == digest
+                    if !report.digestsAgree { failure = "disk digests differ: source \(digest), destination \(theirs.digests)" }
                     phase.move(to: .complete)
-                    if let problem = try exchangeDigests(on: active, blockSize: blockSize, report: &report) { failure = problem }
 
                 default:
                     break migration
@@ -285,6 +310,7 @@ public final class DiskSourceMigration: @unchecked Sendable {
                 active.close()
                 active.waitForReader()
                 link = nil
+                if case .peer = error { refusedByPeer = true }
                 let retryable = error.isRetryable && !(phase.current == .complete)
                 guard retryable else {
                     failure = "\(error)"
@@ -305,11 +331,13 @@ public final class DiskSourceMigration: @unchecked Sendable {
         server.throttle.disable()
 
         if let failure {
-            if phase.current.isBeforeSwitchover || (phase.current == .switchover && !peerServing) {
+            if !peerServing && (!handOverSent || refusedByPeer) {
                 server.resume()   // the VM goes on writing here
                 report.reason = "\(failure); the VM keeps running at the source"
+            } else if !peerServing {
+                report.reason = "\(failure); the destination may run the VM, so it stays paused here until an operator decides"
             } else {
-                report.reason = failure
+                report.reason = "\(failure) (after hand-over: the VM runs at the destination)"
             }
             if !phase.current.isTerminal { phase.move(to: .failed(failure)) }
             report.status = "failed"
@@ -344,22 +372,6 @@ public final class DiskSourceMigration: @unchecked Sendable {
         return report
     }
 
-    /// Hashes the (frozen) disk, sends the digest, and compares it with the destination's.
-    /// Returns a failure reason, or nil when they agree.
-    private func exchangeDigests(on link: PeerLink, blockSize: Int, report: inout MigrationReport) throws(LinkError) -> String? {
-        let digest: Wire.Digest
-        do {
-            digest = try BlockHashes.hashing(fd: store.fileDescriptor, diskSize: store.size, blockSize: blockSize).digest()
-        } catch {
-            return "could not read the disk for its digest: \(error)"
-        }
-        try link.sender.send(.complete(Wire.Completion(digests: [StreamDigest(stream: .disk, streamID: options.diskID, digest: digest)])))
-        try link.wait(timeout: options.receiveTimeout, during: "digest exchange") { peerCompletion != nil }
-        let theirs = link.publish { peerCompletion }!
-        report.digestsAgree = theirs.digests.first { $0.stream == .disk && $0.streamID == options.diskID }?.digest == digest
-        return report.digestsAgree ? nil : "disk digests differ: source \(digest), destination \(theirs.digests)"
-    }
-
     /// Opens the urgent lane (a second connection of the session) and starts answering fetches.
     private func openUrgentLane(blockSize: Int) throws(LinkError) -> UrgentLaneServer {
         let lane = try PeerLink.connect(to: options.destination, key: options.key, sessionID: sessionID, features: [.urgentLane],
@@ -369,10 +381,13 @@ public final class DiskSourceMigration: @unchecked Sendable {
 
     /// Connects (or reconnects) with exponential backoff, until ``DiskSourceOptions/linkTimeout``
     /// has passed since `since`.
-    private func connectWithBackoff(resume: Bool, since: ContinuousClock.Instant) throws(LinkError) -> PeerLink {
+    /// With `unbounded` (after hand-over) it never gives up: only the destination may settle who
+    /// runs the VM (docs/wire.md, "Hand-over"); an operator stops it with SIGTERM.
+    private func connectWithBackoff(resume: Bool, since: ContinuousClock.Instant, unbounded: Bool) throws(LinkError) -> PeerLink {
         var delay = 0.05
         var lastError: LinkError? = nil
-        let deadline = since + .milliseconds(Int(options.linkTimeout * 1000))
+        let deadline = unbounded ? ContinuousClock.now + .seconds(100 * 365 * 86_400)
+                                 : since + .milliseconds(Int(options.linkTimeout * 1000))
         repeat {
             do {
                 return try PeerLink.connect(to: options.destination, key: options.key, sessionID: sessionID,

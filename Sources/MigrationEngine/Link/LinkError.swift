@@ -5,6 +5,10 @@ import Wire
 public enum LinkError: Error, Sendable, CustomStringConvertible {
     /// A socket call failed (`ECONNRESET`, `EPIPE`, `ECONNREFUSED`, ...).
     case socket(Errno, during: String)
+    /// This side cannot go on (it tells the peer with this code).
+    case local(ErrorCode, reason: String)
+    /// Reading or writing local storage failed: not cured by reconnecting.
+    case storage(Errno, during: String)
     /// The peer closed the connection.
     case closed(during: String)
     /// The peer sent bytes that are not a valid frame.
@@ -25,13 +29,15 @@ public enum LinkError: Error, Sendable, CustomStringConvertible {
         switch self {
         case .socket, .closed, .timedOut: return true
         case .peer(let code, _): return code.isRetryable
-        case .malformed, .unexpected, .authenticationFailed, .refused: return false
+        case .malformed, .unexpected, .authenticationFailed, .refused, .storage, .local: return false
         }
     }
 
     public var description: String {
         switch self {
         case .socket(let errno, let during): return "link \(during): \(errno)"
+        case .local(let code, let reason): return "\(reason) (\(code))"
+        case .storage(let errno, let during): return "storage failure \(during): \(errno)"
         case .closed(let during): return "link closed by the peer during \(during)"
         case .malformed(let error): return "malformed frame from the peer: \(error)"
         case .unexpected(let type, let expecting): return "unexpected \(type) frame from the peer (expecting \(expecting))"
@@ -39,6 +45,20 @@ public enum LinkError: Error, Sendable, CustomStringConvertible {
         case .refused(let code, let reason): return "refused the peer's handshake (\(code)): \(reason)"
         case .authenticationFailed(let reason): return "authentication failed: \(reason)"
         case .timedOut(let during, let seconds): return "no frame from the peer for \(seconds) s during \(during)"
+        }
+    }
+}
+
+extension LinkError {
+    /// The `error` frame code that tells the peer about this failure.
+    public var wireCode: ErrorCode {
+        switch self {
+        case .local(let code, _), .refused(let code, _), .peer(let code, _): return code
+        case .storage: return .storageFailure
+        case .authenticationFailed: return .authenticationFailed
+        case .timedOut: return .timeout
+        case .malformed, .unexpected: return .protocolViolation
+        case .socket, .closed: return .internalError
         }
     }
 }

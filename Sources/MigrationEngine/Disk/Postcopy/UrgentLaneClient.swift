@@ -7,8 +7,12 @@ import Wire
 /// The destination's end of the urgent lane during disk post-copy: a thread sends a `diskFetch`
 /// for every block run the NBD server is waiting for, and the lane's reader applies each
 /// `diskReply` as it arrives — on their own connection, so they never queue behind bulk data.
+/// If the lane fails, the requests in flight are forgotten (blocks still missing are asked for
+/// again) and the main link is closed, so the source reconnects and opens a new lane.
 final class UrgentLaneClient: @unchecked Sendable {
     private let link: PeerLink
+    private let mainLink: PeerLink
+    private let finished = DispatchSemaphore(value: 0)
     private let store: PostcopyDiskStore
     private let image: DiskImage
     private let logger: Logger
@@ -21,8 +25,9 @@ final class UrgentLaneClient: @unchecked Sendable {
         init(_ applier: consuming DiskApplier) { self.applier = applier }
     }
 
-    init(link: PeerLink, image: DiskImage, store: PostcopyDiskStore, logger: Logger) throws(LinkError) {
+    init(link: PeerLink, image: DiskImage, store: PostcopyDiskStore, mainLink: PeerLink, logger: Logger) throws(LinkError) {
         self.link = link
+        self.mainLink = mainLink
         self.store = store
         self.image = image
         self.logger = logger
@@ -44,16 +49,23 @@ final class UrgentLaneClient: @unchecked Sendable {
     /// Data bytes that arrived on the urgent lane.
     var bytesReceived: UInt64 { received.load(ordering: .relaxed) }
 
-    /// Ends the fetch thread and closes the lane.
+    /// Ends the fetch thread (waiting for it, so it cannot take requests meant for a new lane)
+    /// and closes the lane.
     func stop() {
         stopped.store(true, ordering: .releasing)
         link.close()
+        _ = finished.wait(timeout: .now() + 2)
     }
 
     private func fetchLoop() {
+        defer { finished.signal() }
         var requestID: UInt64 = 0
         let blockSize = image.blockSize
         while !stopped.load(ordering: .acquiring) {
+            if let failure = link.failureSeen {
+                laneFailed(failure)
+                return
+            }
             for run in store.nextRequests(timeout: 0.2) {
                 requestID += 1
                 let offset = UInt64(run.lowerBound) * blockSize
@@ -63,12 +75,17 @@ final class UrgentLaneClient: @unchecked Sendable {
                                                               offset: offset, length: UInt32(length))))
                     sent.add(1, ordering: .relaxed)
                 } catch {
-                    if !stopped.load(ordering: .acquiring) {
-                        logger.error("urgent lane lost; missing blocks now wait for the bulk push", metadata: ["error": "\(error)"])
-                    }
+                    laneFailed(error)
                     return
                 }
             }
         }
+    }
+
+    private func laneFailed(_ error: LinkError) {
+        guard !stopped.load(ordering: .acquiring) else { return }
+        logger.warning("urgent lane lost; asking the source to reconnect", metadata: ["error": "\(error)"])
+        store.presence.forgetRequests()
+        mainLink.close()
     }
 }
