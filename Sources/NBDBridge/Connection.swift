@@ -170,20 +170,32 @@ final class Connection {
                 // Otherwise parsing stopped for want of a slot that an inline send has since freed.
             } else {
                 do { try ring.submitAndWait(1) } catch { break }
-                var count = 0
-                let capacity = completionCapacity
-                let buffer = completions
-                ring.drainCompletions { c in
-                    if count < capacity { buffer[count] = c; count += 1 }
-                }
-                for i in 0..<count { complete(completions[i], &ring) }
+                completeReady(&ring)
             }
             parseInput(&ring)
+            if !recvInFlight && ring.inFlight > 0 {
+                // Submit now: store I/O that completes at submission (a read from the page cache)
+                // is answered at once, and a lone request leaves the ring idle for the wait above.
+                do { try ring.submit() } catch { break }
+                completeReady(&ring)
+                parseInput(&ring)
+            }
             flushSends(&ring)
             armRecv(&ring)
         }
         // Everything completed; release anything a dead client left parked.
         for i in 0..<slotCount where slots[i].gated { server.gate.leave(); slots[i].gated = false }
+    }
+
+    /// Continues every request whose operation has completed.
+    private func completeReady(_ ring: inout Ring) {
+        var count = 0
+        let capacity = completionCapacity
+        let buffer = completions
+        ring.drainCompletions { c in
+            if count < capacity { buffer[count] = c; count += 1 }
+        }
+        for i in 0..<count { complete(completions[i], &ring) }
     }
 
     private func complete(_ c: Completion, _ ring: inout Ring) {
