@@ -63,7 +63,7 @@ struct SourceAgent: ParsableCommand {
     @Flag(name: .customLong("disk-postcopy"), help: "Disk post-copy: hand the disk over at once; the destination serves it while the rest arrives, fetching what its VM reads first.")
     var diskPostcopy = false
 
-    @Option(name: .customLong("link-timeout"), help: "Give the migration up if the link stays down this many seconds before switchover.")
+    @Option(name: .customLong("link-timeout"), help: "Before hand-over: give the migration up (the VM keeps running here) if the link stays down this many seconds. After hand-over the agent retries until the destination answers.")
     var linkTimeout: Double = 60
 
     @Option(name: .long, help: ArgumentHelp("Write the JSON migration report here.", valueName: "PATH"))
@@ -86,7 +86,9 @@ struct SourceAgent: ParsableCommand {
         if disk == nil && memory.vm == nil { throw ValidationError("give --disk IMG (the VM's disk image) or --vm PID (a process whose memory to migrate)") }
         if memory.vm == nil && nbd.isEmpty && dest == nil { throw ValidationError("give --nbd to serve the disk, --dest to migrate it, or both") }
         if dest != nil && keyFile == nil { throw ValidationError("--dest needs --key-file (make one with: head -c 32 /dev/urandom > ferry.key)") }
-        if blockSize < 4096 || blockSize & (blockSize - 1) != 0 { throw ValidationError("--block-size must be a power of two of at least 4096") }
+        if blockSize < 4096 || blockSize > 1 << 20 || blockSize & (blockSize - 1) != 0 {
+            throw ValidationError("--block-size must be a power of two from 4096 to 1048576")
+        }
         if maxDowntime <= 0 { throw ValidationError("--max-downtime must be positive") }
     }
 
@@ -107,6 +109,7 @@ struct SourceAgent: ParsableCommand {
         server.start()
 
         let outcome = MigrationOutcome()
+        let vmStayedHere = MigrationOutcome()
         if let dest {
             let key = try SharedKey(contentsOf: keyFile!)
             var options = DiskSourceOptions(destination: try SocketAddress(parsing: dest), key: key,
@@ -121,6 +124,7 @@ struct SourceAgent: ParsableCommand {
                 let result = migration.run()
                 AgentLogging.finish(result, writingTo: reportPath, logger: logger)
                 outcome.set(result.status == "completed")
+                vmStayedHere.set(result.vmLocation == "source")
                 SignalWaiter.wake()
             }.start()
         }
@@ -143,7 +147,11 @@ struct SourceAgent: ParsableCommand {
                     server.shutdown(drain: true)
                     throw ExitCode(1)
                 }
-                logger.warning("migration failed; still serving the disk to the VM here")
+                if vmStayedHere.get() ?? true {
+                    logger.warning("migration failed; still serving the disk to the VM here")
+                } else {
+                    logger.error("migration failed after hand-over; writes stay held here (see the report)")
+                }
             }
         }
     }

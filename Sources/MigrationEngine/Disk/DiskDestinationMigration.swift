@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Logging
+import Synchronization
 import NBDBridge
 import SystemPackage
 import URing
@@ -37,10 +38,11 @@ public struct DiskDestinationOptions: Sendable {
 public final class DiskDestinationMigration: @unchecked Sendable {
     private let options: DiskDestinationOptions
     private let logger: Logger
-    /// The NBD server that serves the migrated disk, once switched over.
-    public private(set) var server: NBDServer?
+    private let serving = Mutex<(server: NBDServer?, address: SocketAddress?)>((nil, nil))
+    /// The NBD server that serves the migrated disk, once switched over (safe from any thread).
+    public var server: NBDServer? { serving.withLock { $0.server } }
     /// The socket address the NBD server listens on, once switched over.
-    public private(set) var servingAddress: SocketAddress?
+    public var servingAddress: SocketAddress? { serving.withLock { $0.address } }
 
     public init(options: DiskDestinationOptions, logger: Logger) {
         self.options = options
@@ -287,9 +289,9 @@ public final class DiskDestinationMigration: @unchecked Sendable {
             let postcopyStore = postcopy.map { _ in PostcopyDiskStore(base: file, presence: image.presence, blockSize: Int(image.layout.blockSize)) }
             let store: any BlockStore = postcopyStore ?? file
             let server = try NBDServer(store: store, options: NBDServer.Options(exportName: "", dirtyBlockSize: UInt64(image.layout.blockSize)))
-            servingAddress = try server.listen(options.nbdEndpoint)
+            let address = try server.listen(options.nbdEndpoint)
             server.start()
-            self.server = server
+            serving.withLock { $0 = (server, address) }
             logger.info("serving the migrated disk", metadata: ["nbd": "\(options.nbdEndpoint)", "postcopy": "\(postcopy != nil)"])
             return postcopyStore
         } catch {

@@ -333,10 +333,13 @@ public final class DiskSourceMigration: @unchecked Sendable {
         if let failure {
             if !peerServing && (!handOverSent || refusedByPeer) {
                 server.resume()   // the VM goes on writing here
+                report.vmLocation = "source"
                 report.reason = "\(failure); the VM keeps running at the source"
             } else if !peerServing {
+                report.vmLocation = "paused"
                 report.reason = "\(failure); the destination may run the VM, so it stays paused here until an operator decides"
             } else {
+                report.vmLocation = "destination"
                 report.reason = "\(failure) (after hand-over: the VM runs at the destination)"
             }
             if !phase.current.isTerminal { phase.move(to: .failed(failure)) }
@@ -344,6 +347,7 @@ public final class DiskSourceMigration: @unchecked Sendable {
             logger.error("migration failed", metadata: ["reason": "\(report.reason)"])
         } else {
             report.status = "completed"
+            report.vmLocation = "destination"
         }
         report.totalTimeMs = seconds(ContinuousClock.now - start) * 1000
         report.downtimeMs = seconds(downtime) * 1000

@@ -1,5 +1,6 @@
 /// The phases of one migration, as one value. ``PhaseTracker`` is the only place the phase changes,
-/// so every transition is checked and logged in one spot.
+/// so every transition is checked in one spot. A dropped link does not change the phase: the
+/// migration reconnects and resumes in the phase it was in.
 public enum MigrationPhase: Equatable, Sendable, CustomStringConvertible {
     case connecting
     case handshake
@@ -41,14 +42,12 @@ public enum MigrationPhase: Equatable, Sendable, CustomStringConvertible {
     public func canMove(to next: MigrationPhase) -> Bool {
         switch (self, next) {
         case (_, .failed): return !isTerminal
-        case (.connecting, .handshake), (.handshake, .bulk), (.handshake, .round), (.handshake, .switchover),
-             (.handshake, .postcopy): return true          // .round / .switchover / .postcopy: a resumed session
-        case (.handshake, .connecting): return true         // handshake failed, reconnecting
-        case (.bulk, .round(1)), (.bulk, .switchover), (.bulk, .connecting): return true
-        case (.round(let n), .round(let m)): return m == n + 1 || m == n
-        case (.round, .switchover), (.round, .connecting): return true
-        case (.switchover, .postcopy), (.switchover, .complete), (.switchover, .connecting): return true
-        case (.postcopy, .complete), (.postcopy, .connecting): return true
+        case (.connecting, .handshake), (.handshake, .bulk), (.handshake, .switchover): return true   // .switchover: post-copy at once
+        case (.bulk, .round(1)), (.bulk, .switchover): return true
+        case (.round(let n), .round(let m)): return m == n + 1
+        case (.round, .switchover): return true
+        case (.switchover, .postcopy), (.switchover, .complete): return true
+        case (.postcopy, .complete): return true
         default: return false
         }
     }
@@ -66,15 +65,12 @@ public enum MigrationPhase: Equatable, Sendable, CustomStringConvertible {
 public struct PhaseTracker: Sendable {
     /// The phase now.
     public private(set) var current: MigrationPhase = .connecting
-    /// The phase before the last reconnect (where a resumed session picks up).
-    public private(set) var beforeReconnect: MigrationPhase? = nil
 
     public init() {}
 
     /// Moves to `next`; an impossible transition is a bug and stops the program with both phases named.
     public mutating func move(to next: MigrationPhase) {
         precondition(current.canMove(to: next), "migration phase cannot go from \(current) to \(next)")
-        if next == .connecting { beforeReconnect = current }
         current = next
     }
 }

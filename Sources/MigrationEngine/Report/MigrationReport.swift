@@ -23,6 +23,10 @@ public struct MigrationReport: Codable, Sendable {
     public var mbps: Double = 0
     /// Reconnects after a link drop.
     public var reconnects: Int = 0
+    /// Where the VM runs after this migration: "source" (it never left, or was resumed there),
+    /// "destination" (handed over), or "paused" (hand-over may have happened and the destination
+    /// could not be reached to settle it: an operator decides).
+    public var vmLocation: String = "source"
     /// Whether both agents' digests agreed.
     public var digestsAgree: Bool = false
     /// The disk part, when a disk was migrated.
