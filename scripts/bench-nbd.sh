@@ -3,7 +3,10 @@
 # Figures: nbdcopy 1 GiB read and write (seconds), fio 4k randread iodepth 1 (median completion
 # latency, us), fio 4k randwrite iodepth 32 (IOPS); each with its ratio to nbdkit.
 # Usage: scripts/bench-nbd.sh [IMAGE_DIR] (default /dev/shm). Env: RUNTIME (fio seconds, default 10),
-# SIZE_MIB (image size, default 1024), SKIP_BUILD=1 to reuse the release build.
+# SIZE_MIB (image size, default 1024), SKIP_BUILD=1 to reuse the release build, RUNS (default 1: the
+# whole comparison this many times, then the median of each figure and ratio over the runs; the
+# machine is noisy), SERVERS (default "ferry nbdkit qemu-nbd"; nbdkit is the reference and is always run).
+# Each run also prints the load average before it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=$(mktemp -d "${1:-/dev/shm}/ferry-bench-nbd.XXXXXX")
@@ -48,32 +51,66 @@ fio_json() { # rw iodepth -> json file
   echo "$out"
 }
 
+RUNS=${RUNS:-1}
+SERVERS=${SERVERS:-"ferry nbdkit qemu-nbd"}
+case " $SERVERS " in *" nbdkit "*) ;; *) SERVERS="$SERVERS nbdkit" ;; esac
 declare -A READ WRITE LAT TLAT IOPS
-for server in ferry nbdkit qemu-nbd; do
-  echo "== $server" >&2
-  start_server $server
-  U="nbd+unix:///?socket=$SOCK"
-  READ[$server]=$(seconds nbdcopy "$U" null:)
-  WRITE[$server]=$(seconds nbdcopy "$SRC" "$U")
-  j=$(fio_json randread 1)
-  LAT[$server]=$(/usr/bin/python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['jobs'][0]['read']['clat_ns']['percentile']['50.000000']/1000)" "$j")
-  # Total latency (submission + completion): with a fast server part of the round trip happens
-  # while fio is still submitting, so clat alone understates it.
-  TLAT[$server]=$(/usr/bin/python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['jobs'][0]['read']['lat_ns']['percentile']['50.000000']/1000)" "$j")
-  j=$(fio_json randwrite 32)
-  IOPS[$server]=$(/usr/bin/python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['jobs'][0]['write']['iops']))" "$j")
-  stop_server
+ratio() { echo "scale=2; $1 / $2" | bc -l; }
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {if (NR % 2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
+header() { printf "%-10s %14s %8s %14s %8s %16s %8s %16s %8s %14s %8s\n" server "nbdcopy-read" ratio "nbdcopy-write" ratio "rr-qd1-clat-p50" ratio "rr-qd1-lat-p50" ratio "randwrite-qd32" ratio; }
+row() { # server read rread write rwrite clat rclat lat rlat iops riops
+  printf "%-10s %12.3f s %8s %12.3f s %8s %13.1f us %8s %13.1f us %8s %10.0f IOPS %8s\n" "$@"; }
+
+for run in $(seq "$RUNS"); do
+  LOADAVG[$run]=$(cut -d' ' -f1-3 /proc/loadavg)
+  for server in $SERVERS; do
+    echo "== run $run/$RUNS: $server (load average ${LOADAVG[$run]})" >&2
+    start_server $server
+    U="nbd+unix:///?socket=$SOCK"
+    READ[$server,$run]=$(seconds nbdcopy "$U" null:)
+    WRITE[$server,$run]=$(seconds nbdcopy "$SRC" "$U")
+    j=$(fio_json randread 1)
+    LAT[$server,$run]=$(/usr/bin/python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['jobs'][0]['read']['clat_ns']['percentile']['50.000000']/1000)" "$j")
+    # Total latency (submission + completion): with a fast server part of the round trip happens
+    # while fio is still submitting, so clat alone understates it.
+    TLAT[$server,$run]=$(/usr/bin/python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['jobs'][0]['read']['lat_ns']['percentile']['50.000000']/1000)" "$j")
+    j=$(fio_json randwrite 32)
+    IOPS[$server,$run]=$(/usr/bin/python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['jobs'][0]['write']['iops']))" "$j")
+    stop_server
+  done
+  echo
+  echo "run $run of $RUNS (load average before: ${LOADAVG[$run]})"
+  header
+  for server in $SERVERS; do
+    row $server \
+      "${READ[$server,$run]}" "$(ratio "${READ[$server,$run]}" "${READ[nbdkit,$run]}")" \
+      "${WRITE[$server,$run]}" "$(ratio "${WRITE[$server,$run]}" "${WRITE[nbdkit,$run]}")" \
+      "${LAT[$server,$run]}" "$(ratio "${LAT[$server,$run]}" "${LAT[nbdkit,$run]}")" \
+      "${TLAT[$server,$run]}" "$(ratio "${TLAT[$server,$run]}" "${TLAT[nbdkit,$run]}")" \
+      "${IOPS[$server,$run]}" "$(ratio "${IOPS[$server,$run]}" "${IOPS[nbdkit,$run]}")"
+  done
 done
 
-ratio() { echo "scale=2; $1 / $2" | bc -l; }
-printf "\n%-10s %14s %8s %14s %8s %16s %8s %16s %8s %14s %8s\n" server "nbdcopy-read" ratio "nbdcopy-write" ratio "rr-qd1-clat-p50" ratio "rr-qd1-lat-p50" ratio "randwrite-qd32" ratio
-for server in ferry nbdkit qemu-nbd; do
-  printf "%-10s %12.3f s %8s %12.3f s %8s %13.1f us %8s %13.1f us %8s %10s IOPS %8s\n" $server \
-    "${READ[$server]}" "$(ratio "${READ[$server]}" "${READ[nbdkit]}")" \
-    "${WRITE[$server]}" "$(ratio "${WRITE[$server]}" "${WRITE[nbdkit]}")" \
-    "${LAT[$server]}" "$(ratio "${LAT[$server]}" "${LAT[nbdkit]}")" \
-    "${TLAT[$server]}" "$(ratio "${TLAT[$server]}" "${TLAT[nbdkit]}")" \
-    "${IOPS[$server]}" "$(ratio "${IOPS[$server]}" "${IOPS[nbdkit]}")"
-done
+if [ "$RUNS" -gt 1 ]; then
+  # Median over the runs of each figure, and median of the per-run ratios (each ratio compares
+  # servers measured minutes apart under the same load, so it is the steadier number).
+  echo
+  echo "median of $RUNS runs (load averages before each run: $(printf '[%s] ' "${LOADAVG[@]}"))"
+  header
+  for server in $SERVERS; do
+    cols=()
+    for metric in READ WRITE LAT TLAT IOPS; do
+      declare -n m=$metric
+      values=(); ratios=()
+      for run in $(seq "$RUNS"); do
+        values+=("${m[$server,$run]}")
+        ratios+=("$(ratio "${m[$server,$run]}" "${m[nbdkit,$run]}")")
+      done
+      cols+=("$(median "${values[@]}")" "$(median "${ratios[@]}")")
+      unset -n m
+    done
+    row $server "${cols[@]}"
+  done
+fi
 echo
 echo "targets: ferry randwrite-qd32 IOPS ratio >= 1.0, randread-qd1 p50 ratio <= 1.1 (time ratios: lower is better)"
