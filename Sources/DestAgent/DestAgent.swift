@@ -14,13 +14,13 @@ struct DestAgent: ParsableCommand {
         commandName: "dest-agent",
         abstract: "Receive a live migration from a source-agent and serve the migrated disk over NBD.",
         discussion: """
-        The agent listens for the source, checks that it holds the same shared key, writes the disk
-        to --disk as it arrives, and at switchover starts serving it on --nbd. It survives link drops:
-        a source that reconnects within --link-timeout resumes where it left off. After the
-        migration it serves the disk until SIGTERM (or exits at once with --exit-after-migration).
+        The agent listens for the source and checks that it holds the same shared key. For a disk it writes the image to --disk as it arrives and, once the digests of both sides agree at switchover, serves it on --nbd (with disk post-copy: at once, fetching missing blocks first). For memory it receives the pages, starts the VM with --on-switchover, and serves its page faults through --uffd-socket. It survives link drops: a source that reconnects resumes where it left off. After the migration it serves the disk until SIGTERM (or exits with --exit-after-migration).
 
-        Example:
-          dest-agent --listen 0.0.0.0:7070 --key-file ferry.key --disk vm.img --nbd unix:/run/ferry/vm.sock
+        Examples:
+          dest-agent --listen 0.0.0.0:7070 --key-file ferry.key \\
+            --disk vm.img --nbd unix:/run/ferry/vm.sock
+          dest-agent --listen 0.0.0.0:7071 --key-file ferry.key \\
+            --uffd-socket /run/ferry/uffd.sock --on-switchover ./start-vm.sh
         """
     )
 

@@ -13,17 +13,15 @@ struct SourceAgent: ParsableCommand {
         commandName: "source-agent",
         abstract: "Serve a VM's disk over NBD and live-migrate it to a dest-agent.",
         discussion: """
-        Without --dest it only serves the disk (the VM's block device) until SIGTERM, which drains
-        in-flight requests and flushes before exit. With --dest it also migrates the disk: the whole
-        image, then rounds of dirty blocks while the VM keeps writing, throttling the writer when it
-        dirties faster than the link drains, then a pause of about --max-downtime to send the rest.
-        If the migration fails before switchover, the VM keeps running here and the reason is logged.
+        Without --dest it only serves the disk (the VM's block device) until SIGTERM, which drains in-flight requests and flushes before exit. With --dest it also migrates the disk: the whole image, then rounds of dirty blocks while the VM keeps writing, throttling the writer when it dirties faster than the link drains, then a pause of about --max-downtime to send the rest. With --disk-postcopy the destination takes over at once and fetches what its VM needs first. With --vm PID it migrates the memory of a running process instead (pre-copy, post-copy or hybrid). If a migration fails before hand-over, the VM keeps running here and the report says why.
 
         Examples:
           head -c 32 /dev/urandom > ferry.key
           source-agent --disk vm.img --nbd unix:/run/ferry/vm.sock
-          source-agent --disk vm.img --nbd unix:/run/ferry/vm.sock --dest 10.0.0.2:7070 \\
-                       --key-file ferry.key --max-downtime 0.3 --report report.json
+          source-agent --disk vm.img --nbd unix:/run/ferry/vm.sock \\
+            --dest 10.0.0.2:7070 --key-file ferry.key --report disk.json
+          source-agent --vm 4242 --mode hybrid \\
+            --dest 10.0.0.2:7071 --key-file ferry.key --report mem.json
         """
     )
 
