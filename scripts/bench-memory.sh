@@ -90,7 +90,7 @@ print(f"  wire bytes / touched     {src['wire_bytes']/touched:.3f}   (touched {t
 print(f"  pages per round          {sm['pages_per_round']}  pushed {sm['pages_pushed']}  requests {sm['postcopy_requests']}")
 print(f"  faults on received pages {rcv['count']}  p50 {rcv['p50_us']:.1f} us  p90 {rcv['p90_us']:.1f}  p99 {rcv['p99_us']:.1f}   (goal p50 < 20 us)")
 print(f"  faults on missing pages  {mis['count']}  p50 {mis['p50_us']/1000:.2f} ms  p90 {mis['p90_us']/1000:.2f}  p99 {mis['p99_us']/1000:.2f}   (goal p50 < {rtt + 1:g} ms)")
-print(f"  resumed workload verify  valid {verified.get('valid')} corrupt {verified.get('corrupt')}  first-touch p50 {verified.get('p50_us')} us")
+print(f"  resumed workload verify  valid {verified.get('valid')} corrupt {verified.get('corrupt')} of {verified.get('pages')} pages")
 print(f"  workload ops/s           before {ops[0] if ops else 0:.0f}  during {statistics.mean(ops[1:]) if len(ops) > 1 else 0:.0f}  after {statistics.mean(after) if after else 0:.0f}")
 ok = src["status"] == "completed" and src["digests_agree"] and verified.get("corrupt") == 0
 sys.exit(0 if ok else 1)

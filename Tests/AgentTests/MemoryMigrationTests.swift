@@ -65,8 +65,18 @@ final class MemoryMigrationTests: XCTestCase {
         XCTAssertEqual((ready["pages"] as? NSNumber)?.intValue, 131072)
         let after = try resumed.waitFor("report", timeout: 10)
         let opsAfter = (after["ops_per_sec"] as? NSNumber)?.doubleValue ?? 0
-        _ = "verify\n".withCString { write(commands, $0, 7) }
+        func command(_ text: String) { _ = (text + "\n").withCString { write(commands, $0, strlen($0)) } }
+        // The VM drops three pages (MADV_DONTNEED: a UFFD_EVENT_REMOVE at the destination): they must
+        // read as zero from then on, whatever the migration still delivers for them.
+        command("rate 0")
+        _ = try resumed.waitFor("rate", timeout: 10)
+        command("drop 7 8 9")
+        let dropped = try resumed.waitFor("dropped", timeout: 10)
+        XCTAssertEqual((dropped["count"] as? NSNumber)?.intValue, 3)
+        command("verify")
         let verified = try resumed.waitFor("verified", timeout: 60)
+        XCTAssertEqual((verified["untouched"] as? NSNumber)?.intValue, 3, "dropped pages read as zero: \(verified)")
+        command("rate 20M")
         // SIGSTOP may catch the source workload halfway through rewriting one page (its CPU state
         // does not travel to the resumed workload, which cannot finish that write): such a page
         // is torn at the source itself, and migrating it faithfully is right. Any other corrupt
@@ -77,11 +87,11 @@ final class MemoryMigrationTests: XCTestCase {
         }
         XCTAssertLessThanOrEqual(resumed.corruptPages.count, 1, "at most the one page SIGSTOP interrupted: \(resumed.corruptPages)")
         let torn = resumed.corruptPages.count
-        XCTAssertEqual((verified["valid"] as? NSNumber)?.intValue, 131072 - (verified["corrupt"] as? NSNumber)!.intValue,
+        XCTAssertEqual((verified["valid"] as? NSNumber)?.intValue, 131072 - 3 - (verified["corrupt"] as? NSNumber)!.intValue,
                        "every page arrives with its pattern: \(verified)")
         // Keep running and verifying a little longer, then quit cleanly.
         usleep(2_000_000)
-        _ = "quit\n".withCString { write(commands, $0, 5) }
+        command("quit")
         let exit = try resumed.waitFor("exit", timeout: 20)
         XCTAssertLessThanOrEqual((exit["corrupt"] as? NSNumber)?.intValue ?? 99, torn, "resumed workload: \(exit)")
 

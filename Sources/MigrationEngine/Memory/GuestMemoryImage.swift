@@ -24,6 +24,9 @@ public final class GuestMemoryImage: @unchecked Sendable {
     public let zero: PageSet
     /// Pages with a request in flight.
     public let requested: PageSet
+    /// Pages the resumed VM dropped (UFFD_EVENT_REMOVE, e.g. a balloon): they read as zero there
+    /// from now on, so late pages for them are not installed (the local copy keeps them for the digest).
+    public let removed: PageSet
     /// Data pages and zero pages applied (all rounds; a page may count more than once).
     public let dataPagesApplied = SharedCounter()
     public let zeroPagesApplied = SharedCounter()
@@ -57,6 +60,7 @@ public final class GuestMemoryImage: @unchecked Sendable {
         received = PageSet(pageCount: pages)
         zero = PageSet(pageCount: pages)
         requested = PageSet(pageCount: pages)
+        removed = PageSet(pageCount: pages)
         vmUffd.initialize(to: -1)
         vmAddress = layout.regions.map(\.hostAddress)
     }
@@ -120,7 +124,7 @@ public final class GuestMemoryImage: @unchecked Sendable {
                         zero.insert(page)
                     }
                     if !received.insert(page) { fresh += 1 }
-                    if uffd >= 0 && installZeros {
+                    if uffd >= 0 && installZeros && !removed.contains(page) {
                         install(zeroAt: vmAddress(ofGlobal: page, region: index), uffd: uffd)
                     }
                 }
@@ -132,7 +136,9 @@ public final class GuestMemoryImage: @unchecked Sendable {
                     if !received.insert(page) { fresh += 1 }
                 }
                 if uffd >= 0 {
-                    for page in g..<(g + n) { install(copyOf: page, at: vmAddress(ofGlobal: page, region: index), uffd: uffd) }
+                    for page in g..<(g + n) where !removed.contains(page) {
+                        install(copyOf: page, at: vmAddress(ofGlobal: page, region: index), uffd: uffd)
+                    }
                 }
                 payloadOffset += n * pageSize
                 dataPagesApplied.add(UInt64(n))

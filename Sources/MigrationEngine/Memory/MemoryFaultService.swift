@@ -120,8 +120,8 @@ public final class MemoryFaultService: @unchecked Sendable {
                         try box.server.zero(range: AddressRange(start: address, length: UInt64(pageSize)))
                         continue
                     }
-                    if image.received.contains(page) {
-                        if image.zero.contains(page) {
+                    if image.received.contains(page) || image.removed.contains(page) {
+                        if image.zero.contains(page) || image.removed.contains(page) {
                             try box.server.zero(range: AddressRange(start: address, length: UInt64(pageSize)))
                         } else {
                             try box.server.copy(page: UnsafeRawBufferPointer(start: image.pointer(page), count: pageSize), to: address)
@@ -133,7 +133,13 @@ public final class MemoryFaultService: @unchecked Sendable {
                         try request(page: page, region: region, since: t0)
                     }
                 case .remove:
+                    // Firecracker's handler does the same: later faults in the range get zero pages.
                     removeEvents.add(1)
+                    var address = event.address & ~UInt64(pageSize - 1)
+                    while address < event.end {
+                        if let (_, page) = image.locate(vmAddress: address) { image.removed.insert(page) }
+                        address += UInt64(pageSize)
+                    }
                 default:
                     break
                 }
