@@ -33,6 +33,32 @@ cleanup() {
 trap cleanup EXIT
 head -c 32 /dev/urandom > "$work/key"
 
+# The emulated link's own round trip (small messages through the relay, idle link), so the
+# missing-page goal can be read against what the emulator really adds (its relay's timers and
+# Python forwarding cost a little beyond RTT_MS).
+cat > "$work/echo.py" <<'PY'
+import socket, sys, time, statistics
+if sys.argv[1] == "server":
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", int(sys.argv[2]))); s.listen(1)
+    c, _ = s.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while (d := c.recv(64)): c.sendall(d)
+else:
+    host, port = sys.argv[2].rsplit(":", 1)
+    c = socket.create_connection((host, int(port))); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    samples = []
+    for _ in range(50):
+        t = time.monotonic(); c.sendall(b"x" * 24); c.recv(64); samples.append((time.monotonic() - t) * 1000); time.sleep(0.005)
+    print(f"{statistics.median(samples):.2f}")
+PY
+relay=$(bash "$wan" up "$name" "$rate" "$rtt" 7170 6270)
+bash "$wan" dst "$name" /usr/bin/python3 "$work/echo.py" server 7170 & echo_pid=$!
+sleep 0.5
+link_rtt=$(bash "$wan" src "$name" /usr/bin/python3 "$work/echo.py" client "$relay")
+wait "$echo_pid" 2>/dev/null || true
+bash "$wan" down "$name" >/dev/null
+echo "emulated link: $rate Mbit/s, RTT $rtt ms set, $link_rtt ms measured (p50 of 50 idle round trips through the relay)"
+
 run_mode() {
   local mode=$1 port=$2 relay_port=$3 label=$4; shift 4
   local extra=("$@")
@@ -65,9 +91,9 @@ run_mode() {
   kill -9 "$wpid" 2>/dev/null || true
   exec {cmd_fd}>&-
   bash "$wan" down "$name" >/dev/null
-  /usr/bin/python3 - "$label" "$dir" "$rtt" "$rate" <<'PY'
+  /usr/bin/python3 - "$label" "$dir" "$rtt" "$rate" "$link_rtt" <<'PY'
 import json, sys, statistics
-mode, d, rtt, rate = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+mode, d, rtt, rate, measured = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], float(sys.argv[5])
 src = json.load(open(f"{d}/source.json")); dst = json.load(open(f"{d}/dest.json"))
 sm, dm = src["memory"], dst["memory"]
 def lines(path):
@@ -89,7 +115,7 @@ print(f"  total time               {src['total_time_ms']/1000:.2f} s")
 print(f"  wire bytes / touched     {src['wire_bytes']/touched:.3f}   (touched {touched >> 20} MiB, tracking {sm['tracking_method']})")
 print(f"  pages per round          {sm['pages_per_round']}  pushed {sm['pages_pushed']}  requests {sm['postcopy_requests']}")
 print(f"  faults on received pages {rcv['count']}  p50 {rcv['p50_us']:.1f} us  p90 {rcv['p90_us']:.1f}  p99 {rcv['p99_us']:.1f}   (goal p50 < 20 us)")
-print(f"  faults on missing pages  {mis['count']}  p50 {mis['p50_us']/1000:.2f} ms  p90 {mis['p90_us']/1000:.2f}  p99 {mis['p99_us']/1000:.2f}   (goal p50 < {rtt + 1:g} ms)")
+print(f"  faults on missing pages  {mis['count']}  p50 {mis['p50_us']/1000:.2f} ms  p90 {mis['p90_us']/1000:.2f}  p99 {mis['p99_us']/1000:.2f}   (goal p50 < RTT + 1 ms = {rtt + 1:g} ms set, {measured + 1:.2f} ms measured)")
 print(f"  resumed workload verify  valid {verified.get('valid')} corrupt {verified.get('corrupt')} of {verified.get('pages')} pages")
 print(f"  workload ops/s           before {ops[0] if ops else 0:.0f}  during {statistics.mean(ops[1:]) if len(ops) > 1 else 0:.0f}  after {statistics.mean(after) if after else 0:.0f}")
 ok = src["status"] == "completed" and src["digests_agree"] and verified.get("corrupt") == 0
