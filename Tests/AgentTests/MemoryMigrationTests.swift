@@ -130,25 +130,28 @@ final class MemoryMigrationTests: XCTestCase {
         kill(source.pid, SIGKILL)
     }
 
-    /// A failure before switchover (the destination dies during the rounds) leaves the source
-    /// process running: SIGCONT'ed if it was paused, never left stopped.
+    /// A failure before switchover (the destination dies during the bulk copy) leaves the source
+    /// process running, never stopped.
     func testDestinationDeathBeforeSwitchoverLeavesSourceRunning() throws {
         try MemE2E.requireMemoryMigration()
         let dir = try MemE2E.scratch()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let key = dir + "/key"
         FileManager.default.createFile(atPath: key, contents: Data((0..<32).map { _ in UInt8.random(in: 0...255) }))
-        let source = try MemChild(try MemE2E.tool("ferry-workload"), ["--memory", "256M", "--dirty-rate", "20M", "--report-interval", "0.2"])
+        let source = try MemChild(try MemE2E.tool("ferry-workload"), ["--memory", "512M", "--dirty-rate", "20M", "--report-interval", "0.2"])
         _ = try source.waitFor("ready", timeout: 60)
         let port = MemE2E.freePort()
         let dest = try MemChild(try MemE2E.tool("dest-agent"), ["--listen", "127.0.0.1:\(port)", "--key-file", key,
                                                               "--accept-timeout", "60"], logPath: dir + "/dest.log")
         usleep(300_000)
-        // A downtime target nothing can meet: it iterates until the destination dies.
         let agent = try MemChild(try MemE2E.tool("source-agent"), [
             "--vm", "\(source.pid)", "--dest", "127.0.0.1:\(port)", "--key-file", key, "--max-downtime", "0.000001",
             "--max-rounds", "100000", "--report", dir + "/source.json"], logPath: dir + "/source.log")
-        usleep(1_500_000)
+        // Kill the destination once the source is connected, well inside the 512 MiB bulk copy.
+        let deadline = Date().addingTimeInterval(30)
+        while !log(dir + "/dest.log").contains("receiving memory") && Date() < deadline { usleep(10_000) }
+        usleep(100_000)
+        XCTAssertFalse(log(dir + "/source.log").contains("switching over"), "the destination must die before switchover")
         kill(dest.pid, SIGKILL)
         _ = dest.wait(timeout: 10)
         guard let status = agent.wait(timeout: 60) else {
