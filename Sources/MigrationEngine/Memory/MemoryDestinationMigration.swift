@@ -41,6 +41,8 @@ public final class MemoryDestinationMigration: @unchecked Sendable {
         var resumed = false
         var pushComplete = false
         var pushFramesApplied: UInt64 = 0
+        /// Switchover to VM running, as this side saw it (its half of the downtime).
+        var sinceSwitchover: UInt64 = 0
     }
 
     /// Receives until the digests are compared. The fault service keeps serving the VM afterwards.
@@ -171,6 +173,7 @@ public final class MemoryDestinationMigration: @unchecked Sendable {
                 }
             }
             memory.vmStateBytes = session.stateLength
+            report.downtimeMs = Double(session.sinceSwitchover) / 1e6
             if let image {
                 memory.normal = image.dataPagesApplied.value
                 memory.duplicate = image.zeroPagesApplied.value
@@ -224,6 +227,7 @@ public final class MemoryDestinationMigration: @unchecked Sendable {
             faultService = service
         }
         let since = ferry_monotonic_ns() &- session.switchoverAt
+        session.sinceSwitchover = since
         try link.sender.send(.resumed(VMResumed(sinceSwitchoverNanoseconds: since)))
         logger.info("VM resumed here", metadata: ["since_switchover_ms": "\(String(format: "%.1f", Double(since) / 1e6))",
                                                   "pages_here": "\(image.receivedCount) of \(image.totalPages)"])

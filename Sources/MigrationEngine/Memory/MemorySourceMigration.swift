@@ -312,7 +312,8 @@ public final class MemorySourceMigration: @unchecked Sendable {
         memory.dirtySyncCount = tally.scans
         report.memory = memory
         report.wireBytes = wire
-        report.mbps = tally.bandwidth * 8 / 1e6
+        report.mbps = tally.bandwidth > 0 ? tally.bandwidth * 8 / 1e6
+                                          : Double(wire) * 8 / 1e6 / max(0.001, seconds(ContinuousClock.now - start))
         report.totalTimeMs = seconds(ContinuousClock.now - start) * 1000
         if let failure {
             report.status = "failed"
