@@ -51,6 +51,7 @@ struct MemoryOptions: ParsableArguments {
         }.start()
         func finish() throws {
             migration.faultService?.stop()
+            if let pid = migration.startedPID { var status: Int32 = 0; _ = waitpid(pid, &status, WNOHANG) }   // the --on-switchover shell
             guard var report = result.get() else { throw ExitCode(1) }
             migration.refresh(&report)
             if let reportPath { try? report.write(to: reportPath) }

@@ -24,6 +24,15 @@ final class MemoryMigrationTests: XCTestCase {
         // Opened read-write so neither side blocks on open; the resumed workload reads commands from it.
         let commands = open(fifo, O_RDWR)
         defer { close(commands) }
+        // Whatever happens, the workload the dest-agent resumed must not outlive the test (a resumed
+        // workload whose fault handler died waits for ever on its next missing page).
+        defer {
+            let text = (try? String(contentsOfFile: resumedOut, encoding: .utf8)) ?? ""
+            for line in text.split(separator: "\n") {
+                if let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+                   let pid = (object["pid"] as? NSNumber)?.int32Value, pid > 0 { kill(pid, SIGKILL) }
+            }
+        }
 
         // The source workload: 512 MiB, every page filled, 20 MB/s of verified rewrites.
         let source = try MemChild(workloadPath, ["--memory", "512M", "--dirty-rate", "20M", "--report-interval", "0.5"])
