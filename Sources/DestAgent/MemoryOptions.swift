@@ -22,6 +22,9 @@ struct MemoryOptions: ParsableArguments {
     @Option(name: .customLong("work-dir"), help: ArgumentHelp("Where the state and layout files go (default: a directory under /tmp).", valueName: "DIR"))
     var workDir: String?
 
+    @Option(name: .customLong("vm-start-timeout"), help: "Seconds to wait for the started VM's UFFD handshake; after that the source is told the VM did not start (it resumes its copy).")
+    var vmStartTimeout: Double = 30
+
     @Option(name: .customLong("urgent-priority"), help: "SO_PRIORITY of the urgent lane (6 = interactive band of pfifo_fast; 0: leave it).")
     var urgentPriority: Int32 = 6
 
@@ -40,6 +43,7 @@ struct MemoryOptions: ParsableArguments {
         options.prepagingWindow = prepagingWindow
         options.workDirectory = workDir
         options.urgentPriority = urgentPriority
+        options.handshakeTimeout = vmStartTimeout
         options.acceptTimeout = acceptTimeout
         let migration = MemoryDestinationMigration(options: options, logger: logger, vmExited: { SignalWaiter.wake() })
         let result = ResultBox()

@@ -217,6 +217,44 @@ final class MemoryMigrationTests: XCTestCase {
         kill(source.pid, SIGKILL)
     }
 
+    /// The destination cannot start the VM (its --on-switchover starts nothing that hands over
+    /// memory): it says so with error(vmStartFailed) before anything ran there, and the source
+    /// resumes its paused process instead of leaving the VM nowhere.
+    func testVMStartFailureAtDestinationResumesSource() throws {
+        try MemE2E.requireMemoryMigration()
+        let dir = try MemE2E.scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let key = dir + "/key"
+        FileManager.default.createFile(atPath: key, contents: Data((0..<32).map { _ in UInt8.random(in: 0...255) }))
+        let source = try MemChild(try MemE2E.tool("ferry-workload"), ["--memory", "64M", "--dirty-rate", "4M", "--report-interval", "0.2"])
+        _ = try source.waitFor("ready", timeout: 60)
+        let port = MemE2E.freePort()
+        let dest = try MemChild(try MemE2E.tool("dest-agent"), [
+            "--listen", "127.0.0.1:\(port)", "--key-file", key, "--uffd-socket", dir + "/uffd.sock", "--on-switchover", "true",
+            "--vm-start-timeout", "1", "--work-dir", dir + "/dest", "--accept-timeout", "60"], logPath: dir + "/dest.log")
+        defer { kill(dest.pid, SIGKILL) }
+        usleep(300_000)
+        let agent = try MemChild(try MemE2E.tool("source-agent"), [
+            "--vm", "\(source.pid)", "--dest", "127.0.0.1:\(port)", "--key-file", key, "--report", dir + "/source.json"],
+                                 logPath: dir + "/source.log")
+        guard let status = agent.wait(timeout: 60) else {
+            kill(agent.pid, SIGKILL)
+            throw MemTestError("source-agent did not finish: \(log(dir + "/source.log"))")
+        }
+        XCTAssertEqual(status, 1, "the migration must fail: \(log(dir + "/source.log"))")
+        let report = try MemE2E.readJSON(dir + "/source.json")
+        XCTAssertTrue((report["reason"] as? String ?? "").contains("vmStartFailed"), "\(report["reason"] ?? "")")
+        XCTAssertTrue(log(dir + "/source.log").contains("the process runs here again"), log(dir + "/source.log"))
+        usleep(100_000)
+        XCTAssertNotEqual(MemE2E.state(of: source.pid), "T", "the source resumed its process")
+        _ = source.drainOps()
+        source.send("write 5 6")
+        let written = try source.waitFor("written", timeout: 10)
+        XCTAssertEqual((written["count"] as? NSNumber)?.intValue, 2)
+        XCTAssertEqual(dest.wait(timeout: 10), 1, "dest-agent reports the failure: \(log(dir + "/dest.log"))")
+        kill(source.pid, SIGKILL)
+    }
+
     /// KVM mode: a real KVM guest's writes to its RAM are tracked (kernel method) and migrated by
     /// pre-copy; the digests agree and the memory file holds the guest's counters, consistent
     /// (all equal but for one step) because the VM was paused.

@@ -199,9 +199,22 @@ public final class MemoryDestinationMigration: @unchecked Sendable {
         return report
     }
 
-    /// Writes the state and layout files, starts the VM, serves its faults, tells the source.
+    /// Starts the VM (``startVM``); if that fails, tells the source with `error(vmStartFailed)`
+    /// before anything ran here, so the source may resume its paused copy (docs/wire.md).
     private func resumeVM(_ session: inout Session, workDirectory: String, listener: inout UFFDHandshakeListener?,
                           urgent: PeerLink?, link: PeerLink) throws {
+        do {
+            try startVM(&session, workDirectory: workDirectory, listener: &listener, urgent: urgent, link: link)
+        } catch {
+            if let pid = startedPID { kill(pid, SIGKILL) }
+            try? link.sender.send(.error(.truncating(code: .vmStartFailed, reason: "the VM did not start here: \(error)")))
+            throw error
+        }
+    }
+
+    /// Writes the state and layout files, starts the VM, serves its faults, tells the source.
+    private func startVM(_ session: inout Session, workDirectory: String, listener: inout UFFDHandshakeListener?,
+                         urgent: PeerLink?, link: PeerLink) throws {
         guard let image else { throw LinkError.unexpected(.switchover, expecting: "memoryLayout first") }
         session.resumed = true
         let statePath = workDirectory + "/vm-state.bin"

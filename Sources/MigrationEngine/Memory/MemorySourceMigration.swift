@@ -76,6 +76,7 @@ public final class MemorySourceMigration: @unchecked Sendable {
         var failure: String? = nil
         var mainLink: PeerLink? = nil
         var urgentLink: PeerLink? = nil
+        var vmNeverStartedThere = false
 
         func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18 }
 
@@ -296,6 +297,12 @@ public final class MemorySourceMigration: @unchecked Sendable {
             memory.transferred = builder.dataPages * UInt64(pageSize) + (requestServer?.dataBytes.value ?? 0)
         } catch {
             failure = "\(error)"
+            // The reader may have seen the destination's error frame while this thread failed a send.
+            for candidate in [error as? LinkError, mainLink?.failureSeen] {
+                if let candidate, case .peer(let code, _) = candidate, code == .vmStartFailed {
+                    vmNeverStartedThere = mainLink.map { link in link.publish { resumedAt == nil } } ?? false
+                }
+            }
         }
         if let attached = tracker.take() { try? attached.detach() }
 
@@ -318,6 +325,10 @@ public final class MemorySourceMigration: @unchecked Sendable {
         if let failure {
             report.status = "failed"
             report.reason = failure
+            if switchedOver && vmNeverStartedThere {
+                // The destination says its VM never ran: the paused copy here is the only one.
+                switchedOver = false
+            }
             if !switchedOver {
                 if paused || options.resumeCommand != nil {
                     do { try pauser.resume() } catch { logger.error("could not resume the process", metadata: ["error": "\(error)"]) }
