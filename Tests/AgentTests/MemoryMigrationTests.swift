@@ -292,9 +292,9 @@ final class MemoryMigrationTests: XCTestCase {
         let memory = try XCTUnwrap(report["memory"] as? [String: Any])
         XCTAssertEqual(memory["tracking_method"] as? String, "uffd-wp-async+pagemap-scan")
         let rounds = (memory["pages_per_round"] as? [NSNumber])?.map(\.intValue) ?? []
-        XCTAssertGreaterThanOrEqual(rounds.count, 3, "round 0, dirty rounds and the final set: \(rounds)")
-        // The guest writes pages 1...15 in a loop: each dirty round and the final set carry them.
-        for pages in rounds.dropFirst() { XCTAssertGreaterThanOrEqual(pages, 1, "the guest's dirty pages are tracked: \(rounds)") }
+        XCTAssertGreaterThanOrEqual(rounds.count, 2, "round 0, dirty rounds (if a scan found pages) and the final set: \(rounds)")
+        // The guest writes pages 1...15 in a loop: the rounds after the first carry them, and only them.
+        XCTAssertGreaterThanOrEqual(rounds.dropFirst().reduce(0, +), 1, "the guest's dirty pages are tracked: \(rounds)")
         XCTAssertLessThanOrEqual(rounds.dropFirst().max() ?? 0, 64, "only the guest's pages are dirty: \(rounds)")
         let image = try Data(contentsOf: URL(fileURLWithPath: memOut))
         XCTAssertEqual(UInt64(image.count), size)

@@ -21,17 +21,17 @@ import Wire
 ///
 /// Any failure before switchover resumes the process here; after switchover it stays paused.
 public final class MemorySourceMigration: @unchecked Sendable {
-    private let options: MemorySourceOptions
-    private let logger: Logger
+    let options: MemorySourceOptions
+    let logger: Logger
     private let sessionID = SessionID.random()
-    private var phase = PhaseTracker()
-    private var progress = ProgressLine()
+    var phase = PhaseTracker()
+    var progress = ProgressLine()
     private let cancelled = Atomic<Bool>(false)
     private let links = Mutex<[PeerLink]>([])
 
     // Published by the main link's reader thread, read under the link's lock.
     private var completedRoundAtPeer = -1
-    private var pacer = PushPacer(targetNanoseconds: 2_000_000)
+    var pacer = PushPacer(targetNanoseconds: 2_000_000)
     private var resumedAt: UInt64?
     private var peerCompletion: Wire.Completion?
 
@@ -344,213 +344,6 @@ public final class MemorySourceMigration: @unchecked Sendable {
             report.status = "completed"
         }
         return report
-    }
-
-    // MARK: - Regions
-
-    private func chooseRegions() throws -> [SourceRegion] {
-        let map = try ProcessRegions(pid: options.pid)
-        let chosen: [AddressRange]
-        if options.regions.isEmpty {
-            chosen = map.guestMemory(minimumSize: options.minimumRegionSize).map(\.range)
-        } else {
-            chosen = try map.select(ranges: options.regions).map(\.range)
-        }
-        guard !chosen.isEmpty else {
-            throw SetupError("process \(options.pid) has no writable anonymous or memfd mapping of at least \(options.minimumRegionSize) bytes; name one with --region START-END")
-        }
-        return SourceRegion.numbered(chosen)
-    }
-
-    /// The tracker wants ProcessMemory's region values (kind decides shmem support).
-    private func trackedRegions(_ regions: [SourceRegion]) throws -> [ProcessMemory.MemoryRegion] {
-        let map = try ProcessRegions(pid: options.pid)
-        return try map.select(ranges: regions.map(\.range))
-    }
-
-    private func residency(of region: SourceRegion) throws -> PageSet {
-        let reader = try ProcessMemoryReader(pid: options.pid, pageSize: UInt64(region.pageSize))
-        let bitmap = PageBitmap(pageCount: region.pageCount)
-        try reader.residency(of: region.range, into: bitmap)
-        let set = PageSet(pageCount: region.pageCount)
-        bitmap.forEachRun { first, count in for p in first..<(first + count) { set.insert(p) } }
-        return set
-    }
-
-    // MARK: - Sending
-
-    /// Sends `pages` of a region in batches; a stretch with no page that may hold data goes as one zero run.
-    private func sendRegion(_ region: SourceRegion, pages: Range<Int>, mayHoldData: (Int) -> Bool,
-                            builder: inout PageBatchBuilder, link: PeerLink) throws -> UInt64 {
-        var page = pages.lowerBound
-        var sent: UInt64 = 0
-        while page < pages.upperBound {
-            if !mayHoldData(page) {
-                var end = page + 1
-                while end < pages.upperBound && !mayHoldData(end) && end - page < Int(PageRun.maxCount) { end += 1 }
-                if end - page >= builder.batchPages || end == pages.upperBound {
-                    try link.sender.send(.pageBatch(PageBatch(regionID: region.id, pageShift: 12, firstPage: UInt64(page),
-                                                              runs: PageRunList([.zero(UInt32(end - page))]), payload: .empty)))
-                    sent += UInt64(end - page)
-                    page = end
-                    continue
-                }
-            }
-            let count = min(builder.batchPages, pages.upperBound - page)
-            try builder.withBatch(regionID: region.id, hostAddress: region.range.start, first: page, count: count,
-                                  mayHoldData: mayHoldData) { batch in
-                try link.sender.send(.pageBatch(batch))
-            }
-            sent += UInt64(count)
-            page += count
-        }
-        return sent
-    }
-
-    /// Calls `body(regionIndex, page)` for every page of the address runs.
-    private func forEachPage(of runs: borrowing PageRunBuffer, regions: [SourceRegion], _ body: (Int, Int) throws -> Void) throws {
-        for i in 0..<runs.count {
-            let run = runs[i]
-            for (index, region) in regions.enumerated() where region.range.overlaps(run) {
-                let start = max(run.start, region.range.start), end = min(run.end, region.range.end)
-                let first = Int((start - region.range.start) / UInt64(region.pageSize))
-                let last = Int((end - region.range.start + UInt64(region.pageSize) - 1) / UInt64(region.pageSize))
-                for page in first..<last { try body(index, page) }
-            }
-        }
-    }
-
-    /// Sends the pages of dirty address runs (their current content).
-    private func sendRuns(_ runs: borrowing PageRunBuffer, regions: [SourceRegion], builder: inout PageBatchBuilder,
-                          link: PeerLink) throws -> UInt64 {
-        var sent: UInt64 = 0
-        for i in 0..<runs.count {
-            let run = runs[i]
-            for region in regions where region.range.overlaps(run) {
-                let start = max(run.start, region.range.start), end = min(run.end, region.range.end)
-                let first = Int((start - region.range.start) / UInt64(region.pageSize))
-                let last = Int((end - region.range.start + UInt64(region.pageSize) - 1) / UInt64(region.pageSize))
-                var page = first
-                while page < last {
-                    let count = min(builder.batchPages, last - page)
-                    try builder.withBatch(regionID: region.id, hostAddress: region.range.start, first: page, count: count,
-                                          mayHoldData: { _ in true }) { batch in
-                        try link.sender.send(.pageBatch(batch))
-                    }
-                    sent += UInt64(count)
-                    page += count
-                }
-            }
-        }
-        return sent
-    }
-
-    /// Hybrid: tells the destination which pages it holds stale copies of (`pageDiscard`).
-    private func sendDiscards(_ runs: borrowing PageRunBuffer, regions: [SourceRegion], link: PeerLink) throws {
-        for i in 0..<runs.count {
-            let run = runs[i]
-            for region in regions where region.range.overlaps(run) {
-                let start = max(run.start, region.range.start), end = min(run.end, region.range.end)
-                let first = UInt64((start - region.range.start) / UInt64(region.pageSize))
-                let last = UInt64((end - region.range.start + UInt64(region.pageSize) - 1) / UInt64(region.pageSize))
-                try link.sender.send(.pageDiscard(PageRange(regionID: region.id, pageIndex: first, count: UInt32(last - first))))
-            }
-        }
-    }
-
-    /// Post-copy's background stream: every page still needed, in batches, jumping to the latest
-    /// fault whenever a new one arrives. Pages already delivered on the urgent lane are skipped.
-    private func push(needed: [PageSet], regions: [SourceRegion], server: PageRequestServer, pauser: ProcessPause,
-                      builder: inout PageBatchBuilder, link: PeerLink) throws -> UInt64 {
-        let residents = try regions.map { try residency(of: $0) }
-        var regionIndex = 0, cursor = 0
-        var lastHint = UInt64.max
-        var pushed: UInt64 = 0
-        var left = needed.reduce(0) { $0 + $1.count }
-        // Small frames: a reply never queues behind more than one of them at the bottleneck.
-        let pushBatchPages = min(builder.batchPages, 16)
-        let pacing = options.pushDelayTarget > 0
-        link.publish { pacer.targetNanoseconds = options.pushDelayTarget * 1e9 }
-        defer { logger.info("push done", metadata: ["pages": "\(pushed)", "final_window_bytes": "\(Int(link.publish { pacer.window }))"]) }
-        while left > 0 {
-            if let failure = link.failureSeen { throw failure }
-            let hint = server.latestFault.load(ordering: .acquiring)
-            if hint != lastHint && hint != UInt64.max {
-                lastHint = hint
-                regionIndex = Int(hint >> 40)
-                cursor = Int(hint & ((1 << 40) - 1))
-            }
-            let set = needed[regionIndex]
-            guard let first = set.firstMember(from: cursor) else {
-                // This region is done from the cursor on: next region, or wrap around.
-                cursor = 0
-                regionIndex = (regionIndex + 1) % regions.count
-                left = needed.reduce(0) { $0 + $1.count }
-                continue
-            }
-            let region = regions[regionIndex]
-            let delivered = server.delivered[regionIndex]
-            var end = first
-            while end < region.pageCount && end - first < pushBatchPages && set.contains(end) && !delivered.contains(end) { end += 1 }
-            if end == first {
-                // Delivered by a reply already.
-                set.remove(first)
-                cursor = first + 1
-                left -= 1
-                continue
-            }
-            let resident = residents[regionIndex]
-            // Wait for room in the pacer's window (the destination acknowledges every push frame).
-            if pacing { try link.wait(timeout: options.receiveTimeout, during: "post-copy push") { pacer.maySend } }
-            try builder.withBatch(regionID: region.id, hostAddress: region.range.start, first: first, count: end - first,
-                                  mayHoldData: { resident.contains($0) }) { batch in
-                // Recorded before sending: the acknowledgement may come back before send returns.
-                let message = Message.pageBatch(batch)
-                let bytes = UInt64(try FrameEncoder.frameSize(of: message))
-                link.publish { pacer.sent(bytes: bytes) }
-                try link.sender.send(message)
-            }
-            for p in first..<end { set.remove(p) }
-            pushed += UInt64(end - first)
-            left -= end - first
-            cursor = end
-        }
-        return pushed
-    }
-
-    // MARK: - VM state
-
-    /// Runs `--state-cmd` (if any) and returns the blob. The command gets FERRY_STATE_FILE (a path it
-    /// may write) and FERRY_PID; if the last line it prints names an existing file, that file is the
-    /// blob instead.
-    private func vmState() throws -> [UInt8] {
-        guard let command = options.stateCommand else { return [] }
-        let path = FileManager.default.temporaryDirectory.appendingPathComponent("ferry-state-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).bin").path
-        defer { unlink(path) }
-        let output = try ShellCommand.run(command, environment: ["FERRY_STATE_FILE": path, "FERRY_PID": "\(options.pid)"])
-        var file = path
-        if let last = output.split(separator: "\n").last.map({ $0.trimmingCharacters(in: .whitespaces) }),
-           !last.isEmpty, FileManager.default.fileExists(atPath: last) {
-            file = last
-        }
-        guard let data = FileManager.default.contents(atPath: file) else {
-            throw SetupError("--state-cmd produced no state file (wrote nothing to FERRY_STATE_FILE and printed no existing path)")
-        }
-        return [UInt8](data)
-    }
-
-    private func sendState(_ state: [UInt8], link: PeerLink) throws {
-        guard !state.isEmpty else { return }
-        let chunk = 1 << 20
-        try state.withUnsafeBytes { raw in
-            var offset = 0
-            while offset < raw.count {
-                let n = min(chunk, raw.count - offset)
-                try link.sender.send(.vmState(VMStateChunk(totalLength: UInt64(raw.count), offset: UInt64(offset),
-                                                           payload: Payload(UnsafeRawBufferPointer(rebasing: raw[offset..<(offset + n)])))))
-                offset += n
-            }
-        }
     }
 
     // MARK: - Reader
