@@ -34,9 +34,13 @@ struct MemoryOptions: ParsableArguments {
     @Option(name: .customLong("urgent-priority"), help: "SO_PRIORITY of the urgent lane (6 = interactive band of pfifo_fast; 0: leave it).")
     var urgentPriority: Int32 = 6
 
+    @Option(name: .long, help: "Dirty tracking: auto (kernel write-protect + PAGEMAP_SCAN, else content hashing) or hash.")
+    var tracking: String = "auto"
+
     func validate() throws {
         guard vm != nil else { return }
         if MemoryMigrationMode(rawValue: mode) == nil { throw ValidationError("--mode must be precopy, postcopy or hybrid, not '\(mode)'") }
+        if tracking != "auto" && tracking != "hash" { throw ValidationError("--tracking must be auto or hash, not '\(tracking)'") }
         if precopyRounds < 0 { throw ValidationError("--precopy-rounds must not be negative") }
         if let bad = regions.first(where: { $0.split(separator: "-").count != 2 }) {
             throw ValidationError("--region \(bad): expected START-END in hex")
@@ -57,6 +61,7 @@ struct MemoryOptions: ParsableArguments {
         options.stateCommand = stateCmd
         options.pushDelayTarget = pushDelayTargetMs / 1000
         options.urgentPriority = urgentPriority
+        options.contentHashTracking = tracking == "hash"
         let migration = MemorySourceMigration(options: options, logger: logger)
         let outcome = MigrationOutcome()
         Thread {

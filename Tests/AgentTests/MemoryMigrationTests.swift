@@ -13,7 +13,10 @@ final class MemoryMigrationTests: XCTestCase {
     /// Guest memory in a memfd (shmem, MAP_SHARED), as VMMs that share guest RAM keep it.
     func testPrecopyMigratesMemfdWorkload() throws { try migrateWorkload(mode: "precopy", memoryMiB: 128, memfd: true) }
 
-    func migrateWorkload(mode: String, memoryMiB: Int = 512, memfd: Bool = false) throws {
+    /// The content-hash fallback tracker, forced (it is what runs where the kernel method is unavailable).
+    func testPrecopyWithContentHashTracking() throws { try migrateWorkload(mode: "precopy", memoryMiB: 128, hashTracking: true) }
+
+    func migrateWorkload(mode: String, memoryMiB: Int = 512, memfd: Bool = false, hashTracking: Bool = false) throws {
         let pages = memoryMiB * 256
         try MemE2E.requireMemoryMigration()
         let dir = try MemE2E.scratch()
@@ -58,6 +61,7 @@ final class MemoryMigrationTests: XCTestCase {
         var sourceArguments = ["--vm", "\(source.pid)", "--dest", "127.0.0.1:\(port)", "--key-file", key, "--mode", mode,
                                "--report", dir + "/source.json"]
         if mode == "hybrid" { sourceArguments += ["--precopy-rounds", "1"] }
+        if hashTracking { sourceArguments += ["--tracking", "hash"] }
         // An opaque VM-state blob made at pause travels to the destination's FERRY_STATE_FILE.
         sourceArguments += ["--state-cmd", "printf 'state of %s' $FERRY_PID > \"$FERRY_STATE_FILE\""]
         let agent = try MemChild(try MemE2E.tool("source-agent"), sourceArguments, logPath: dir + "/source.log")
@@ -120,6 +124,8 @@ final class MemoryMigrationTests: XCTestCase {
         let sourceMemory = try XCTUnwrap(sourceReport["memory"] as? [String: Any])
         let destMemory = try XCTUnwrap(destReport["memory"] as? [String: Any])
         XCTAssertEqual(sourceMemory["digest"] as? String, destMemory["digest"] as? String)
+        XCTAssertEqual(sourceMemory["tracking_method"] as? String,
+                       mode == "postcopy" ? "none (post-copy)" : hashTracking ? "content-hash" : "uffd-wp-async+pagemap-scan")
         let missing = destMemory["fault_latency_missing"] as? [String: Any]
         let received = destMemory["fault_latency_received"] as? [String: Any]
         let requests = (sourceMemory["postcopy_requests"] as? NSNumber)?.intValue ?? 0

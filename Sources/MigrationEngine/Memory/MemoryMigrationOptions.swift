@@ -44,6 +44,8 @@ public struct MemorySourceOptions: Sendable {
     public var pushDelayTarget: Double = 0.002
     /// SO_PRIORITY of the urgent lane's socket (6, TC_PRIO_INTERACTIVE; 0 leaves it alone).
     public var urgentPriority: Int32 = 6
+    /// Track dirty pages by content hashing even where the kernel method works (`--tracking hash`).
+    public var contentHashTracking = false
     /// Pages per `pageBatch` frame.
     public var batchPages: Int = 256
     /// A receive that sees nothing for this long (seconds) counts as a dropped link.

@@ -91,7 +91,12 @@ public final class MemorySourceMigration: @unchecked Sendable {
                 "bytes": "\(memory.total)"])
             if options.mode != .postcopy {
                 var fallback: ProcessMemoryError? = nil
-                var attached = try AnyDirtyPageTracker.attach(pid: options.pid, regions: try trackedRegions(regions), fallbackReason: &fallback)
+                var attached: AnyDirtyPageTracker
+                if options.contentHashTracking {
+                    attached = .hash(try HashDirtyTracker(pid: options.pid, regions: try trackedRegions(regions)))
+                } else {
+                    attached = try AnyDirtyPageTracker.attach(pid: options.pid, regions: try trackedRegions(regions), fallbackReason: &fallback)
+                }
                 memory.trackingMethod = attached.method
                 if let fallback {
                     logger.warning("kernel dirty tracking unavailable; using content hashing", metadata: ["reason": "\(fallback)"])
