@@ -110,6 +110,34 @@ final class DiskPostcopyTests: XCTestCase {
         XCTAssertGreaterThan(requests, 0, "no block was fetched over the urgent lane: \(report ?? [:])")
     }
 
+    /// The link (main connection and urgent lane) is cut during post-copy: the agents reconnect,
+    /// the urgent lane is reopened, reads of missing blocks are served again, and the images end equal.
+    func testLinkCutDuringPostcopyIsResumedAndReadsStillWork() throws {
+        try E2E.requireTool("/usr/bin/nbdsh")
+        let scratch = E2E.Scratch()
+        let (source, dest, relay) = try start(scratch)
+        defer { relay.stop() }
+        func readCheck(_ offsets: [Int]) -> (status: Int32, output: String) {
+            python("""
+            import nbd
+            h = nbd.NBD(); h.connect_unix('\(scratch.file("dst.sock"))')
+            src = open('\(scratch.file("src.img"))', 'rb')
+            for offset in \(offsets):
+                src.seek(offset); assert h.pread(4096, offset) == src.read(4096), 'wrong data at %d' % offset
+            print('reads ok')
+            """)
+        }
+        let before = readCheck([(imageMiB - 1) << 20, (imageMiB - 3) << 20])
+        XCTAssertTrue(before.output.contains("reads ok"), before.output + dest.log)
+        relay.cut()
+        XCTAssertTrue(source.waitForLog("link resumed", timeout: 30), "no resume after the cut:\n\(source.log)")
+        let after = readCheck([(imageMiB - 2) << 20 + 8192, (imageMiB - 5) << 20 + 4096])
+        XCTAssertTrue(after.output.contains("reads ok"), after.output + dest.log + source.log)
+        XCTAssertEqual(source.waitForExit(timeout: 90), 0, source.log)
+        XCTAssertEqual(dest.waitForExit(timeout: 30), 0, dest.log)
+        XCTAssertEqual(E2E.sha256(scratch.file("src.img")), E2E.sha256(scratch.file("dst.img")))
+    }
+
     /// A write at the destination to a block that has not arrived, then the late bulk copy of the
     /// same block: the destination's data stays.
     func testDestinationWriteWinsOverALateBulkBlock() throws {
