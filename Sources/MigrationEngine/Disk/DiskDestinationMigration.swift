@@ -302,6 +302,7 @@ public final class DiskDestinationMigration: @unchecked Sendable {
     /// Accepts the source's urgent-lane connection of session `sessionID` (docs/wire.md, "Urgent lane").
     private func acceptUrgentLane(_ listener: Int32, sessionID: SessionID) -> PeerLink? {
         guard let fd = acceptConnection(listener, timeout: 10) else { return nil }
+        try? Socket.setOption(fd, SOL_SOCKET, SO_PRIORITY, PeerLink.interactivePriority)
         // No idle timeout worth the name: a VM may go minutes without a missing block.
         return try? PeerLink.accept(fd: fd, key: options.key, receiveTimeout: 86_400) { (hello: Hello) throws(LinkError) in
             guard hello.sessionID == sessionID, hello.features == [.urgentLane] else {

@@ -379,7 +379,8 @@ public final class DiskSourceMigration: @unchecked Sendable {
     /// Opens the urgent lane (a second connection of the session) and starts answering fetches.
     private func openUrgentLane(blockSize: Int) throws(LinkError) -> UrgentLaneServer {
         let lane = try PeerLink.connect(to: options.destination, key: options.key, sessionID: sessionID, features: [.urgentLane],
-                                        mode: .new, resumePoints: [], receiveTimeout: 3600)
+                                        mode: .new, resumePoints: [], receiveTimeout: 86_400)
+        lane.setPriority(PeerLink.interactivePriority)
         return try UrgentLaneServer(link: lane, store: store, diskID: options.diskID, blockSize: blockSize, logger: logger)
     }
 

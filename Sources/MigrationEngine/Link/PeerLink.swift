@@ -145,6 +145,19 @@ public final class PeerLink: @unchecked Sendable {
         return try body()
     }
 
+    /// `SO_PRIORITY` for the urgent lane: TC_PRIO_INTERACTIVE, band 0 of pfifo_fast's default
+    /// priomap, so a priority queue at the bottleneck sends fault requests and replies ahead of
+    /// bulk data (as QEMU's postcopy-preempt channel intends).
+    public static let interactivePriority: Int32 = 6
+
+    /// Sets the connection's `SO_PRIORITY`. Returns false (errno set) when the kernel refuses.
+    ///
+    /// The corresponding C function is `setsockopt`.
+    @discardableResult
+    public func setPriority(_ priority: Int32) -> Bool {
+        (try? Socket.setOption(descriptor, SOL_SOCKET, SO_PRIORITY, priority)) != nil
+    }
+
     /// Shuts the connection down in both directions; the reader ends with `closed`.
     public func close() {
         Socket.shutdownBoth(descriptor)

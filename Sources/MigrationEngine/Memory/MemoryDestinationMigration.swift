@@ -76,7 +76,7 @@ public final class MemoryDestinationMigration: @unchecked Sendable {
             var urgent: PeerLink? = nil
             if link.agreement.features.contains(.urgentLane) {
                 guard let ufd = accept(listener.rawValue, timeout: 10) else { throw SetupError("the source did not open the urgent lane within 10 s") }
-                if options.urgentPriority > 0 { _ = SocketPriority.set(ufd, priority: options.urgentPriority) }
+                if options.urgentPriority > 0 { try? Socket.setOption(ufd, SOL_SOCKET, SO_PRIORITY, options.urgentPriority) }
                 let session = link.agreement.sessionID
                 let lane = try PeerLink.accept(fd: ufd, key: options.key, receiveTimeout: 3600) { (hello: Hello) throws(LinkError) in
                     guard hello.sessionID == session, hello.features == [.urgentLane] else {

@@ -43,7 +43,7 @@ public struct MemorySourceOptions: Sendable {
     /// (``PushPacer``); 0 pushes as fast as the link takes it (for links that prioritise the urgent lane).
     public var pushDelayTarget: Double = 0.002
     /// SO_PRIORITY of the urgent lane's socket (6, TC_PRIO_INTERACTIVE; 0 leaves it alone).
-    public var urgentPriority: Int32 = 6
+    public var urgentPriority: Int32 = PeerLink.interactivePriority
     /// Track dirty pages by content hashing even where the kernel method works (`--tracking hash`).
     public var contentHashTracking = false
     /// Pages per `pageBatch` frame.
@@ -78,7 +78,7 @@ public struct MemoryDestinationOptions: Sendable {
     /// Where the state and layout files go (a fresh directory by default).
     public var workDirectory: String?
     /// SO_PRIORITY of the urgent lane's socket (6, TC_PRIO_INTERACTIVE; 0 leaves it alone).
-    public var urgentPriority: Int32 = 6
+    public var urgentPriority: Int32 = PeerLink.interactivePriority
     /// Pages requested around a faulting page (pre-paging), the faulting page included.
     public var prepagingWindow: Int = 16
     /// A receive that sees nothing for this long (seconds) counts as a dropped link.

@@ -124,18 +124,11 @@ public final class MemorySourceMigration: @unchecked Sendable {
                 guard link.agreement.features.contains(.urgentLane) else {
                     throw SetupError("the destination does not offer the urgent lane post-copy needs")
                 }
-                // PeerLink does not show its descriptor: the urgent lane's socket is the one that is new
-                // after connecting (no other thread opens sockets at this point).
-                let socketsBefore = SocketPriority.socketDescriptors()
                 let urgent = try PeerLink.connect(to: options.destination, key: options.key, sessionID: sessionID,
                                                   features: [.urgentLane], mode: .new, resumePoints: [],
                                                   receiveTimeout: 3600)
-                if options.urgentPriority > 0 {
-                    for fd in SocketPriority.socketDescriptors().subtracting(socketsBefore) {
-                        if !SocketPriority.set(fd, priority: options.urgentPriority) {
-                            logger.warning("cannot set SO_PRIORITY on the urgent lane", metadata: ["errno": "\(errno)"])
-                        }
-                    }
+                if options.urgentPriority > 0 && !urgent.setPriority(options.urgentPriority) {
+                    logger.warning("cannot set SO_PRIORITY on the urgent lane", metadata: ["errno": "\(errno)"])
                 }
                 urgentLink = urgent
                 links.withLock { $0.append(urgent) }
@@ -340,13 +333,16 @@ public final class MemorySourceMigration: @unchecked Sendable {
                 } else {
                     kill(options.pid, SIGCONT)
                 }
+                report.vmLocation = "source"
                 logger.error("migration failed before switchover; the process runs here again", metadata: ["reason": "\(failure)"])
             } else {
+                report.vmLocation = "destination"
                 logger.error("migration failed after switchover; the process stays paused here", metadata: ["reason": "\(failure)"])
             }
             if !phase.current.isTerminal { phase.move(to: .failed(failure)) }
         } else {
             report.status = "completed"
+            report.vmLocation = "destination"
         }
         return report
     }
