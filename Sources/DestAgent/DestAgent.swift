@@ -70,14 +70,7 @@ struct DestAgent: ParsableCommand {
         options.linkTimeout = linkTimeout
         options.acceptTimeout = acceptTimeout
         let migration = DiskDestinationMigration(options: options, logger: logger)
-        let outcome = MigrationOutcome()
-        let reportPath = report
-        Thread {
-            let result = migration.run()
-            AgentLogging.finish(result, writingTo: reportPath, logger: logger)
-            outcome.set(result.status == "completed")
-            SignalWaiter.wake()
-        }.start()
+        let background = BackgroundMigration(reportPath: report, logger: logger) { migration.run() }
 
         while true {
             switch SignalWaiter.wait() {
@@ -86,7 +79,7 @@ struct DestAgent: ParsableCommand {
                 migration.server?.shutdown(drain: true)
                 return
             case .workFinished:
-                let completed = outcome.get() ?? false
+                let completed = background.completed
                 if exitAfterMigration || migration.server == nil {
                     migration.server?.shutdown(drain: true)
                     if !completed { throw ExitCode(1) }

@@ -46,17 +46,11 @@ struct MemoryOptions: ParsableArguments {
         options.handshakeTimeout = vmStartTimeout
         options.acceptTimeout = acceptTimeout
         let migration = MemoryDestinationMigration(options: options, logger: logger, vmExited: { SignalWaiter.wake() })
-        let result = ResultBox()
-        Thread {
-            let report = migration.run()
-            AgentLogging.finish(report, writingTo: reportPath, logger: logger)
-            result.set(report)
-            SignalWaiter.wake()
-        }.start()
+        let background = BackgroundMigration(reportPath: reportPath, logger: logger) { migration.run() }
         func finish() throws {
             migration.faultService?.stop()
             if let pid = migration.startedPID { var status: Int32 = 0; _ = waitpid(pid, &status, WNOHANG) }   // the --on-switchover shell
-            guard var report = result.get() else { throw ExitCode(1) }
+            guard var report = background.report else { throw ExitCode(1) }
             migration.refresh(&report)
             if let reportPath { try? report.write(to: reportPath) }
             if let memory = report.memory {
@@ -72,7 +66,7 @@ struct MemoryOptions: ParsableArguments {
                 logger.info("stopping", metadata: ["signal": "\(signal)"])
                 return try finish()
             case .workFinished:
-                guard let report = result.get() else { continue }   // the VM exited before the migration ended
+                guard let report = background.report else { continue }   // the VM exited before the migration ended
                 if report.status != "completed" { return try finish() }
                 if let service = migration.faultService, !service.hasFinished {
                     logger.info("serving the resumed VM's faults until it exits or SIGTERM")
@@ -84,10 +78,3 @@ struct MemoryOptions: ParsableArguments {
     }
 }
 
-/// The migration's report, handed from its thread to the main thread.
-final class ResultBox: @unchecked Sendable {
-    private let lock = NSLock()
-    private var value: MigrationReport?
-    func set(_ report: MigrationReport) { lock.lock(); value = report; lock.unlock() }
-    func get() -> MigrationReport? { lock.lock(); defer { lock.unlock() }; return value }
-}

@@ -63,20 +63,14 @@ struct MemoryOptions: ParsableArguments {
         options.urgentPriority = urgentPriority
         options.contentHashTracking = tracking == "hash"
         let migration = MemorySourceMigration(options: options, logger: logger)
-        let outcome = MigrationOutcome()
-        Thread {
-            let result = migration.run()
-            AgentLogging.finish(result, writingTo: reportPath, logger: logger)
-            outcome.set(result.status == "completed")
-            SignalWaiter.wake()
-        }.start()
+        let background = BackgroundMigration(reportPath: reportPath, logger: logger) { migration.run() }
         while true {
             switch SignalWaiter.wait() {
             case .stop(let signal):
                 logger.info("stopping: cancelling the memory migration", metadata: ["signal": "\(signal)"])
                 migration.cancel()
             case .workFinished:
-                if outcome.get() == true { return }
+                if background.completed { return }
                 throw ExitCode(1)
             }
         }

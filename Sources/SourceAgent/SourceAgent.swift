@@ -106,8 +106,7 @@ struct SourceAgent: ParsableCommand {
         }
         server.start()
 
-        let outcome = MigrationOutcome()
-        let vmStayedHere = MigrationOutcome()
+        var migration: BackgroundMigration? = nil
         if let dest {
             let key = try SharedKey(contentsOf: keyFile!)
             var options = DiskSourceOptions(destination: try SocketAddress(parsing: dest), key: key,
@@ -116,15 +115,8 @@ struct SourceAgent: ParsableCommand {
             options.throttleDelayNanoseconds = UInt64(throttleDelayMs * 1e6)
             options.linkTimeout = linkTimeout
             options.postcopy = diskPostcopy
-            let migration = DiskSourceMigration(server: server, store: store, options: options, logger: logger)
-            let reportPath = report
-            Thread {
-                let result = migration.run()
-                AgentLogging.finish(result, writingTo: reportPath, logger: logger)
-                outcome.set(result.status == "completed")
-                vmStayedHere.set(result.vmLocation == "source")
-                SignalWaiter.wake()
-            }.start()
+            let diskMigration = DiskSourceMigration(server: server, store: store, options: options, logger: logger)
+            migration = BackgroundMigration(reportPath: report, logger: logger) { diskMigration.run() }
         }
 
         while true {
@@ -134,8 +126,7 @@ struct SourceAgent: ParsableCommand {
                 server.shutdown(drain: true)
                 return
             case .workFinished:
-                let completed = outcome.get() ?? false
-                if completed {
+                if migration?.completed == true {
                     // The VM now runs at the destination: nothing may write here any more.
                     logger.info("migration completed; the disk is served by the destination now")
                     server.shutdown(drain: false)
@@ -145,7 +136,7 @@ struct SourceAgent: ParsableCommand {
                     server.shutdown(drain: true)
                     throw ExitCode(1)
                 }
-                if vmStayedHere.get() ?? true {
+                if migration?.report?.vmLocation ?? "source" == "source" {
                     logger.warning("migration failed; still serving the disk to the VM here")
                 } else {
                     logger.error("migration failed after hand-over; writes stay held here (see the report)")

@@ -72,6 +72,34 @@ public enum Socket {
         }
     }
 
+    /// Waits up to `timeout` seconds (0: for ever) for a connection on `listener` and accepts it,
+    /// riding over transient errors (an aborted connection, a signal). Returns nil when the time
+    /// runs out or the listener fails. Stream buffers are sized for a WAN (4 MiB each way).
+    ///
+    /// The corresponding C functions are `poll` and `accept`.
+    public static func accept(from listener: Int32, timeout: Double) -> OwnedDescriptor? {
+        var poller = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+        let deadline = ContinuousClock.now + .milliseconds(Int(min(timeout, 1e9) * 1000))
+        while true {
+            var millis: Int32 = -1
+            if timeout > 0 {
+                let left = deadline - ContinuousClock.now
+                millis = Int32(clamping: max(0, left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000))
+            }
+            let ready = poll(&poller, 1, millis)
+            if ready < 0 && errno == EINTR { continue }
+            if ready <= 0 { return nil }
+            do {
+                let connection = try accept(from: listener)
+                try? setBufferSizes(connection.rawValue, send: 4 << 20, receive: 4 << 20)
+                return connection
+            } catch {
+                if error == .connectionAbort || error == .resourceTemporarilyUnavailable || error == .interrupted { continue }
+                return nil
+            }
+        }
+    }
+
     /// The address a socket is bound to (with the port the kernel chose for port 0).
     ///
     /// The corresponding C function is `getsockname`.

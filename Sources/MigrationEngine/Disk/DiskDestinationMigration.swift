@@ -89,7 +89,7 @@ public final class DiskDestinationMigration: @unchecked Sendable {
         session: while !done {
             // Accept the next connection: the first one, or the source coming back after a drop.
             let waitSeconds = progress.sessionID == nil ? options.acceptTimeout : options.linkTimeout
-            guard let fd = acceptConnection(listener.rawValue, timeout: waitSeconds) else {
+            guard let fd = Socket.accept(from: listener.rawValue, timeout: waitSeconds)?.take() else {
                 failure = progress.sessionID == nil ? "no source connected within \(Int(waitSeconds)) s"
                                                     : "the source did not come back within \(Int(waitSeconds)) s"
                 break session
@@ -301,7 +301,7 @@ public final class DiskDestinationMigration: @unchecked Sendable {
 
     /// Accepts the source's urgent-lane connection of session `sessionID` (docs/wire.md, "Urgent lane").
     private func acceptUrgentLane(_ listener: Int32, sessionID: SessionID) -> PeerLink? {
-        guard let fd = acceptConnection(listener, timeout: 10) else { return nil }
+        guard let fd = Socket.accept(from: listener, timeout: 10)?.take() else { return nil }
         try? Socket.setOption(fd, SOL_SOCKET, SO_PRIORITY, PeerLink.interactivePriority)
         // No idle timeout worth the name: a VM may go minutes without a missing block.
         return try? PeerLink.accept(fd: fd, key: options.key, receiveTimeout: 86_400) { (hello: Hello) throws(LinkError) in
@@ -312,22 +312,4 @@ public final class DiskDestinationMigration: @unchecked Sendable {
         }
     }
 
-    /// Waits up to `timeout` seconds (0: for ever) for a connection on `listener`.
-    private func acceptConnection(_ listener: Int32, timeout: Double) -> Int32? {
-        var poller = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
-        let millis: Int32 = timeout > 0 ? Int32(min(timeout * 1000, Double(Int32.max))) : -1
-        while true {
-            let rc = poll(&poller, 1, millis)
-            if rc < 0 && errno == EINTR { continue }
-            if rc <= 0 { return nil }
-            let connection: OwnedDescriptor
-            do { connection = try Socket.accept(from: listener) } catch {
-                if error == .connectionAbort || error == .resourceTemporarilyUnavailable || error == .interrupted { continue }
-                logger.error("accept failed", metadata: ["error": "\(error)"])
-                return nil
-            }
-            try? Socket.setBufferSizes(connection.rawValue, send: 4 << 20, receive: 4 << 20)
-            return connection.take()
-        }
-    }
 }

@@ -64,7 +64,7 @@ public final class MemoryDestinationMigration: @unchecked Sendable {
                 throw SetupError("cannot listen on \(options.listen): \(error)")
             }
             logger.info("waiting for the source", metadata: ["listen": "\(options.listen)", "uffd_socket": "\(options.uffdSocket ?? "-")"])
-            guard let fd = accept(listener.rawValue, timeout: options.acceptTimeout) else {
+            guard let fd = Socket.accept(from: listener.rawValue, timeout: options.acceptTimeout)?.take() else {
                 throw SetupError("no source connected within \(Int(options.acceptTimeout)) s")
             }
             let link = try PeerLink.accept(fd: fd, key: options.key, receiveTimeout: options.receiveTimeout) { (hello: Hello) throws(LinkError) in
@@ -75,7 +75,7 @@ public final class MemoryDestinationMigration: @unchecked Sendable {
             report.setupTimeMs = seconds(ContinuousClock.now - start) * 1000
             var urgent: PeerLink? = nil
             if link.agreement.features.contains(.urgentLane) {
-                guard let ufd = accept(listener.rawValue, timeout: 10) else { throw SetupError("the source did not open the urgent lane within 10 s") }
+                guard let ufd = Socket.accept(from: listener.rawValue, timeout: 10)?.take() else { throw SetupError("the source did not open the urgent lane within 10 s") }
                 if options.urgentPriority > 0 { try? Socket.setOption(ufd, SOL_SOCKET, SO_PRIORITY, options.urgentPriority) }
                 let session = link.agreement.sessionID
                 let lane = try PeerLink.accept(fd: ufd, key: options.key, receiveTimeout: 3600) { (hello: Hello) throws(LinkError) in
@@ -273,19 +273,6 @@ public final class MemoryDestinationMigration: @unchecked Sendable {
         return dir
     }
 
-    /// Waits up to `timeout` seconds (0: for ever) for a connection on `listener`.
-    private func accept(_ listener: Int32, timeout: Double) -> Int32? {
-        var poller = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
-        let millis: Int32 = timeout > 0 ? Int32(min(timeout * 1000, Double(Int32.max))) : -1
-        while true {
-            let rc = poll(&poller, 1, millis)
-            if rc < 0 && errno == EINTR { continue }
-            if rc <= 0 { return nil }
-            guard let connection = try? Socket.accept(from: listener) else { return nil }
-            try? Socket.setBufferSizes(connection.rawValue, send: 4 << 20, receive: 4 << 20)
-            return connection.take()
-        }
-    }
 
     /// Fills the fault figures into a report (call again when the VM has run on).
     public func refresh(_ report: inout MigrationReport) {

@@ -23,10 +23,24 @@ public enum AgentLogging {
     }
 }
 
-/// A result handed from the migration thread to the main thread.
-public final class MigrationOutcome: Sendable {
-    private let value = Mutex<Bool?>(nil)
-    public init() {}
-    public func set(_ completed: Bool) { value.withLock { $0 = completed } }
-    public func get() -> Bool? { value.withLock { $0 } }
+/// A migration running on its own thread. When it ends, its report is logged and written (if a
+/// path was given), kept for the main thread, and the main thread's ``SignalWaiter/wait()`` wakes.
+public final class BackgroundMigration: Sendable {
+    private let result = Mutex<MigrationReport?>(nil)
+
+    /// Starts `work` on a new thread.
+    public init(reportPath: String?, logger: Logger, _ work: @escaping @Sendable () -> MigrationReport) {
+        Thread { [self] in
+            let report = work()
+            AgentLogging.finish(report, writingTo: reportPath, logger: logger)
+            result.withLock { $0 = report }
+            SignalWaiter.wake()
+        }.start()
+    }
+
+    /// The report, once the migration has ended.
+    public var report: MigrationReport? { result.withLock { $0 } }
+
+    /// Whether it ended and completed.
+    public var completed: Bool { report?.status == "completed" }
 }
