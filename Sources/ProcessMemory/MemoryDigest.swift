@@ -37,8 +37,10 @@ public struct MemoryDigest {
     }
 
     /// SHA-256 of `regions` of process `pid` (in the order given), read with `process_vm_readv` in 1 MiB chunks;
-    /// non-resident pages count as zeros.
-    public static func of(pid: Int32, regions: [AddressRange], pageSize: UInt64 = 4096) throws(ProcessMemoryError) -> String {
+    /// non-resident pages count as zeros, except in the regions `readWhole` marks (shared memory, whose
+    /// pages may hold data without a page-table entry here), which are read page by page in full.
+    public static func of(pid: Int32, regions: [AddressRange], pageSize: UInt64 = 4096,
+                          readWhole: [Bool] = []) throws(ProcessMemoryError) -> String {
         let reader = try ProcessMemoryReader(pid: pid, pageSize: pageSize)
         let maxPages = regions.map { $0.pageCount(pageSize: pageSize) }.max() ?? 0
         let resident = PageBitmap(pageCount: maxPages)
@@ -46,8 +48,12 @@ public struct MemoryDigest {
         defer { chunk.deallocate() }
         let chunkPages = chunk.count / Int(pageSize)
         var d = MemoryDigest()
-        for region in regions {
-            try reader.residency(of: region, into: resident)
+        for (index, region) in regions.enumerated() {
+            if index < readWhole.count && readWhole[index] {
+                resident.set(first: 0, count: region.pageCount(pageSize: pageSize))
+            } else {
+                try reader.residency(of: region, into: resident)
+            }
             let pages = region.pageCount(pageSize: pageSize)
             var p = 0
             while p < pages {

@@ -42,6 +42,9 @@ struct MemoryOptions: ParsableArguments {
         if MemoryMigrationMode(rawValue: mode) == nil { throw ValidationError("--mode must be precopy, postcopy or hybrid, not '\(mode)'") }
         if tracking != "auto" && tracking != "hash" { throw ValidationError("--tracking must be auto or hash, not '\(tracking)'") }
         if precopyRounds < 0 { throw ValidationError("--precopy-rounds must not be negative") }
+        if (pauseCmd == nil) != (resumeCmd == nil) {
+            throw ValidationError("--pause-cmd and --resume-cmd go together: a VM paused through its VMM's API is not resumed by SIGCONT")
+        }
         if let bad = regions.first(where: { $0.split(separator: "-").count != 2 }) {
             throw ValidationError("--region \(bad): expected START-END in hex")
         }

@@ -161,6 +161,9 @@ public final class GuestMemoryImage: @unchecked Sendable {
         for page in first..<(first + Int(range.count)) {
             received.remove(page)
             requested.remove(page)
+            // The local copy must not keep the stale bytes: a later zero push only zeroes pages
+            // it knows hold data, and the digest is taken over this copy.
+            if !zero.contains(page) { memset(pointer(page), 0, pageSize) }
         }
     }
 

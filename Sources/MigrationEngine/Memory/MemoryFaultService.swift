@@ -104,6 +104,7 @@ public final class MemoryFaultService: @unchecked Sendable {
         let pageSize = image.pageSize
         while !stopping.load(ordering: .relaxed) {
             let events = try box.server.nextEvents(timeoutMilliseconds: 100)
+            retryOverdueRequests()
             if events.isEmpty {
                 if vmHasExited() {
                     logger.info("the resumed VM has exited", metadata: ["pid": "\(vmPID)"])
@@ -112,13 +113,51 @@ public final class MemoryFaultService: @unchecked Sendable {
                 continue
             }
             for event in events {
+                // One fault's failure must not stop the service of every later fault.
+                do { try handle(event, pageSize: pageSize) } catch {
+                    logger.error("fault not served; will retry", metadata: ["address": "\(String(event.address, radix: 16))", "error": "\(error)"])
+                }
+            }
+        }
+    }
+
+    /// Pages asked for and not yet arrived: (page, region, time asked). Bounded; the oldest is
+    /// dropped when full (its fault is retried by the sweep of another entry or by the push).
+    private var outstanding: [(page: Int, region: Int, askedAt: UInt64)] = []
+    private static let retryAfterNanoseconds: UInt64 = 1_000_000_000
+
+    /// Asks again for pages whose request went unanswered for a second (its reply was lost, or the
+    /// lane dropped it): a faulting vCPU waits in the kernel and will not fault again by itself.
+    private func retryOverdueRequests() {
+        guard !outstanding.isEmpty else { return }
+        let now = ferry_monotonic_ns()
+        var kept = 0
+        for index in 0..<outstanding.count {
+            let entry = outstanding[index]
+            if image.received.contains(entry.page) || image.removed.contains(entry.page) { continue }
+            if now &- entry.askedAt >= Self.retryAfterNanoseconds {
+                image.requested.remove(entry.page)
+                logger.warning("page request unanswered for 1 s; asking again", metadata: ["page": "\(entry.page)"])
+                try? request(page: entry.page, region: entry.region, since: entry.askedAt, recording: false)
+                outstanding[kept] = (entry.page, entry.region, now)
+            } else {
+                outstanding[kept] = entry
+            }
+            kept += 1
+        }
+        outstanding.removeLast(outstanding.count - kept)
+    }
+
+    private func handle(_ event: FaultEvent, pageSize: Int) throws {
                 switch event.kind {
                 case .pageFault:
                     let t0 = ferry_monotonic_ns()
                     let address = event.address
                     guard let (region, page) = image.locate(vmAddress: address) else {
+                        logger.error("fault outside every migrated region; answering with a zero page",
+                                     metadata: ["address": "\(String(address, radix: 16))"])
                         try box.server.zero(range: AddressRange(start: address, length: UInt64(pageSize)))
-                        continue
+                        return
                     }
                     if image.received.contains(page) || image.removed.contains(page) {
                         if image.zero.contains(page) || image.removed.contains(page) {
@@ -143,8 +182,6 @@ public final class MemoryFaultService: @unchecked Sendable {
                 default:
                     break
                 }
-            }
-        }
     }
 
     /// Whether the VMM is gone (no such process, or a zombie nobody has reaped yet).
@@ -157,8 +194,12 @@ public final class MemoryFaultService: @unchecked Sendable {
 
     /// Requests `page` and the missing pages after it (pre-paging; the window stops at pages here
     /// or already asked for).
-    private func request(page: Int, region: Int, since t0: UInt64) throws {
+    private func request(page: Int, region: Int, since t0: UInt64, recording: Bool = true) throws {
         if image.requested.insert(page) { return }   // one request in flight is enough
+        if recording {
+            if outstanding.count >= 4096 { outstanding.removeFirst() }
+            outstanding.append((page, region, ferry_monotonic_ns()))
+        }
         guard let urgent else {
             throw SetupError("fault on page \(page) that never arrived, and no urgent lane to request it")
         }

@@ -24,13 +24,27 @@ extension MemorySourceMigration {
         return SourceRegion.numbered(chosen)
     }
 
+    /// Whether `region` is shared memory (shmem), whose pages may hold data without being mapped here.
+    func isShared(_ region: SourceRegion) throws -> Bool {
+        try ProcessRegions(pid: options.pid).select(ranges: [region.range]).first?.kind == .shmem
+    }
+
     /// The tracker wants ProcessMemory's region values (kind decides shmem support).
     func trackedRegions(_ regions: [SourceRegion]) throws -> [ProcessMemory.MemoryRegion] {
         let map = try ProcessRegions(pid: options.pid)
         return try map.select(ranges: regions.map(\.range))
     }
 
+    /// Pages of `region` that may hold data. For private memory: those present or swapped in the
+    /// page table (never-touched pages are never sent). For shared memory (memfd, /dev/shm) every
+    /// page: its data may live in the page cache without a page-table entry here (swapped, or filled
+    /// through another mapping), so each page is read and zero detection decides.
     func residency(of region: SourceRegion) throws -> PageSet {
+        if try isShared(region) {
+            let all = PageSet(pageCount: region.pageCount)
+            all.insertAll()
+            return all
+        }
         let reader = try ProcessMemoryReader(pid: options.pid, pageSize: UInt64(region.pageSize))
         let bitmap = PageBitmap(pageCount: region.pageCount)
         try reader.residency(of: region.range, into: bitmap)

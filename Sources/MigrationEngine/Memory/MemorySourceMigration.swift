@@ -242,6 +242,11 @@ public final class MemorySourceMigration: @unchecked Sendable {
                 requestServer = server
             }
             let toCome = options.mode.isPostcopy ? UInt64(needed.reduce(0) { $0 + $1.count }) : finalPages
+            if options.mode == .hybrid {
+                // Before switchover, so the destination has dropped its stale copies of the pages
+                // dirtied since the last round before it can resume the VM.
+                try sendDiscards(pending, regions: regions, link: link)
+            }
             try link.sender.send(.switchover(Switchover(finalRound: finalRound, mode: options.mode.isPostcopy ? .memoryPostcopy : [],
                                                         diskBytesToCome: 0, memoryPagesToCome: toCome, vmStateLength: UInt64(state.count))))
             switchedOver = true
@@ -249,9 +254,6 @@ public final class MemorySourceMigration: @unchecked Sendable {
             if options.mode == .precopy {
                 let pages = try sendRuns(pending, regions: regions, builder: &builder, link: link)
                 tally.pagesPerRound.append(pages)
-            } else if options.mode == .hybrid {
-                // The destination drops its stale copies of the pages dirtied since the last round.
-                try sendDiscards(pending, regions: regions, link: link)
             }
             try sendState(state, link: link)
             if options.mode == .precopy {
@@ -279,7 +281,8 @@ public final class MemorySourceMigration: @unchecked Sendable {
             logger.info("destination resumed the process", metadata: ["downtime_ms": "\(String(format: "%.1f", report.downtimeMs))"])
             phase.move(to: .complete)
             let digestStart = ContinuousClock.now
-            let digestHex = try MemoryDigest.of(pid: options.pid, regions: regions.map(\.range), pageSize: UInt64(pageSize))
+            let digestHex = try MemoryDigest.of(pid: options.pid, regions: regions.map(\.range), pageSize: UInt64(pageSize),
+                                                readWhole: try regions.map { try isShared($0) })
             memory.digest = digestHex
             memory.digestTimeMs = seconds(ContinuousClock.now - digestStart) * 1000
             let digest = Digest.fromHex(digestHex)
@@ -336,7 +339,8 @@ public final class MemorySourceMigration: @unchecked Sendable {
                 report.vmLocation = "source"
                 logger.error("migration failed before switchover; the process runs here again", metadata: ["reason": "\(failure)"])
             } else {
-                report.vmLocation = "destination"
+                let runsThere = mainLink.map { link in link.publish { resumedAt != nil } } ?? false
+                report.vmLocation = runsThere ? "destination" : "paused"
                 logger.error("migration failed after switchover; the process stays paused here", metadata: ["reason": "\(failure)"])
             }
             if !phase.current.isTerminal { phase.move(to: .failed(failure)) }
