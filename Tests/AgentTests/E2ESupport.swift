@@ -17,8 +17,9 @@ enum E2E {
         }
 
         /// Starts `name` with `arguments`; its standard error goes to `logPath`.
-        init(_ name: String, _ arguments: [String], logPath: String) throws {
-            let path = Self.productsDirectory.appendingPathComponent(name).path
+        /// `name` is an executable of the products directory, or (with `absolute`) a path.
+        init(_ name: String, _ arguments: [String], logPath: String, absolute: Bool = false) throws {
+            let path = absolute ? name : Self.productsDirectory.appendingPathComponent(name).path
             guard FileManager.default.isExecutableFile(atPath: path) else {
                 throw NSError(domain: "AgentTests", code: 1, userInfo: [NSLocalizedDescriptionKey: "\(name) is not built at \(path): run swift build first"])
             }

@@ -45,8 +45,13 @@ up)
       ip netns exec "${pair%%:*}" tc qdisc add dev "${pair#*:}" parent 1:1 pfifo_fast
     done
   fi
-  ip netns exec "$dst" setsid /usr/bin/python3 "$here/delay-relay.py" "$dst_ip" "$relay" 127.0.0.1 "$target" "$(awk "BEGIN{print $rtt/2}")" \
-    </dev/null >/dev/null 2>&1 &
+  # The relay outlives this script: it must hold none of the caller's descriptors (a caller that
+  # waits for a pipe or a status descriptor to close would wait for ever), so close all above 2.
+  (
+    for fd in $(ls /proc/$BASHPID/fd); do [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null; done
+    exec ip netns exec "$dst" setsid /usr/bin/python3 "$here/delay-relay.py" "$dst_ip" "$relay" 127.0.0.1 "$target" \
+      "$(awk "BEGIN{print $rtt/2}")" </dev/null >/dev/null 2>&1
+  ) &
   echo $! > "$pidfile"
   for _ in $(seq 50); do ip netns exec "$dst" bash -c "exec 3<>/dev/tcp/$dst_ip/$relay" 2>/dev/null && break; sleep 0.1; done
   echo "$dst_ip:$relay"
