@@ -19,6 +19,15 @@ public enum AnyDirtyPageTracker: ~Copyable, DirtyPageTracker {
     case kernel(DirtyTracker)
     case hash(HashDirtyTracker)
 
+    /// For the content-hash tracker, where the sender records what it sent (nil for the kernel
+    /// tracker, which sees writes themselves).
+    public var sentHashes: SentPageHashes? {
+        switch self {
+        case .hash(let tracker): return tracker.sentHashes
+        case .kernel: return nil
+        }
+    }
+
     /// Attaches the kernel tracker; if that fails (old kernel, no ptrace permission, a seccomp'd target), attaches
     /// the content-hash tracker and sets `fallbackReason` to the kernel tracker's error (nil when it succeeded).
     public static func attach(pid: Int32, regions: [MemoryRegion],

@@ -48,6 +48,21 @@ public struct HashDirtyTracker: ~Copyable, DirtyPageTracker {
         chunk.deallocate()
     }
 
+    /// Where the sender records the hash of each page it sends. The next scan compares a page's
+    /// content with what was SENT, not with what the previous scan saw: a page that changes after a
+    /// scan, is sent in its changed state and changes back before the next scan is then found dirty
+    /// (with scan-to-scan hashes it would be missed and the destination would keep the transient bytes).
+    /// Valid as long as the tracker lives.
+    public var sentHashes: SentPageHashes {
+        var bases: [(range: AddressRange, base: Int)] = []
+        var base = 0
+        for region in regions {
+            bases.append((region.range, base))
+            base += region.range.pageCount(pageSize: pageSize)
+        }
+        return SentPageHashes(hashes: hashes, regions: bases, pageSize: pageSize, zeroHash: Self.zeroHash)
+    }
+
     /// Replaces `runs` with the pages whose content changed since the previous scan (first scan: every page).
     /// Reads with `process_vm_readv`, residency from `/proc/PID/pagemap`.
     public mutating func scanDirty(into runs: inout PageRunBuffer) throws(ProcessMemoryError) {
@@ -96,4 +111,30 @@ public struct HashDirtyTracker: ~Copyable, DirtyPageTracker {
 
     /// Nothing to release in the kernel; frees the hash table.
     public consuming func detach() throws(ProcessMemoryError) {}
+}
+
+/// A handle on a ``HashDirtyTracker``'s per-page hashes through which the sender records the hash
+/// of each page it sends (see ``HashDirtyTracker/sentHashes``). Used from the sending thread only.
+public struct SentPageHashes: @unchecked Sendable {
+    let hashes: UnsafeMutablePointer<UInt64>
+    let regions: [(range: AddressRange, base: Int)]
+    let pageSize: UInt64
+    let zeroHash: UInt64
+
+    private func index(of address: UInt64) -> Int? {
+        for region in regions where region.range.contains(address) {
+            return region.base + Int((address - region.range.start) / pageSize)
+        }
+        return nil
+    }
+
+    /// Records that the page at `address` was sent with `contents`.
+    public func record(address: UInt64, contents: UnsafeRawBufferPointer) {
+        if let index = index(of: address) { hashes[index] = PageHash.hash(contents) }
+    }
+
+    /// Records that the page at `address` was sent as a zero page.
+    public func recordZero(address: UInt64) {
+        if let index = index(of: address) { hashes[index] = zeroHash }
+    }
 }

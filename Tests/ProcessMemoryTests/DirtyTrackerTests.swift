@@ -92,6 +92,32 @@ final class DirtyTrackerTests: XCTestCase {
         XCTAssertEqual((verified["corrupt"] as? NSNumber)?.intValue, 0)
     }
 
+    /// The content-hash tracker compares with what was SENT: a page sent in a state it has left
+    /// again by the next scan (changed, sent, changed back) is reported dirty, although its content
+    /// at the two scans is the same. With scan-to-scan hashes it would be missed (an ABA).
+    func testHashTrackerComparesWithWhatWasSent() throws {
+        let w = try WorkloadProcess(["--memory", "4M", "--fill-pages", "64"])
+        defer { w.stop() }
+        let regions = try ProcessRegions(pid: w.pid).select(ranges: [w.region])
+        var hash = try HashDirtyTracker(pid: w.pid, regions: regions)
+        var runs = PageRunBuffer(capacity: 16)
+        try hash.scanDirty(into: &runs)                     // arms: every page
+        try hash.scanDirty(into: &runs)
+        XCTAssertEqual(runs.pageCount(), 0, "nothing written between two scans")
+        // The sender sent page 5 while it held other bytes (a transient state); it is back now.
+        let address = w.regionStart + 5 * 4096
+        let transient = [UInt8](repeating: 0x5A, count: 4096)
+        transient.withUnsafeBytes { hash.sentHashes.record(address: address, contents: $0) }
+        // Page 9 was sent as a zero page while it holds data.
+        hash.sentHashes.recordZero(address: w.regionStart + 9 * 4096)
+        try hash.scanDirty(into: &runs)
+        XCTAssertEqual(Set(runs.pageAddresses()), [address, w.regionStart + 9 * 4096],
+                       "pages whose sent bytes differ from their content must be sent again")
+        try hash.scanDirty(into: &runs)
+        XCTAssertEqual(runs.pageCount(), 0, "once the scan has taken the content, nothing is dirty")
+        try hash.detach()
+    }
+
     func testHashFallbackFindsTheSameDirtyPages() throws {
         let w = try WorkloadProcess(["--memory", "16M", "--fill-pages", "3000"])
         defer { w.stop() }

@@ -73,6 +73,7 @@ public final class MemorySourceMigration: @unchecked Sendable {
         var switchedOver = false
         var tally = Tally()
         var tracker: AnyDirtyPageTracker? = nil
+        var sentHashes: SentPageHashes? = nil
         var failure: String? = nil
         var mainLink: PeerLink? = nil
         var urgentLink: PeerLink? = nil
@@ -106,11 +107,13 @@ public final class MemorySourceMigration: @unchecked Sendable {
                 var discard = PageRunBuffer(capacity: 1024)
                 try attached.scanDirty(into: &discard)
                 tally.scans += 1
+                sentHashes = attached.sentHashes
                 tracker = consume attached
             } else {
                 memory.trackingMethod = "none (post-copy)"
             }
             var builder = try PageBatchBuilder(pid: options.pid, batchPages: options.batchPages, pageSize: pageSize)
+            builder.sentHashes = sentHashes
 
             // 2. The link (and the urgent lane for post-copy).
             phase.move(to: .handshake)
@@ -220,6 +223,8 @@ public final class MemorySourceMigration: @unchecked Sendable {
                 try attached.scanDirty(into: &final)
                 tally.scans += 1
                 for i in 0..<final.count { pending.append(final[i]) }
+                // The tracker's hash table goes with it: nothing may record into it any more.
+                builder.sentHashes = nil
                 try attached.detach()
             }
             let state = try vmState()

@@ -17,6 +17,9 @@ public struct PageBatchBuilder: ~Copyable {
     private let addressRuns: UnsafeMutablePointer<AddressRange>
     private var runs: [PageRun]
     /// Pages sent with content so far.
+    /// With the content-hash tracker: where the hash of each page sent is recorded, so its next
+    /// scan compares with what was sent (see `HashDirtyTracker.sentHashes`).
+    public var sentHashes: SentPageHashes? = nil
     public private(set) var dataPages: UInt64 = 0
     /// Pages sent as zero runs so far.
     public private(set) var zeroPages: UInt64 = 0
@@ -73,10 +76,12 @@ public struct PageBatchBuilder: ~Copyable {
                 readOffset += pageSize
                 if ferry_is_zero(at, UInt64(pageSize)) == 0 {
                     isData = true
+                    sentHashes?.record(address: hostAddress + UInt64(p * pageSize), contents: UnsafeRawBufferPointer(start: at, count: pageSize))
                     if writeOffset != readOffset - pageSize { (base + writeOffset).copyMemory(from: at, byteCount: pageSize) }
                     writeOffset += pageSize
                 }
             }
+            if !isData { sentHashes?.recordZero(address: hostAddress + UInt64(p * pageSize)) }
             if let last = runs.last, last.isZero == !isData, last.count < PageRun.maxCount {
                 runs[runs.count - 1].count += 1
             } else {
