@@ -1,5 +1,6 @@
 import CFerryShims
 import Foundation
+import Synchronization
 import Glibc
 import Logging
 import ProcessMemory
@@ -16,8 +17,10 @@ import Wire
 public final class MemoryDestinationMigration: @unchecked Sendable {
     private let options: MemoryDestinationOptions
     private let logger: Logger
-    /// The fault service, once the VM runs here; it outlives ``run()``.
-    public private(set) var faultService: MemoryFaultService?
+    private let faultServiceSlot = Mutex<MemoryFaultService?>(nil)
+    /// The fault service, once the VM runs here; it outlives ``run()``. Set by the migration thread,
+    /// read by the urgent-lane reader and the agent's main thread, so it is kept under a lock.
+    public var faultService: MemoryFaultService? { faultServiceSlot.withLock { $0 } }
     /// The on-switchover command's PID, to reap.
     public private(set) var startedPID: pid_t?
     private let vmExited: @Sendable () -> Void
@@ -237,7 +240,7 @@ public final class MemoryDestinationMigration: @unchecked Sendable {
             let service = try MemoryFaultService(handshake: handshake, image: image, urgent: urgent,
                                                  prepagingWindow: options.prepagingWindow, logger: logger, onExit: vmExited)
             service.start()
-            faultService = service
+            faultServiceSlot.withLock { $0 = service }
         }
         let since = ferry_monotonic_ns() &- session.switchoverAt
         session.sinceSwitchover = since
