@@ -5,21 +5,22 @@ import MigrationEngine
 import NBDBridge
 import URing
 
-/// `dest-agent`: runs on the destination host. It accepts one migration from a source-agent,
-/// writes the disk it receives to an image, and from switchover on serves that image over NBD to
-/// the resumed VM.
+/// `dest-agent`: runs on the destination host. It accepts one migration of a whole VM from a
+/// source-agent (its disks, its memory, its VM state), starts the VM when it is safe, serves its
+/// disks over NBD and its page faults through userfaultfd.
 @main
 struct DestAgent: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dest-agent",
-        abstract: "Receive a live migration from a source-agent and serve the migrated disk over NBD.",
+        abstract: "Receive a live migration of a VM (disks, memory, VM state) from a source-agent and run it here.",
         discussion: """
-        The agent listens for the source and checks that it holds the same shared key. For a disk it writes the image to --disk as it arrives and, once the digests of both sides agree at switchover, serves it on --nbd (with disk post-copy: at once, fetching missing blocks first). For memory it receives the pages, starts the VM with --on-switchover, and serves its page faults through --uffd-socket. It survives link drops: a source that reconnects resumes where it left off. After the migration it serves the disk until SIGTERM (or exits with --exit-after-migration).
+        The agent listens for the source and checks that it holds the same shared key; stray or unauthenticated connections are refused and it keeps waiting. Each disk goes to its --disk image as it arrives (the N-th disk of the source to the N-th --disk, served on the N-th --nbd); memory goes into a local copy. The VM starts only when it is safe: every pre-copy part here with digests equal to the source's, every post-copy part ready to fetch on demand. Then the disks are served, --on-switchover starts the VM (with FERRY_STATE_FILE, FERRY_LAYOUT_FILE, FERRY_UFFD_SOCKET, FERRY_NBD_SOCKET and FERRY_NBD_SOCKETS in its environment; if it exits before the VM connects, the source is told at once and resumes its copy), and its page faults are served through --uffd-socket. A hand-over journal is synced to --work-dir before the source is told the VM runs here, so a restarted agent still knows. Link drops are survived: a source that reconnects resumes where it left off. After the migration it serves the disks until SIGTERM (or exits with --exit-after-migration).
 
         Examples:
           dest-agent --listen 0.0.0.0:7070 --key-file ferry.key \\
             --disk vm.img --nbd unix:/run/ferry/vm.sock
-          dest-agent --listen 0.0.0.0:7071 --key-file ferry.key \\
+          dest-agent --listen 0.0.0.0:7070 --key-file ferry.key \\
+            --disk vm.img --nbd unix:/run/ferry/vm.sock --work-dir /var/lib/ferry \\
             --uffd-socket /run/ferry/uffd.sock --on-switchover ./start-vm.sh
         """
     )
@@ -30,20 +31,21 @@ struct DestAgent: ParsableCommand {
     @Option(name: .customLong("key-file"), help: ArgumentHelp("File with the shared key (at least 16 bytes) both agents prove they hold.", valueName: "PATH"))
     var keyFile: String
 
-    @Option(name: .long, help: ArgumentHelp("Image to write the migrated disk to (created or emptied).", valueName: "OUT.img"))
-    var disk: String?
+    @Option(name: .long, help: ArgumentHelp("Image to write a migrated disk to (created or emptied). Repeatable, one per disk of the VM.", valueName: "OUT.img"))
+    var disk: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Where to serve the migrated disk over NBD: unix:PATH or tcp:HOST:PORT.", valueName: "ENDPOINT"))
-    var nbd: String?
+    @Option(name: .long, help: ArgumentHelp("Where to serve a migrated disk over NBD: unix:PATH or tcp:HOST:PORT. One per --disk, in the same order.", valueName: "ENDPOINT"))
+    var nbd: [String] = []
 
-    @OptionGroup(title: "Memory migration (without --disk)")
+    @OptionGroup(title: "Memory and VM start")
     var memory: MemoryOptions
 
     func validate() throws {
-        if (disk == nil) != (nbd == nil) { throw ValidationError("--disk and --nbd go together") }
+        if disk.count != nbd.count { throw ValidationError("give one --nbd per --disk (got \(disk.count) --disk, \(nbd.count) --nbd)") }
+        if linkTimeout <= 0 { throw ValidationError("--link-timeout must be positive") }
     }
 
-    @Option(name: .customLong("link-timeout"), help: "Give up if the source does not come back within this many seconds after a link drop.")
+    @Option(name: .customLong("link-timeout"), help: "Before hand-over: give up if the source does not come back within this many seconds after a link drop.")
     var linkTimeout: Double = 60
 
     @Option(name: .customLong("accept-timeout"), help: "Give up if no source connects within this many seconds (0: wait for ever).")
@@ -52,7 +54,7 @@ struct DestAgent: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Write the JSON migration report here.", valueName: "PATH"))
     var report: String?
 
-    @Flag(name: .customLong("exit-after-migration"), help: "Exit when the migration ends instead of serving the disk on.")
+    @Flag(name: .customLong("exit-after-migration"), help: "Exit when the migration ends instead of serving the disks on.")
     var exitAfterMigration = false
 
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
@@ -61,31 +63,42 @@ struct DestAgent: ParsableCommand {
     func run() throws {
         SignalWaiter.blockAll()
         let logger = AgentLogging.make(label: "ferry.dest", level: logLevel)
-        guard let disk, let nbd else {
-            return try memory.receive(listen: listen, keyFile: keyFile, acceptTimeout: acceptTimeout, reportPath: report, logger: logger)
-        }
-        let key = try SharedKey(contentsOf: keyFile)
-        var options = DiskDestinationOptions(listen: try SocketAddress(parsing: listen), key: key, imagePath: disk,
-                                             nbdEndpoint: try NBDEndpoint.parse(nbd))
+        var options = DestinationOptions(listen: try SocketAddress(parsing: listen), key: try SharedKey(contentsOf: keyFile))
+        options.disks = try zip(disk, nbd).map { DiskTarget(imagePath: $0, nbdEndpoint: try NBDEndpoint.parse($1)) }
         options.linkTimeout = linkTimeout
         options.acceptTimeout = acceptTimeout
-        let migration = DiskDestinationMigration(options: options, logger: logger)
-        let background = BackgroundMigration(reportPath: report, logger: logger) { migration.run() }
+        memory.apply(to: &options)
+        let session = DestinationSession(options: options, logger: logger, vmExited: { SignalWaiter.wake() })
+        let background = BackgroundMigration(reportPath: report, logger: logger) { session.run() }
+        func finish() throws {
+            session.shutdown()
+            if let pid = session.startedPID { var status: Int32 = 0; _ = waitpid(pid, &status, WNOHANG) }   // the --on-switchover shell
+            guard var final = background.report else { throw ExitCode(1) }
+            session.refresh(&final)
+            if let report { try? final.write(to: report) }
+            if let memory = final.memory, memory.faultsOnReceived + memory.faultsOnMissing > 0 {
+                logger.info("fault service", metadata: [
+                    "faults_on_received": "\(memory.faultsOnReceived)", "faults_on_missing": "\(memory.faultsOnMissing)",
+                    "received_p50_us": "\(memory.faultLatencyReceived.p50Us)", "missing_p50_us": "\(memory.faultLatencyMissing.p50Us)"])
+            }
+            if final.status != "completed" { throw ExitCode(1) }
+        }
 
         while true {
             switch SignalWaiter.wait() {
             case .stop(let signal):
                 logger.info("stopping", metadata: ["signal": "\(signal)"])
-                migration.server?.shutdown(drain: true)
-                return
+                return try finish()
             case .workFinished:
-                let completed = background.completed
-                if exitAfterMigration || migration.server == nil {
-                    migration.server?.shutdown(drain: true)
-                    if !completed { throw ExitCode(1) }
-                    return
+                guard let result = background.report else { continue }   // the VM exited before the migration ended
+                if result.status != "completed" && result.vmLocation != "destination" { return try finish() }
+                if exitAfterMigration { return try finish() }
+                let faultsServed = session.faultService.map { !$0.hasFinished } ?? false
+                if !session.nbdServers.isEmpty || faultsServed {
+                    logger.info("serving the migrated VM (disks and faults) until it exits or SIGTERM")
+                    continue
                 }
-                logger.info("serving the migrated disk until SIGTERM")
+                return try finish()
             }
         }
     }

@@ -47,6 +47,12 @@ public struct UFFDHandshakeListener: ~Copyable {
         unlink(path)
     }
 
+    /// Whether a VMM is waiting to be accepted, after waiting at most `timeoutMilliseconds`.
+    /// The corresponding system call is `poll`.
+    public func hasPendingConnection(timeoutMilliseconds: Int32) throws(ProcessMemoryError) -> Bool {
+        try UnixSocket.waitReadable(socket, timeoutMilliseconds: timeoutMilliseconds)
+    }
+
     /// Accepts one VMM and reads its handshake; waits at most `timeoutMilliseconds` for the connection and again
     /// for the message (-1: forever). The corresponding system calls are `accept4` and `recvmsg`.
     public func accept(timeoutMilliseconds: Int32 = -1) throws(ProcessMemoryError) -> UFFDHandshake {

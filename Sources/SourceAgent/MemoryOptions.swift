@@ -5,7 +5,7 @@ import Logging
 import MigrationEngine
 import URing
 
-/// `source-agent --vm PID ...`: the memory-migration options and the run that uses them.
+/// `source-agent --vm PID ...`: how the VM process is paused and its memory migrated.
 struct MemoryOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Migrate the memory of this running process (a KVM VMM or any process).", valueName: "PID"))
     var vm: Int32?
@@ -50,32 +50,21 @@ struct MemoryOptions: ParsableArguments {
         }
     }
 
-    /// Migrates the process's memory to `dest`; exits 0 when it completed (the process stays paused
-    /// here), 1 when it failed (the process runs here again).
-    func migrate(dest: String, keyFile: String, policy: ConvergencePolicy, reportPath: String?, logger: Logger) throws {
-        guard let pid = vm else { return }
-        var options = MemorySourceOptions(destination: try SocketAddress(parsing: dest), key: try SharedKey(contentsOf: keyFile), pid: pid)
+    /// The memory stream's options, or nil without --vm.
+    func streamOptions() throws -> MemoryStreamOptions? {
+        guard let pid = vm else { return nil }
+        var options = MemoryStreamOptions(pid: pid)
         options.mode = MemoryMigrationMode(rawValue: mode)!
         try options.setRegions(parsing: regions)
-        options.policy = policy
         options.precopyRounds = precopyRounds
-        options.pauseCommand = pauseCmd
-        options.resumeCommand = resumeCmd
-        options.stateCommand = stateCmd
         options.pushDelayTarget = pushDelayTargetMs / 1000
         options.urgentPriority = urgentPriority
         options.contentHashTracking = tracking == "hash"
-        let migration = MemorySourceMigration(options: options, logger: logger)
-        let background = BackgroundMigration(reportPath: reportPath, logger: logger) { migration.run() }
-        while true {
-            switch SignalWaiter.wait() {
-            case .stop(let signal):
-                logger.info("stopping: cancelling the memory migration", metadata: ["signal": "\(signal)"])
-                migration.cancel()
-            case .workFinished:
-                if background.completed { return }
-                throw ExitCode(1)
-            }
-        }
+        return options
+    }
+
+    /// How the VM is paused, resumed after a failure and asked for its state; nil without --vm.
+    var vmControl: VMControl? {
+        vm.map { VMControl(pid: $0, pauseCommand: pauseCmd, resumeCommand: resumeCmd, stateCommand: stateCmd) }
     }
 }

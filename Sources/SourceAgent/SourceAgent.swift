@@ -13,22 +13,22 @@ struct SourceAgent: ParsableCommand {
         commandName: "source-agent",
         abstract: "Serve a VM's disk over NBD and live-migrate it to a dest-agent.",
         discussion: """
-        Without --dest it only serves the disk (the VM's block device) until SIGTERM, which drains in-flight requests and flushes before exit. With --dest it also migrates the disk: the whole image, then rounds of dirty blocks while the VM keeps writing, throttling the writer when it dirties faster than the link drains, then a pause of about --max-downtime to send the rest. With --disk-postcopy the destination takes over at once and fetches what its VM needs first. With --vm PID it migrates the memory of a running process instead (pre-copy, post-copy or hybrid). If a migration fails before hand-over, the VM keeps running here and the report says why.
+        Without --dest it only serves the disk(s) (the VM's block devices) until SIGTERM, which drains in-flight requests and flushes before exit. With --dest it migrates the whole VM in one session over one link: every --disk (the whole image, then rounds of dirty blocks while the VM keeps writing, throttling a writer faster than the link) and, with --vm PID, the memory of the VM process (pre-copy, post-copy or hybrid) and its VM-state blob (--state-cmd). One convergence decision covers disk and memory together; then ONE pause stops the VM and quiesces every disk, and the final deltas, pages and state go before one hand-over. With --disk-postcopy the destination serves the disks at once and fetches what its VM needs first. A dropped link is resumed where it stopped, in every phase. If a migration fails before hand-over, the VM keeps running here and the report says why; after it, the VM runs at the destination and never again here.
 
         Examples:
           head -c 32 /dev/urandom > ferry.key
           source-agent --disk vm.img --nbd unix:/run/ferry/vm.sock
-          source-agent --disk vm.img --nbd unix:/run/ferry/vm.sock \\
-            --dest 10.0.0.2:7070 --key-file ferry.key --report disk.json
+          source-agent --vm 4242 --disk vm.img --nbd unix:/run/ferry/vm.sock \\
+            --dest 10.0.0.2:7070 --key-file ferry.key --report vm.json
           source-agent --vm 4242 --mode hybrid \\
-            --dest 10.0.0.2:7071 --key-file ferry.key --report mem.json
+            --dest 10.0.0.2:7070 --key-file ferry.key --report mem.json
         """
     )
 
-    @Option(name: .long, help: ArgumentHelp("The VM's disk image (raw), served over NBD and migrated.", valueName: "IMG"))
-    var disk: String?
+    @Option(name: .long, help: ArgumentHelp("A disk image (raw) of the VM, served over NBD and migrated. Repeatable: a VM may have several disks.", valueName: "IMG"))
+    var disk: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Where to serve the disk over NBD: unix:PATH or tcp:HOST:PORT. Repeatable.", valueName: "ENDPOINT"))
+    @Option(name: .long, help: ArgumentHelp("Where to serve a disk over NBD: unix:PATH or tcp:HOST:PORT. With several --disk, the N-th --nbd serves the N-th disk; with one disk, every --nbd serves it.", valueName: "ENDPOINT"))
     var nbd: [String] = []
 
     @Option(name: .long, help: ArgumentHelp("The dest-agent to migrate to (HOST:PORT). Without it, only serve.", valueName: "HOST:PORT"))
@@ -77,66 +77,81 @@ struct SourceAgent: ParsableCommand {
     var memory: MemoryOptions
 
     func validate() throws {
-        if memory.vm != nil {
-            if disk != nil { throw ValidationError("--disk with --vm in one run is not supported yet: run one source-agent per part") }
-            if dest == nil || keyFile == nil { throw ValidationError("--vm needs --dest HOST:PORT and --key-file") }
-        }
-        if disk == nil && memory.vm == nil { throw ValidationError("give --disk IMG (the VM's disk image) or --vm PID (a process whose memory to migrate)") }
-        if memory.vm == nil && nbd.isEmpty && dest == nil { throw ValidationError("give --nbd to serve the disk, --dest to migrate it, or both") }
+        if memory.vm != nil && (dest == nil || keyFile == nil) { throw ValidationError("--vm needs --dest HOST:PORT and --key-file") }
+        if disk.isEmpty && memory.vm == nil { throw ValidationError("give --disk IMG (the VM's disk image), --vm PID (the VM process whose memory to migrate), or both") }
+        if !disk.isEmpty && nbd.isEmpty && dest == nil { throw ValidationError("give --nbd to serve the disk, --dest to migrate it, or both") }
+        if disk.count > 1 && nbd.count != disk.count { throw ValidationError("with \(disk.count) disks give one --nbd per disk (got \(nbd.count))") }
         if dest != nil && keyFile == nil { throw ValidationError("--dest needs --key-file (make one with: head -c 32 /dev/urandom > ferry.key)") }
         if blockSize < 4096 || blockSize > 1 << 20 || blockSize & (blockSize - 1) != 0 {
             throw ValidationError("--block-size must be a power of two from 4096 to 1048576")
         }
         if maxDowntime <= 0 { throw ValidationError("--max-downtime must be positive") }
+        if linkTimeout <= 0 { throw ValidationError("--link-timeout must be positive") }
     }
 
     func run() throws {
         SignalWaiter.blockAll()
         let logger = AgentLogging.make(label: "ferry.source", level: logLevel)
-        if memory.vm != nil {
-            return try memory.migrate(dest: dest!, keyFile: keyFile!, policy: ConvergencePolicy(maxDowntime: maxDowntime, maxRounds: maxRounds, maxSeconds: maxTime),
-                                      reportPath: report, logger: logger)
+        // Every disk: served over NBD here, so every write is seen.
+        var served: [(server: NBDServer, store: FileBlockStore, options: DiskStreamOptions)] = []
+        for (index, image) in disk.enumerated() {
+            let store = try FileBlockStore(path: image)
+            let server = try NBDServer(store: store, options: NBDServer.Options(dirtyBlockSize: UInt64(blockSize)))
+            for text in disk.count == 1 ? nbd : [nbd[index]] {
+                let bound = try server.listen(NBDEndpoint.parse(text))
+                logger.info("serving disk", metadata: ["image": "\(image)", "bytes": "\(store.size)", "nbd": "\(bound)"])
+            }
+            server.start()
+            var options = DiskStreamOptions(diskID: UInt32(index + 1))
+            options.throttleDelayNanoseconds = UInt64(throttleDelayMs * 1e6)
+            options.postcopy = diskPostcopy
+            served.append((server, store, options))
         }
-        let disk = self.disk!
-        let store = try FileBlockStore(path: disk)
-        let server = try NBDServer(store: store, options: NBDServer.Options(dirtyBlockSize: UInt64(blockSize)))
-        for text in nbd {
-            let bound = try server.listen(NBDEndpoint.parse(text))
-            logger.info("serving disk", metadata: ["image": "\(disk)", "bytes": "\(store.size)", "nbd": "\(bound)"])
-        }
-        server.start()
+        func shutdownDisks(drain: Bool) { for disk in served { disk.server.shutdown(drain: drain) } }
 
         var migration: BackgroundMigration? = nil
+        var session: SourceSession? = nil
         if let dest {
-            let key = try SharedKey(contentsOf: keyFile!)
-            var options = DiskSourceOptions(destination: try SocketAddress(parsing: dest), key: key,
-                                            policy: ConvergencePolicy(maxDowntime: maxDowntime, maxRounds: maxRounds, maxSeconds: maxTime,
-                                                                      throttleAboveFraction: throttleAbove, throttleTargetFraction: throttleTo))
-            options.throttleDelayNanoseconds = UInt64(throttleDelayMs * 1e6)
+            var options = SessionOptions(destination: try SocketAddress(parsing: dest), key: try SharedKey(contentsOf: keyFile!))
+            options.policy = ConvergencePolicy(maxDowntime: maxDowntime, maxRounds: maxRounds, maxSeconds: maxTime,
+                                               throttleAboveFraction: throttleAbove, throttleTargetFraction: throttleTo)
             options.linkTimeout = linkTimeout
-            options.postcopy = diskPostcopy
-            let diskMigration = DiskSourceMigration(server: server, store: store, options: options, logger: logger)
-            migration = BackgroundMigration(reportPath: report, logger: logger) { diskMigration.run() }
+            do {
+                let created = try SourceSession(options: options, vm: memory.vmControl, disks: served, memory: try memory.streamOptions(), logger: logger)
+                session = created
+                migration = BackgroundMigration(reportPath: report, logger: logger) { created.run() }
+            } catch {
+                logger.error("cannot start the migration", metadata: ["error": "\(error)"])
+                shutdownDisks(drain: true)
+                throw ExitCode(1)
+            }
         }
 
         while true {
             switch SignalWaiter.wait() {
             case .stop(let signal):
+                if let session, migration?.report == nil {
+                    logger.info("stopping: cancelling the migration", metadata: ["signal": "\(signal)"])
+                    session.cancel()
+                    continue   // its end wakes this loop
+                }
                 logger.info("stopping: draining in-flight requests", metadata: ["signal": "\(signal)"])
-                server.shutdown(drain: true)
+                shutdownDisks(drain: true)
+                if let migration, !migration.completed { throw ExitCode(1) }
                 return
             case .workFinished:
-                if migration?.completed == true {
+                guard let migration, let result = migration.report else { continue }
+                if result.status == "completed" {
                     // The VM now runs at the destination: nothing may write here any more.
-                    logger.info("migration completed; the disk is served by the destination now")
-                    server.shutdown(drain: false)
+                    logger.info("migration completed; the VM runs at the destination")
+                    shutdownDisks(drain: false)
                     return
                 }
-                if exitAfterMigration {
-                    server.shutdown(drain: true)
+                if exitAfterMigration || served.isEmpty {
+                    shutdownDisks(drain: true)
                     throw ExitCode(1)
                 }
-                if migration?.report?.vmLocation ?? "source" == "source" {
+                if result.vmLocation == "source" {
                     logger.warning("migration failed; still serving the disk to the VM here")
                 } else {
                     logger.error("migration failed after hand-over; writes stay held here (see the report)")

@@ -1,22 +1,36 @@
+import CFerryShims
 import Foundation
 import Glibc
+import Synchronization
 import SystemPackage
 import URing
 import Wire
 
-/// One authenticated connection to the peer agent: the sending half is used by the thread that
-/// drives the migration; a reader thread hands every incoming frame to `onFrame` and records the
-/// first failure. `close()` shuts the socket, which ends the reader.
+/// One authenticated connection to the peer agent. Any thread may send (``send(_:)`` or, for a run
+/// of bulk frames, ``withSender(_:)``): the sending half sits behind a lock that is taken once per
+/// frame or per run, never per byte. A reader thread hands every incoming frame to `onFrame` and
+/// records the first failure (or the owner reads with ``receive(during:)``). A keepalive thread
+/// (``startKeepalive(every:)``) sends a `keepalive` whenever nothing else was sent for a while, so a
+/// long step on this side (a VM-state command, a VM start) never looks like a dead link to the
+/// peer. `close()` shuts the socket, which ends the reader and the keepalive thread.
 public final class PeerLink: @unchecked Sendable {
     /// What the handshake agreed.
     public let agreement: SessionHandshake.Agreement
     private let descriptor: Int32
-    /// The sending half; only the driving thread touches it.
-    public var sender: FrameSender
+    private let senderLock = NSLock()
+    private let senderBox: SenderBox
     private let receiverBox: ReceiverBox
     private let condition = NSCondition()
     private var failure: LinkError?
     private var readerDone = false
+    private let closed = Atomic<Bool>(false)
+    private let lastSendNanoseconds = Atomic<UInt64>(0)
+
+    /// Holds the sending half so it can be used under ``senderLock`` from any thread.
+    private final class SenderBox: @unchecked Sendable {
+        var sender: FrameSender
+        init(_ sender: consuming FrameSender) { self.sender = sender }
+    }
 
     /// Holds the receiving half so it can move to the reader thread.
     private final class ReceiverBox: @unchecked Sendable {
@@ -28,8 +42,50 @@ public final class PeerLink: @unchecked Sendable {
                  receiver: consuming FrameReceiver) {
         self.descriptor = descriptor
         self.agreement = agreement
-        self.sender = sender
+        self.senderBox = SenderBox(sender)
         self.receiverBox = ReceiverBox(receiver)
+    }
+
+    /// Sends one frame (its payload is read in place during the call).
+    public func send(_ message: Message) throws(LinkError) {
+        senderLock.lock(); defer { senderLock.unlock() }
+        try senderBox.sender.send(message)
+        lastSendNanoseconds.store(ferry_monotonic_ns(), ordering: .relaxed)
+    }
+
+    /// Runs `body` with the sending half held: for a run of frames sent back to back (bulk data),
+    /// taking the lock once.
+    public func withSender<R>(_ body: (inout FrameSender) throws(LinkError) -> R) throws(LinkError) -> R {
+        senderLock.lock(); defer { senderLock.unlock() }
+        defer { lastSendNanoseconds.store(ferry_monotonic_ns(), ordering: .relaxed) }
+        return try body(&senderBox.sender)
+    }
+
+    /// Bytes sent on this connection so far, headers included.
+    public var bytesSent: UInt64 {
+        senderLock.lock(); defer { senderLock.unlock() }
+        return senderBox.sender.bytesSent
+    }
+
+    /// Starts a thread that sends a `keepalive` whenever no frame went out for `interval` seconds,
+    /// until the link closes or fails. It never waits behind a send in progress (data is flowing
+    /// then anyway).
+    public func startKeepalive(every interval: Double = 1) {
+        let thread = Thread { [self] in
+            let nanos = UInt64(interval * 1e9)
+            while !closed.load(ordering: .relaxed) && failureSeen == nil {
+                usleep(UInt32(min(interval, 0.2) * 1e6))
+                let now = ferry_monotonic_ns()
+                guard now &- lastSendNanoseconds.load(ordering: .relaxed) >= nanos else { continue }
+                guard senderLock.try() else { continue }
+                let sent = (try? senderBox.sender.send(.keepalive(Keepalive(timestampNanoseconds: now, isEcho: false)))) != nil
+                senderLock.unlock()
+                if !sent { return }
+                lastSendNanoseconds.store(now, ordering: .relaxed)
+            }
+        }
+        thread.name = "ferry-keepalive"
+        thread.start()
     }
 
     deinit { Glibc.close(descriptor) }
@@ -127,14 +183,13 @@ public final class PeerLink: @unchecked Sendable {
     /// Blocks until `predicate` holds (checked under the link's lock after every frame event), the
     /// reader fails, or `timeout` seconds pass.
     public func wait(timeout: Double, during phase: String, until predicate: () -> Bool) throws(LinkError) {
-        let deadline = Date(timeIntervalSinceNow: timeout)
+        let deadline = ContinuousClock.now + .nanoseconds(Int64(min(timeout, 1e9) * 1e9))
         condition.lock(); defer { condition.unlock() }
         while !predicate() {
             if let failure { throw failure }
-            if !condition.wait(until: deadline) {
-                if predicate() { return }
-                throw .timedOut(during: phase, seconds: timeout)
-            }
+            // The lock's wait takes a wall-clock date: wait in short slices against the monotonic deadline.
+            if ContinuousClock.now >= deadline { throw .timedOut(during: phase, seconds: timeout) }
+            _ = condition.wait(until: Date(timeIntervalSinceNow: 0.05))
         }
     }
 
@@ -160,13 +215,14 @@ public final class PeerLink: @unchecked Sendable {
 
     /// Shuts the connection down in both directions; the reader ends with `closed`.
     public func close() {
+        closed.store(true, ordering: .relaxed)
         Socket.shutdownBoth(descriptor)
     }
 
     /// Waits (briefly) for the reader thread to end after ``close()``.
     public func waitForReader(timeout: Double = 5) {
-        let deadline = Date(timeIntervalSinceNow: timeout)
+        let deadline = ContinuousClock.now + .nanoseconds(Int64(timeout * 1e9))
         condition.lock(); defer { condition.unlock() }
-        while !readerDone { if !condition.wait(until: deadline) { return } }
+        while !readerDone && ContinuousClock.now < deadline { _ = condition.wait(until: Date(timeIntervalSinceNow: 0.05)) }
     }
 }

@@ -29,6 +29,8 @@ public final class GuestMemoryImage: @unchecked Sendable {
     public let removed: PageSet
     /// Data pages and zero pages applied (all rounds; a page may count more than once).
     public let dataPagesApplied = SharedCounter()
+    /// The hash of every page as applied, for the digest compared before the VM starts.
+    public let hashes: PageHashes
     public let zeroPagesApplied = SharedCounter()
     /// The VM's userfaultfd once it runs here (-1 before).
     private let vmUffd = UnsafeMutablePointer<Int32>.allocate(capacity: 1)
@@ -58,6 +60,7 @@ public final class GuestMemoryImage: @unchecked Sendable {
         madvise(UnsafeMutableRawPointer(bitPattern: UInt(address)), byteCount, 14) // MADV_HUGEPAGE: fewer faults here
         base = UnsafeMutableRawPointer(bitPattern: UInt(address))!
         received = PageSet(pageCount: pages)
+        hashes = PageHashes(pageCount: pages, pageSize: pageSize)
         zero = PageSet(pageCount: pages)
         requested = PageSet(pageCount: pages)
         removed = PageSet(pageCount: pages)
@@ -124,6 +127,7 @@ public final class GuestMemoryImage: @unchecked Sendable {
                         zero.insert(page)
                     }
                     if !received.insert(page) { fresh += 1 }
+                    hashes.recordZero(page: page)
                     if uffd >= 0 && installZeros && !removed.contains(page) {
                         install(zeroAt: vmAddress(ofGlobal: page, region: index), uffd: uffd)
                     }
@@ -134,6 +138,7 @@ public final class GuestMemoryImage: @unchecked Sendable {
                 for page in g..<(g + n) {
                     zero.remove(page)
                     if !received.insert(page) { fresh += 1 }
+                    hashes.record(page: page, contents: UnsafeRawBufferPointer(start: pointer(page), count: pageSize))
                 }
                 if uffd >= 0 {
                     for page in g..<(g + n) where !removed.contains(page) {
@@ -199,12 +204,9 @@ public final class GuestMemoryImage: @unchecked Sendable {
         return nil
     }
 
-    /// SHA-256 of every region in layout order (MemoryDigest, as the source computes it).
-    public func digest() -> String {
-        var d = MemoryDigest()
-        d.update(UnsafeRawBufferPointer(start: base, count: totalPages * pageSize))
-        return d.finalizeHex()
-    }
+    /// The digest of the copy: SHA-256 over the per-page hashes kept as pages were applied
+    /// (``PageHashes``), as the source computes it over what it sent.
+    public func digest() -> Digest { hashes.digest() }
 
     /// Writes Firecracker's memory file: each region at its `fileOffset`; zero pages stay holes.
     public func write(memoryFile path: String) throws {

@@ -19,7 +19,10 @@ public final class MemoryFaultService: @unchecked Sendable {
 
     private let box: ServerBox
     private let image: GuestMemoryImage
-    private let urgent: PeerLink?
+    /// The urgent lane requests go out on; a new lane replaces it after a reconnect.
+    private let urgent: Mutex<PeerLink?>
+    /// Set when a new lane arrives: every outstanding request is asked again at once on it.
+    private let askAgainNow = Atomic<Bool>(false)
     private let prepagingWindow: Int
     private let logger: Logger
     /// The VMM's PID (SO_PEERCRED), to notice when it exits.
@@ -61,7 +64,7 @@ public final class MemoryFaultService: @unchecked Sendable {
         let fd = server.uffd.descriptor.rawValue
         box = ServerBox(server)
         self.image = image
-        self.urgent = urgent
+        self.urgent = Mutex(urgent)
         self.prepagingWindow = max(1, prepagingWindow)
         self.logger = logger
         self.onExit = onExit
@@ -88,6 +91,13 @@ public final class MemoryFaultService: @unchecked Sendable {
 
     /// Whether the fault thread has ended (the VM exited, or ``stop()``).
     public var hasFinished: Bool { finished.load(ordering: .acquiring) }
+
+    /// A new urgent lane (the old one failed and the source reconnected): requests still
+    /// unanswered are asked again on it at once.
+    public func replaceUrgent(_ lane: PeerLink) {
+        urgent.withLock { $0 = lane }
+        askAgainNow.store(true, ordering: .releasing)
+    }
 
     /// A reply from the source (urgent lane reader thread): pages in, faults woken, latency taken.
     public func handleReply(requestID: UInt64, batch: PageBatch) throws {
@@ -129,15 +139,17 @@ public final class MemoryFaultService: @unchecked Sendable {
     /// Asks again for pages whose request went unanswered for a second (its reply was lost, or the
     /// lane dropped it): a faulting vCPU waits in the kernel and will not fault again by itself.
     private func retryOverdueRequests() {
+        let everything = askAgainNow.exchange(false, ordering: .acquiringAndReleasing)
         guard !outstanding.isEmpty else { return }
         let now = ferry_monotonic_ns()
         var kept = 0
         for index in 0..<outstanding.count {
             let entry = outstanding[index]
             if image.received.contains(entry.page) || image.removed.contains(entry.page) { continue }
-            if now &- entry.askedAt >= Self.retryAfterNanoseconds {
+            if everything || now &- entry.askedAt >= Self.retryAfterNanoseconds {
                 image.requested.remove(entry.page)
-                logger.warning("page request unanswered for 1 s; asking again", metadata: ["page": "\(entry.page)"])
+                logger.warning(everything ? "asking again on the new urgent lane" : "page request unanswered for 1 s; asking again",
+                               metadata: ["page": "\(entry.page)"])
                 try? request(page: entry.page, region: entry.region, since: entry.askedAt, recording: false)
                 outstanding[kept] = (entry.page, entry.region, now)
             } else {
@@ -200,7 +212,7 @@ public final class MemoryFaultService: @unchecked Sendable {
             if outstanding.count >= 4096 { outstanding.removeFirst() }
             outstanding.append((page, region, ferry_monotonic_ns()))
         }
-        guard let urgent else {
+        guard let lane = urgent.withLock({ $0 }) else {
             throw SetupError("fault on page \(page) that never arrived, and no urgent lane to request it")
         }
         let regionFirst = image.firstPage[region]
@@ -216,7 +228,7 @@ public final class MemoryFaultService: @unchecked Sendable {
         pendingSince[Int(id & UInt64(Self.pendingSlots - 1))] = t0
         requestsSent.add(1)
         do {
-            try urgent.sender.send(.pageRequest(PageRequest(requestID: id, regionID: image.layout.regions[region].id,
+            try lane.send(.pageRequest(PageRequest(requestID: id, regionID: image.layout.regions[region].id,
                                                             pageIndex: UInt64(low - regionFirst), count: UInt32(high - low))))
         } catch {
             throw SetupError("urgent page request failed: \(error)")

@@ -20,6 +20,8 @@ public struct PageBatchBuilder: ~Copyable {
     /// With the content-hash tracker: where the hash of each page sent is recorded, so its next
     /// scan compares with what was sent (see `HashDirtyTracker.sentHashes`).
     public var sentHashes: SentPageHashes? = nil
+    /// Where the hash of every page sent is recorded for the digest (``PageHashes``), by global page.
+    public var pageHashes: PageHashes? = nil
     public private(set) var dataPages: UInt64 = 0
     /// Pages sent as zero runs so far.
     public private(set) var zeroPages: UInt64 = 0
@@ -42,11 +44,11 @@ public struct PageBatchBuilder: ~Copyable {
     }
 
     /// Builds the batch for pages `[first, first + count)` (count ≤ ``batchPages``) of the region at
-    /// `hostAddress`, and hands it to `body` (its payload points into this builder's buffer and is
+    /// `hostAddress` (global page number `globalFirst`, for ``pageHashes``), and hands it to `body` (its payload points into this builder's buffer and is
     /// valid only during the call). Pages for which `mayHoldData` is false are zero runs, not read:
     /// pages the process never touched. Returns the data pages in the batch.
     @discardableResult
-    public mutating func withBatch(regionID: UInt32, hostAddress: UInt64, first: Int, count: Int,
+    public mutating func withBatch(regionID: UInt32, hostAddress: UInt64, first: Int, count: Int, globalFirst: Int,
                                    mayHoldData: (Int) -> Bool,
                                    _ body: (PageBatch) throws -> Void) throws -> Int {
         precondition(count > 0 && count <= batchPages, "batch of \(count) pages, at most \(batchPages)")
@@ -77,11 +79,15 @@ public struct PageBatchBuilder: ~Copyable {
                 if ferry_is_zero(at, UInt64(pageSize)) == 0 {
                     isData = true
                     sentHashes?.record(address: hostAddress + UInt64(p * pageSize), contents: UnsafeRawBufferPointer(start: at, count: pageSize))
+                    pageHashes?.record(page: globalFirst + p - first, contents: UnsafeRawBufferPointer(start: at, count: pageSize))
                     if writeOffset != readOffset - pageSize { (base + writeOffset).copyMemory(from: at, byteCount: pageSize) }
                     writeOffset += pageSize
                 }
             }
-            if !isData { sentHashes?.recordZero(address: hostAddress + UInt64(p * pageSize)) }
+            if !isData {
+                sentHashes?.recordZero(address: hostAddress + UInt64(p * pageSize))
+                pageHashes?.recordZero(page: globalFirst + p - first)
+            }
             if let last = runs.last, last.isZero == !isData, last.count < PageRun.maxCount {
                 runs[runs.count - 1].count += 1
             } else {

@@ -21,15 +21,28 @@ public final class PageRequestServer: @unchecked Sendable {
     let dataBytes = SharedCounter()
     private let logger: Logger
 
-    public init(pid: Int32, regions: [SourceRegion], logger: Logger) throws {
+    /// Stops serving (closes the lane).
+    public func stop() { lane?.close() }
+
+    public init(pid: Int32, regions: [SourceRegion], hashes: PageHashes, logger: Logger) throws {
         builder = try PageBatchBuilder(pid: pid, batchPages: 256)
+        builder.pageHashes = hashes
         self.regions = regions
         delivered = regions.map { PageSet(pageCount: $0.pageCount) }
         self.logger = logger
     }
 
-    /// Starts answering requests arriving on `link` (the urgent lane).
+    /// The lane being served, if any.
+    private var lane: PeerLink?
+
+    /// Starts answering requests arriving on `link` (the urgent lane). A new lane after a reconnect
+    /// replaces the old one, whose reader is stopped first (one reader at a time uses the builder).
     public func start(on link: PeerLink) {
+        if let old = lane {
+            old.close()
+            old.waitForReader()
+        }
+        lane = link
         link.startReader(name: "ferry-page-requests") { [self] (frame: DecodedFrame) throws(LinkError) in
             switch frame.message {
             case .pageRequest(let request):
@@ -69,8 +82,8 @@ public final class PageRequestServer: @unchecked Sendable {
 
     private func reply(_ id: UInt64, region: SourceRegion, first: Int, count: Int, on link: PeerLink) throws {
         try builder.withBatch(regionID: region.id, hostAddress: region.range.start, first: first, count: count,
-                              mayHoldData: { _ in true }) { batch in
-            try link.sender.send(.pageReply(requestID: id, batch: batch))
+                              globalFirst: region.firstGlobalPage + first, mayHoldData: { _ in true }) { batch in
+            try link.send(.pageReply(requestID: id, batch: batch))
             dataBytes.add(UInt64(batch.payload.count))
         }
     }

@@ -68,4 +68,13 @@ struct PushPacer {
         window += max(-1, offTarget) * newlyAcked * 65536 / window
         window = min(maximumWindow, max(minimumWindow, window))
     }
+
+    /// After a reconnect: the destination applied `applied` push frames in all; the frames after
+    /// it are lost (their pages go again), so the count restarts there.
+    mutating func restart(at applied: UInt64) {
+        framesSent = max(framesAcked, min(applied, framesSent))
+        framesAcked = framesSent
+        if framesSent > 0 { bytesAcked = sentBytes[Int(framesSent & UInt64(Self.slots - 1))] }
+        bytesSent = bytesAcked
+    }
 }

@@ -10,6 +10,8 @@ public struct SourceRegion: Sendable {
     public let pageSize: Int
 
     public var pageCount: Int { Int(range.length) / pageSize }
+    /// Its first page's number among all regions' pages (regions back to back, as in the memory file).
+    public var firstGlobalPage: Int { Int(fileOffset) / pageSize }
 
     /// The layout entry for `memoryLayout`.
     public var wire: Wire.MemoryRegion {

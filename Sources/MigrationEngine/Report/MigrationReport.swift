@@ -29,8 +29,12 @@ public struct MigrationReport: Codable, Sendable {
     public var vmLocation: String = "source"
     /// Whether both agents' digests agreed.
     public var digestsAgree: Bool = false
-    /// The disk part, when a disk was migrated.
+    /// The first disk's part, when a disk was migrated (the same as `disks[0]`).
     public var disk: DiskReport?
+    /// Every disk's part, in disk-id order.
+    public var disks: [DiskReport] = []
+    /// Where the migration stands: the phase it ended in (or is in).
+    public var phase: String = ""
     /// The memory part, when a process's memory was migrated.
     public var memory: MemoryReport?
 
@@ -38,6 +42,10 @@ public struct MigrationReport: Codable, Sendable {
 
     /// The disk part of a report.
     public struct DiskReport: Codable, Sendable {
+        /// The disk's id in the session (1, 2, ... in `--disk` order).
+        public var diskID: UInt32 = 1
+        /// This side's digest of the image (SHA-256 over per-block XXH3 hashes).
+        public var digest: String = ""
         /// Bytes in the image.
         public var total: UInt64 = 0
         /// Bytes sent as data, all phases.

@@ -11,14 +11,14 @@ public struct ProgressLine: Sendable {
 
     /// Redraws the line if it is due.
     public mutating func update(phase: MigrationPhase, sentBytes: UInt64, totalBytes: UInt64, dirtyRate: Double,
-                                bandwidth: Double, throttled: Bool, remainingBytes: UInt64, force: Bool = false) {
+                                bandwidth: Double, throttled: Bool, remainingBytes: UInt64, parts: String = "", force: Bool = false) {
         guard enabled else { return }
         let now = DispatchTime.now().uptimeNanoseconds
         guard force || now - lastDraw > 250_000_000 else { return }
         lastDraw = now
         let eta = bandwidth > 0 ? Double(remainingBytes) / bandwidth : 0
-        let line = String(format: "\r\u{1B}[K%@  %@ sent of %@  %.1f MB/s  dirty %.1f MB/s  throttle %@  ETA %.1f s",
-                          phase.description, Self.mib(sentBytes), Self.mib(totalBytes), bandwidth / 1e6,
+        let line = String(format: "\r\u{1B}[K%@  %@ sent of %@ (%@)  %.1f MB/s  dirty %.1f MB/s  throttle %@  ETA %.1f s",
+                          phase.description, Self.mib(sentBytes), Self.mib(totalBytes), parts, bandwidth / 1e6,
                           dirtyRate / 1e6, throttled ? "ON" : "off", eta)
         FileHandle.standardError.write(Data(line.utf8))
     }

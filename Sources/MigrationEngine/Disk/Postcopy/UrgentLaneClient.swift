@@ -8,10 +8,10 @@ import Wire
 /// for every block run the NBD server is waiting for, and the lane's reader applies each
 /// `diskReply` as it arrives — on their own connection, so they never queue behind bulk data.
 /// If the lane fails, the requests in flight are forgotten (blocks still missing are asked for
-/// again) and the main link is closed, so the source reconnects and opens a new lane.
+/// again) and the session's main link is dropped, so the source reconnects and opens a new lane.
 final class UrgentLaneClient: @unchecked Sendable {
     private let link: PeerLink
-    private let mainLink: PeerLink
+    private let onFailure: @Sendable () -> Void
     private let finished = DispatchSemaphore(value: 0)
     private let store: PostcopyDiskStore
     private let image: DiskImage
@@ -25,9 +25,10 @@ final class UrgentLaneClient: @unchecked Sendable {
         init(_ applier: consuming DiskApplier) { self.applier = applier }
     }
 
-    init(link: PeerLink, image: DiskImage, store: PostcopyDiskStore, mainLink: PeerLink, logger: Logger) throws(LinkError) {
+    /// `onFailure` runs when the lane fails (the session drops its main link, so the source reconnects and opens a new lane).
+    init(link: PeerLink, image: DiskImage, store: PostcopyDiskStore, onFailure: @escaping @Sendable () -> Void, logger: Logger) throws(LinkError) {
         self.link = link
-        self.mainLink = mainLink
+        self.onFailure = onFailure
         self.store = store
         self.image = image
         self.logger = logger
@@ -71,7 +72,7 @@ final class UrgentLaneClient: @unchecked Sendable {
                 let offset = UInt64(run.lowerBound) * blockSize
                 let length = min(UInt64(run.count) * blockSize, image.layout.sizeBytes - offset)
                 do {
-                    try link.sender.send(.diskFetch(DiskFetch(requestID: requestID, diskID: image.layout.diskID,
+                    try link.send(.diskFetch(DiskFetch(requestID: requestID, diskID: image.layout.diskID,
                                                               offset: offset, length: UInt32(length))))
                     sent.add(1, ordering: .relaxed)
                 } catch {
@@ -86,6 +87,6 @@ final class UrgentLaneClient: @unchecked Sendable {
         guard !stopped.load(ordering: .acquiring) else { return }
         logger.warning("urgent lane lost; asking the source to reconnect", metadata: ["error": "\(error)"])
         store.presence.forgetRequests()
-        mainLink.close()
+        onFailure()
     }
 }

@@ -33,8 +33,10 @@ final class UrgentLaneServer: @unchecked Sendable {
             }
             let first = Int(fetch.offset / UInt64(blockSize))
             let end = Int((fetch.offset + UInt64(fetch.length) + UInt64(blockSize) - 1) / UInt64(blockSize))
-            try box.chunks.send(blocks: first..<end, round: 0, holesFrom: nil, via: &link.sender,
-                                counters: &box.counters, replyTo: fetch.requestID)
+            try link.withSender { (sender: inout FrameSender) throws(LinkError) in
+                try box.chunks.send(blocks: first..<end, round: 0, holesFrom: nil, via: &sender,
+                                    counters: &box.counters, replyTo: fetch.requestID)
+            }
         }
     }
 

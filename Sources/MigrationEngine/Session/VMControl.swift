@@ -1,19 +1,43 @@
 import Foundation
 import Glibc
 
-/// Pauses and resumes the migrating process: SIGSTOP / SIGCONT by default (`kill`), or the
-/// operator's `--pause-cmd` / `--resume-cmd` for a VMM with its own API. After SIGSTOP it waits
-/// until every thread of the process is really stopped (state `T` in /proc/PID/task/TID/stat), since
-/// a signal is delivered asynchronously and a final dirty scan must not race a running thread.
-public struct ProcessPause: Sendable {
+/// The source's hold on the VM process: pause, resume after a failure, and the opaque VM-state
+/// blob made at pause. SIGSTOP / SIGCONT by default (`kill`), or the operator's `--pause-cmd` /
+/// `--resume-cmd` for a VMM with its own API (QMP `stop` / `cont`). After SIGSTOP it waits until
+/// every thread of the process is really stopped (state `T` in /proc/PID/task/TID/stat), since a
+/// signal is delivered asynchronously and a final dirty scan must not race a running thread.
+public struct VMControl: Sendable {
     public let pid: Int32
     public let pauseCommand: String?
     public let resumeCommand: String?
+    /// Run at pause to make the VM-state blob (see ``state()``).
+    public let stateCommand: String?
 
-    public init(pid: Int32, pauseCommand: String?, resumeCommand: String?) {
+    public init(pid: Int32, pauseCommand: String? = nil, resumeCommand: String? = nil, stateCommand: String? = nil) {
         self.pid = pid
         self.pauseCommand = pauseCommand
         self.resumeCommand = resumeCommand
+        self.stateCommand = stateCommand
+    }
+
+    /// Runs the state command (if any) and returns the blob. The command gets FERRY_STATE_FILE (a
+    /// path it may write, in a private directory) and FERRY_PID; if the last line it prints names
+    /// an existing file, that file is the blob instead.
+    public func state() throws -> [UInt8] {
+        guard let command = stateCommand else { return [] }
+        let directory = try PrivateDirectory(prefix: "ferry-state")
+        defer { directory.remove() }
+        let path = directory.path + "/vm-state.bin"
+        let output = try ShellCommand.run(command, environment: ["FERRY_STATE_FILE": path, "FERRY_PID": "\(pid)"])
+        var file = path
+        if let last = output.split(separator: "\n").last.map({ $0.trimmingCharacters(in: .whitespaces) }),
+           !last.isEmpty, FileManager.default.fileExists(atPath: last) {
+            file = last
+        }
+        guard let data = FileManager.default.contents(atPath: file) else {
+            throw SetupError("--state-cmd produced no state file (wrote nothing to FERRY_STATE_FILE and printed no existing path)")
+        }
+        return [UInt8](data)
     }
 
     /// Pauses the process. The corresponding system call is `kill(pid, SIGSTOP)`.

@@ -1,0 +1,186 @@
+import Foundation
+import Glibc
+import Logging
+import NBDBridge
+import Synchronization
+import SystemPackage
+import URing
+import Wire
+
+/// Where the destination writes one disk and serves it.
+public struct DiskTarget: Sendable {
+    /// The image to write (created or emptied).
+    public var imagePath: String
+    /// Where to serve it over NBD once the VM may use it.
+    public var nbdEndpoint: NBDEndpoint
+
+    public init(imagePath: String, nbdEndpoint: NBDEndpoint) {
+        self.imagePath = imagePath
+        self.nbdEndpoint = nbdEndpoint
+    }
+}
+
+/// One disk as a stream of a ``DestinationSession``: applies the bulk copy and the dirty-block
+/// deltas to its image (hashing each block as it is written), and serves the image over NBD from
+/// the moment the VM may use it: after the digests agree (pre-copy), or at switchover through a
+/// ``PostcopyDiskStore`` that holds reads and writes of blocks that have not arrived and fetches
+/// them over the urgent lane (post-copy).
+final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
+    let layout: DiskLayout
+    let target: DiskTarget
+    private let logger: Logger
+    private let image: DiskImage
+    private var applier: DiskApplier
+    /// Asks the session to drop its main link (the urgent lane failed: the source reconnects and reopens it).
+    private let dropMainLink: @Sendable () -> Void
+    private var completedRound = -1
+    private var bulkHighWater: UInt64 = 0
+    private var lastAck = ContinuousClock.now
+    private var bytesSinceAck: UInt64 = 0
+    private var postcopy = false
+    private var pushEnded = false
+    private let serving = Mutex<(server: NBDServer?, address: SocketAddress?, store: PostcopyDiskStore?, urgent: UrgentLaneClient?)>((nil, nil, nil, nil))
+
+    init(layout: DiskLayout, target: DiskTarget, logger: Logger, dropMainLink: @escaping @Sendable () -> Void) throws(LinkError) {
+        self.layout = layout
+        self.target = target
+        self.logger = logger
+        self.dropMainLink = dropMainLink
+        do {
+            image = try DiskImage(path: target.imagePath, layout: layout)
+            applier = try DiskApplier(image: image)
+        } catch {
+            throw .local(.storageFailure, reason: "cannot create the image \(target.imagePath): \(error)")
+        }
+        logger.info("receiving disk", metadata: ["disk": "\(layout.diskID)", "bytes": "\(layout.sizeBytes)",
+                                                 "block_size": "\(layout.blockSize)", "image": "\(target.imagePath)"])
+    }
+
+    var label: String { "disk \(layout.diskID)" }
+    var streamType: StreamKind { .disk }
+    var streamID: UInt32 { layout.diskID }
+
+    /// The NBD server of the migrated disk, once serving (safe from any thread).
+    var server: NBDServer? { serving.withLock { $0.server } }
+    /// Where it serves, once serving.
+    var servingAddress: SocketAddress? { serving.withLock { $0.address } }
+
+    func receive(_ message: Message, on link: PeerLink) throws(LinkError) {
+        switch message {
+        case .diskExtents(let extents):
+            do { try applier.apply(extents) } catch {
+                throw .local(.storageFailure, reason: "writing the image \(target.imagePath): \(error)")
+            }
+            if extents.round == 0, let last = extents.extents.last {
+                bulkHighWater = max(bulkHighWater, last.offset + UInt64(last.length))
+            }
+            // A periodic ack: progress for the source, and where a resume starts.
+            bytesSinceAck += UInt64(extents.payload.count)
+            let now = ContinuousClock.now
+            if now - lastAck > .milliseconds(500) || bytesSinceAck >= 64 << 20 {
+                lastAck = now
+                bytesSinceAck = 0
+                try link.send(.ack(Ack(stream: .disk, streamID: layout.diskID, sequence: UInt64(completedRound + 1), offset: bulkHighWater)))
+            }
+        case .roundEnd(let end):
+            if postcopy && end.round == 0 {
+                pushEnded = true
+            } else {
+                completedRound = max(completedRound, Int(end.round))
+            }
+            try link.send(.ack(Ack(stream: .disk, streamID: layout.diskID, sequence: UInt64(completedRound + 1), offset: bulkHighWater)))
+        default:
+            throw .unexpected(message.type, expecting: "a disk frame")
+        }
+    }
+
+    var resumePoints: [ResumePoint] {
+        [ResumePoint(stream: .disk, streamID: layout.diskID, sequence: UInt64(completedRound + 1), offset: bulkHighWater)]
+    }
+
+    /// Post-copy: serve at once (once: a repeated switchover finds it serving); missing blocks come
+    /// over the urgent lane, which the source opens next.
+    func switchover(postcopy: Bool) throws(LinkError) {
+        guard postcopy, !self.postcopy else { return }
+        self.postcopy = true
+        image.claimsEnabled.store(true, ordering: .releasing)
+        try startServing(postcopy: true)
+    }
+
+    func checkReady(theirs: StreamDigest?) throws(LinkError) {
+        if postcopy {
+            guard server != nil else { throw .local(.vmStartFailed, reason: "disk \(layout.diskID) is not served") }
+            return
+        }
+        guard let theirs else { throw .local(.protocolViolation, reason: "no digest for pre-copy disk \(layout.diskID)") }
+        let ours = image.hashes.digest()
+        guard theirs.digest == ours else {
+            throw .local(.digestMismatch, reason: "disk \(layout.diskID): destination \(ours) differs from the source's \(theirs.digest)")
+        }
+    }
+
+    /// Serves the pre-copy image (the digests agreed): the VM is about to start.
+    func serveForVM() throws(LinkError) {
+        guard server == nil else { return }
+        try startServing(postcopy: false)
+        // Off the downtime path: the VM reads through the page cache, and its own FLUSH requests sync what it needs.
+        do { try applier.flush() } catch { logger.warning("flushing the image failed", metadata: ["error": "\(error)"]) }
+    }
+
+    func digest() -> StreamDigest { StreamDigest(stream: .disk, streamID: layout.diskID, digest: image.hashes.digest()) }
+
+    var isComplete: Bool {
+        if postcopy { return pushEnded && image.presence.presentCount >= image.hashes.blockCount }
+        return true
+    }
+
+    func attachUrgent(_ lane: PeerLink) throws(LinkError) {
+        lane.setPriority(PeerLink.interactivePriority)
+        let store = serving.withLock { $0.store }
+        guard let store else { throw .local(.protocolViolation, reason: "an urgent lane for disk \(layout.diskID), which is not in post-copy") }
+        serving.withLock { $0.urgent?.stop() }
+        store.presence.forgetRequests()
+        let client = try UrgentLaneClient(link: lane, image: image, store: store, onFailure: dropMainLink, logger: logger)
+        serving.withLock { $0.urgent = client }
+    }
+
+    private func startServing(postcopy: Bool) throws(LinkError) {
+        do {
+            let file = try FileBlockStore(path: image.path)
+            let postcopyStore = postcopy ? PostcopyDiskStore(base: file, presence: image.presence, blockSize: Int(layout.blockSize)) : nil
+            let store: any BlockStore = postcopyStore ?? file
+            let server = try NBDServer(store: store, options: NBDServer.Options(exportName: "", dirtyBlockSize: UInt64(layout.blockSize)))
+            let address = try server.listen(target.nbdEndpoint)
+            server.start()
+            serving.withLock { $0 = (server, address, postcopyStore, nil) }
+            logger.info("serving the migrated disk", metadata: ["disk": "\(layout.diskID)", "nbd": "\(target.nbdEndpoint)", "postcopy": "\(postcopy)"])
+        } catch {
+            throw .local(.vmStartFailed, reason: "cannot serve disk \(layout.diskID) over NBD at \(target.nbdEndpoint): \(error)")
+        }
+    }
+
+    func fill(_ report: inout MigrationReport) {
+        var disk = MigrationReport.DiskReport()
+        disk.diskID = layout.diskID
+        disk.total = layout.sizeBytes
+        disk.blockSize = Int(layout.blockSize)
+        disk.transferred = image.dataBytes.load(ordering: .relaxed)
+        disk.duplicate = image.zeroBytes.load(ordering: .relaxed)
+        disk.digest = "\(image.hashes.digest())"
+        if let urgent = serving.withLock({ $0.urgent }) {
+            disk.postcopyRequests = urgent.requestsSent
+            disk.postcopyBytes = urgent.bytesReceived
+        }
+        report.disks.append(disk)
+    }
+
+    func stop() {
+        serving.withLock { $0.urgent?.stop() }
+    }
+
+    /// Stops serving the disk (drained), at the agent's exit.
+    func shutdown() {
+        stop()
+        server?.shutdown(drain: true)
+    }
+}

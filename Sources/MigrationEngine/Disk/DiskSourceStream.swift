@@ -1,0 +1,277 @@
+import Foundation
+import Glibc
+import Logging
+import NBDBridge
+import SystemPackage
+import URing
+import Wire
+
+/// How one disk of a source session moves.
+public struct DiskStreamOptions: Sendable {
+    /// The disk id in the protocol (1, 2, ... in `--disk` order; the destination writes disk N to its N-th `--disk`).
+    public var diskID: UInt32 = 1
+    /// Bytes per `diskExtents` frame (rounded down to whole blocks).
+    public var chunkBytes: Int = 1 << 20
+    /// Delay the throttle imposes on a write over its budget, in nanoseconds.
+    public var throttleDelayNanoseconds: UInt64 = 2_000_000
+    /// Disk post-copy: hand the disk over at switchover and push it afterwards; the destination
+    /// fetches what its VM needs first over the urgent lane.
+    public var postcopy = false
+
+    public init(diskID: UInt32 = 1) { self.diskID = diskID }
+}
+
+/// The disk behind a running ``NBDServer`` as one stream of a ``SourceSession`` (Bradford et al.
+/// 2007): the whole disk (holes and zero blocks as runs), then rounds of dirty blocks from the
+/// server's bitmap while the VM keeps writing through it, then the final blocks while writes are
+/// held. With post-copy, nothing moves before switchover: the destination serves at once, fetches
+/// the blocks its VM touches first over the urgent lane, and this stream pushes the rest.
+///
+/// Every block is hashed as it is sent (``DiskChunkSender``), so the digest of the image at the
+/// pause costs nothing at switchover. Rounds the destination has not acknowledged are kept and
+/// their blocks marked dirty again after a reconnect.
+final class DiskSourceStream: SourceStream, @unchecked Sendable {
+    let server: NBDServer
+    let store: FileBlockStore
+    let options: DiskStreamOptions
+    private let logger: Logger
+    private var chunks: DiskChunkSender
+    private let bitmap: DirtyBitmap
+    let blockSize: Int
+
+    private var bulkNextBlock = 0
+    private var bulkDone = false
+    private var roundSet: [Range<Int>]? = nil
+    /// Rounds sent and not yet acknowledged (under the link's lock): marked dirty again after a reconnect.
+    private var unacknowledged: [(round: Int, runs: [Range<Int>])] = []
+    private var completedRoundAtPeer = -1
+    private var frozen = false
+    private var counters = (bulk: DiskTransferCounters(), rounds: DiskTransferCounters(), final: DiskTransferCounters(),
+                            push: DiskTransferCounters())
+    private var blocksPerRound: [UInt64] = []
+    private var throttleStarted: ContinuousClock.Instant?
+    private var throttleSeconds: Double = 0
+    private var urgentLane: UrgentLaneServer?
+    private var pushDone = false
+
+    init(server: NBDServer, store: FileBlockStore, options: DiskStreamOptions, logger: Logger) throws {
+        self.server = server
+        self.store = store
+        self.options = options
+        self.logger = logger
+        bitmap = server.dirtyBitmap
+        blockSize = Int(bitmap.blockSize)
+        chunks = try DiskChunkSender(diskID: options.diskID, fd: store.fileDescriptor, diskSize: store.size,
+                                     blockSize: blockSize, chunkBytes: options.chunkBytes)
+        // Writes before this point need no tracking: the bulk copy reads the disk as it is now.
+        _ = bitmap.snapshotAndClearRuns()
+    }
+
+    var label: String { "disk \(options.diskID)" }
+    var streamType: StreamKind { .disk }
+    var streamID: UInt32 { options.diskID }
+    var features: Features { options.postcopy ? [.disk, .zeroRuns, .resume, .diskPostcopy, .urgentLane] : [.disk, .zeroRuns, .resume] }
+    var isPostcopy: Bool { options.postcopy }
+    var hasPrecopy: Bool { !options.postcopy }
+    var totalBytes: UInt64 { store.size }
+    var sentBytes: UInt64 {
+        [counters.bulk, counters.rounds, counters.final, counters.push].reduce(0) { $0 + $1.dataBytes + $1.zeroBytes }
+    }
+
+    // MARK: - Before the pause
+
+    func announce(on link: PeerLink) throws(LinkError) {
+        try link.send(.diskLayout(DiskLayout(diskID: options.diskID, sizeBytes: store.size, blockSize: UInt32(blockSize), name: store.path)))
+        logger.info("migrating disk", metadata: ["disk": "\(options.diskID)", "image": "\(store.path)", "bytes": "\(store.size)",
+                                                 "block_size": "\(blockSize)", "postcopy": "\(options.postcopy)"])
+    }
+
+    func sendBulk(budget: Int, on link: PeerLink) throws(LinkError) -> Bool {
+        if bulkDone { return true }
+        let budgetBlocks = max(1, budget / blockSize)
+        let end = min(chunks.blockCount, bulkNextBlock + budgetBlocks)
+        var bulk = counters.bulk
+        defer { counters.bulk = bulk }
+        try link.withSender { (sender: inout FrameSender) throws(LinkError) in
+            try chunks.send(blocks: bulkNextBlock..<end, round: 0, holesFrom: store, via: &sender, counters: &bulk) { (next: Int) throws(LinkError) in
+                bulkNextBlock = next
+            }
+        }
+        bulkNextBlock = max(bulkNextBlock, end)
+        guard bulkNextBlock >= chunks.blockCount else { return false }
+        try link.send(.roundEnd(RoundEnd(stream: .disk, streamID: options.diskID, round: 0, itemsSent: bulk.blocks,
+                                         bytesSent: bulk.dataBytes, dirtyRemaining: UInt64(bitmap.dirtyCount))))
+        blocksPerRound.append(bulk.blocks)
+        bulkDone = true
+        logger.info("disk bulk copy sent", metadata: ["disk": "\(options.diskID)", "data_bytes": "\(bulk.dataBytes)", "zero_bytes": "\(bulk.zeroBytes)"])
+        return true
+    }
+
+    func collectDirty() throws -> UInt64 {
+        let taken = bitmap.snapshotAndClearRuns()
+        roundSet = (roundSet ?? []) + taken
+        return roundSet!.reduce(UInt64(0)) { $0 + UInt64($1.count) * UInt64(blockSize) }
+    }
+
+    func sendRound(_ round: Int, on link: PeerLink) throws(LinkError) {
+        let runs = roundSet ?? []
+        var target = frozen ? counters.final : counters.rounds
+        let before = target
+        try link.withSender { (sender: inout FrameSender) throws(LinkError) in
+            for run in runs {
+                try chunks.send(blocks: run, round: UInt32(round), holesFrom: nil, via: &sender, counters: &target)
+            }
+        }
+        if frozen { counters.final = target } else { counters.rounds = target }
+        link.publish { unacknowledged.append((round, runs)) }
+        roundSet = nil
+        try link.send(.roundEnd(RoundEnd(stream: .disk, streamID: options.diskID, round: UInt32(round),
+                                         itemsSent: target.blocks - before.blocks, bytesSent: target.dataBytes - before.dataBytes,
+                                         dirtyRemaining: frozen ? 0 : UInt64(bitmap.dirtyCount))))
+        blocksPerRound.append(target.blocks - before.blocks)
+    }
+
+    var roundsAcknowledged: Bool { unacknowledged.isEmpty }
+
+    /// Throttles the VM's writes to `bytesPerSecond` (Bradford et al.: a writer faster than the link).
+    func throttle(bytesPerSecond: UInt64) {
+        server.throttle.enable(WriteThrottle.Policy(bytesPerSecond: bytesPerSecond, delayNanoseconds: options.throttleDelayNanoseconds))
+        if throttleStarted == nil { throttleStarted = ContinuousClock.now }
+    }
+
+    var isThrottled: Bool { server.throttle.isEnabled }
+
+    // MARK: - The pause
+
+    func freeze() throws {
+        guard !frozen else { return }
+        guard server.quiesce(timeoutNanoseconds: 10_000_000_000) else {
+            throw SetupError("in-flight writes to disk \(options.diskID) did not drain within 10 s at switchover")
+        }
+        frozen = true
+        endThrottle()
+    }
+
+    func thaw() {
+        guard frozen else { return }
+        server.resume()   // the VM goes on writing here
+        frozen = false
+    }
+
+    var toCome: UInt64 {
+        options.postcopy ? store.size : (roundSet ?? []).reduce(UInt64(0)) { $0 + UInt64($1.count) * UInt64(blockSize) }
+    }
+
+    func beforeSwitchover(on link: PeerLink) throws(LinkError) {}
+
+    func sendFinal(round: Int, on link: PeerLink) throws(LinkError) {
+        guard !options.postcopy else { return }
+        _ = try? collectDirty()
+        try sendRound(round, on: link)
+    }
+
+    func digest() -> StreamDigest { StreamDigest(stream: .disk, streamID: options.diskID, digest: chunks.hashes.digest()) }
+
+    // MARK: - Post-copy
+
+    func serveUrgent(on lane: PeerLink) throws(LinkError) {
+        urgentLane?.stop()
+        lane.setPriority(PeerLink.interactivePriority)
+        urgentLane = try UrgentLaneServer(link: lane, store: store, diskID: options.diskID, blockSize: blockSize, logger: logger)
+    }
+
+    func push(budget: Int, on link: PeerLink) throws(LinkError) -> Bool {
+        guard !pushDone else { return true }
+        let end = min(chunks.blockCount, bulkNextBlock + max(1, budget / blockSize))
+        var push = counters.push
+        defer { counters.push = push }
+        try link.withSender { (sender: inout FrameSender) throws(LinkError) in
+            try chunks.send(blocks: bulkNextBlock..<end, round: 0, holesFrom: store, via: &sender, counters: &push) { (next: Int) throws(LinkError) in
+                bulkNextBlock = next
+            }
+        }
+        bulkNextBlock = max(bulkNextBlock, end)
+        guard bulkNextBlock >= chunks.blockCount else { return false }
+        try link.send(.roundEnd(RoundEnd(stream: .disk, streamID: options.diskID, round: 0, itemsSent: push.blocks,
+                                         bytesSent: push.dataBytes, dirtyRemaining: 0)))
+        blocksPerRound.append(push.blocks)
+        pushDone = true
+        return true
+    }
+
+    // MARK: - Acknowledgements and resume
+
+    func acknowledged(_ ack: Ack) {
+        completedRoundAtPeer = max(completedRoundAtPeer, Int(ack.sequence) - 1)
+        let completed = completedRoundAtPeer
+        unacknowledged.removeAll { $0.round <= completed }
+    }
+
+    /// Everything the destination did not acknowledge goes again: the bulk copy (or post-copy push)
+    /// restarts at its high-water mark (or, once past the bulk copy, the rest of the disk is marked
+    /// dirty), and every unacknowledged round's blocks are marked dirty. Re-sending is safe: the
+    /// destination applies blocks as absolute writes, and a re-read is never older than what was sent.
+    func resume(from point: ResumePoint?, phase: MigrationPhase) {
+        let highWater = point?.offset ?? 0
+        completedRoundAtPeer = max(completedRoundAtPeer, Int(point?.sequence ?? 0) - 1)
+        let completed = completedRoundAtPeer
+        unacknowledged.removeAll { $0.round <= completed }
+        if completed < 0 {
+            if !bulkDone || options.postcopy {
+                bulkNextBlock = min(bulkNextBlock, Int(highWater / UInt64(blockSize)))
+                if options.postcopy && pushDone && bulkNextBlock < chunks.blockCount {
+                    pushDone = false
+                    blocksPerRound.removeLast()
+                }
+            } else if highWater < store.size {
+                bitmap.markDirty(offset: highWater, length: store.size - highWater)
+            }
+        }
+        for (_, runs) in unacknowledged { markDirty(runs) }
+        unacknowledged.removeAll()
+        if let set = roundSet {   // a round cut short: its blocks go again
+            markDirty(set)
+            roundSet = nil
+        }
+    }
+
+    private func markDirty(_ runs: [Range<Int>]) {
+        for run in runs {
+            bitmap.markDirty(offset: UInt64(run.lowerBound) * UInt64(blockSize), length: UInt64(run.count) * UInt64(blockSize))
+        }
+    }
+
+    private func endThrottle() {
+        if let started = throttleStarted {
+            let elapsed = ContinuousClock.now - started
+            throttleSeconds += Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+            throttleStarted = nil
+        }
+        server.throttle.disable()
+    }
+
+    func stop() {
+        urgentLane?.stop()
+        endThrottle()
+    }
+
+    func fill(_ report: inout MigrationReport) {
+        var disk = MigrationReport.DiskReport()
+        disk.diskID = options.diskID
+        disk.total = store.size
+        disk.blockSize = blockSize
+        disk.bulkBytes = counters.bulk.dataBytes
+        disk.deltaBytes = counters.rounds.dataBytes
+        disk.downtimeBytes = counters.final.dataBytes
+        disk.postcopyBytes = counters.push.dataBytes + (urgentLane?.bytesSent ?? 0)
+        disk.transferred = counters.bulk.dataBytes + counters.rounds.dataBytes + counters.final.dataBytes + disk.postcopyBytes
+        disk.duplicate = counters.bulk.zeroBytes + counters.rounds.zeroBytes + counters.final.zeroBytes + counters.push.zeroBytes
+        disk.rounds = max(0, blocksPerRound.count - 2)
+        disk.blocksPerRound = blocksPerRound
+        disk.throttleSeconds = throttleSeconds
+        disk.throttledWrites = server.throttle.writesDelayed
+        disk.throttleDelayMs = Double(server.throttle.totalDelayNanoseconds) / 1e6
+        disk.digest = "\(chunks.hashes.digest())"
+        report.disks.append(disk)
+    }
+}

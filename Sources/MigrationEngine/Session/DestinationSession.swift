@@ -1,0 +1,575 @@
+import CFerryShims
+import Foundation
+import Glibc
+import Logging
+import NBDBridge
+import ProcessMemory
+import Synchronization
+import URing
+import Wire
+
+/// How the destination receives a whole VM.
+public struct DestinationOptions: Sendable {
+    /// Where to accept the source's connections.
+    public var listen: SocketAddress
+    /// The shared key both agents hold.
+    public var key: SharedKey
+    /// Where each disk goes and is served (disk id N goes to the N-th target).
+    public var disks: [DiskTarget] = []
+    /// Where the resumed VM hands over its userfaultfd (Firecracker's UFFD handshake); nil: no fault service here.
+    public var uffdSocket: String?
+    /// Started when the VM may run here, with FERRY_STATE_FILE, FERRY_LAYOUT_FILE, FERRY_UFFD_SOCKET,
+    /// FERRY_NBD_SOCKET (the first disk's) and FERRY_NBD_SOCKETS (all, space-separated) in its environment.
+    public var onSwitchover: String?
+    /// Also write the received memory as a Firecracker memory file (before the VM starts, in pre-copy).
+    public var memOut: String?
+    /// The work directory (state, layout, hand-over journal); private (0700). Default: a fresh one,
+    /// removed afterwards. Give one (that survives a restart) for the journal to be found again.
+    public var workDirectory: String?
+    /// Pages requested around a faulting page (pre-paging), the faulting page included.
+    public var prepagingWindow: Int = 16
+    /// SO_PRIORITY of the urgent lanes' sockets (6, TC_PRIO_INTERACTIVE; 0 leaves it alone).
+    public var urgentPriority: Int32 = PeerLink.interactivePriority
+    /// A receive that sees nothing for this long (seconds) counts as a dropped link.
+    public var receiveTimeout: Double = 30
+    /// How long to wait for the source to come back after a dropped link before hand-over (seconds).
+    public var linkTimeout: Double = 60
+    /// How long to wait for the first connection (seconds; 0 = for ever).
+    public var acceptTimeout: Double = 0
+    /// How long the started VM may take to hand over its userfaultfd (seconds).
+    public var vmStartTimeout: Double = 30
+
+    public init(listen: SocketAddress, key: SharedKey) {
+        self.listen = listen
+        self.key = key
+    }
+}
+
+/// One migration of a whole VM from the destination side: ONE listening port, ONE session (its
+/// main link and an urgent lane per post-copy stream), the disks and the memory as
+/// ``DestinationStream``s. The VM starts only when it is safe: every pre-copy stream has all of
+/// its data and its digest equals the source's, every post-copy stream serves with fetch-on-demand.
+/// Before telling the source that the VM runs here, a ``HandOverJournal`` is synced to the work
+/// directory, so a restarted agent still knows.
+public final class DestinationSession: @unchecked Sendable {
+    private let options: DestinationOptions
+    private let logger: Logger
+    private let vmExited: @Sendable () -> Void
+    private var state = SessionState()
+    private var disks: [UInt32: DiskDestinationStream] = [:]
+    private var memory: MemoryDestinationStream?
+    private var streams: [any DestinationStream] { disks.keys.sorted().compactMap { disks[$0] } + (memory.map { [$0] } ?? []) }
+    /// Shared with the acceptor's threads.
+    private let door = Locked<Door>(Door())
+    private let linkArrived = NSCondition()
+    /// Urgent lanes the acceptor queued for the session thread to attach.
+    private let queuedLanes = Atomic<Int>(0)
+    private var restoredServers: [NBDServer] = []
+    /// The PID of the `--on-switchover` command, to reap.
+    public private(set) var startedPID: pid_t?
+
+    /// What the acceptor's threads need to know and hand over.
+    private struct Door {
+        var sessionID: SessionID?
+        var resumePoints: [ResumePoint] = []
+        var handedOver = false
+        var journalDigests: [StreamDigest] = []
+        var waiting: [PeerLink] = []
+        var current: PeerLink?
+        var lanes: [(Features, PeerLink)] = []
+    }
+
+    /// `vmExited` runs when the resumed VM has gone (its fault service ended).
+    public init(options: DestinationOptions, logger: Logger, vmExited: @escaping @Sendable () -> Void = {}) {
+        self.options = options
+        self.logger = logger
+        self.vmExited = vmExited
+    }
+
+    /// The NBD servers of the migrated disks (safe from any thread once ``run()`` returned).
+    public var nbdServers: [NBDServer] { streams.compactMap { ($0 as? DiskDestinationStream)?.server } + restoredServers }
+    /// The fault service, once the VM runs here.
+    public var faultService: MemoryFaultService? { memory?.faultService }
+
+    /// Receives until the digests are exchanged (or the migration fails). On success the disks are
+    /// served and the VM's faults answered after this returns.
+    public func run() -> MigrationReport {
+        var report = MigrationReport(role: "destination")
+        let start = ContinuousClock.now
+        var failure: String? = nil
+        var wireBytes: UInt64 = 0
+        var reconnects = 0
+        var workDirectory: PrivateDirectory? = nil
+        var uffdListener: UFFDHandshakeListener? = nil
+        var acceptor: LinkAcceptor? = nil
+        var session = Switch()
+        var sourceDigests: [StreamDigest] = []
+        var vmStarted = false
+        var done = false
+
+        do {
+            let directory = try options.workDirectory.map { try PrivateDirectory(at: $0) } ?? PrivateDirectory(prefix: "ferry-dest")
+            workDirectory = directory
+            if let journal = try HandOverJournal.read(from: directory.path) { try restore(journal) }
+            if let path = options.uffdSocket, !door.withLock({ $0.handedOver }) { uffdListener = try UFFDHandshakeListener(path: path) }
+            let listener: URing.OwnedDescriptor
+            do { listener = try Socket.listen(on: options.listen) } catch {
+                throw SetupError("cannot listen on \(options.listen): \(error)")
+            }
+            let door = self.door
+            let accepting = LinkAcceptor(listener: listener, key: options.key, receiveTimeout: options.receiveTimeout, logger: logger,
+                                         decide: { (hello: Hello) throws(LinkError) in try Self.admit(hello, door: door) },
+                                         deliver: { [self] link in arrived(link) })
+            accepting.start()
+            acceptor = accepting
+            logger.info("waiting for the source", metadata: ["listen": "\(options.listen)", "uffd_socket": "\(options.uffdSocket ?? "-")",
+                                                              "disks": "\(options.disks.count)"])
+
+            session: while !done {
+                // The next main link: the first, or the source coming back after a drop.
+                let handedOver = door.withLock { $0.handedOver }
+                let wait: Double = door.withLock { $0.sessionID == nil } ? options.acceptTimeout
+                    : (handedOver && streams.contains { !$0.isComplete }) ? 0 : options.linkTimeout
+                guard let link = nextLink(timeout: wait) else {
+                    if handedOver {
+                        logger.warning("the source did not come back; the VM runs here", metadata: ["waited_s": "\(Int(wait))"])
+                        break session
+                    }
+                    throw SetupError(door.withLock { $0.sessionID == nil } ? "no source connected within \(Int(wait)) s"
+                                                                           : "the source did not come back within \(Int(wait)) s")
+                }
+                if report.setupTimeMs == 0 { report.setupTimeMs = seconds(since: start) * 1000 }
+                if link.agreement.mode == .resume { reconnects += 1 }
+                link.startKeepalive()
+                if link.agreement.mode == .resume, let digests = Optional(door.withLock({ $0.journalDigests })), !digests.isEmpty {
+                    // Restarted after hand-over: the VM runs here; what was agreed then is the answer.
+                    try? link.send(.complete(Wire.Completion(digests: digests)))
+                    report.digestsAgree = true
+                    if state.phase == .handshake { state.move(to: .switchover) }
+                    state.move(to: .complete)
+                    wireBytes += link.bytesSent
+                    link.close()
+                    done = true
+                    break session
+                }
+                if state.phase == .connecting { state.move(to: .handshake) }
+                do throws(LinkError) {
+                    while true {
+                        let frame = try link.receive(during: vmStarted ? "post-copy" : "migration")
+                        if queuedLanes.load(ordering: .relaxed) > 0 { attachLanes() }
+                        switch frame.message {
+                        case .diskLayout(let layout):
+                            try addDisk(layout)
+                        case .memoryLayout(let layout):
+                            if memory == nil {
+                                memory = try MemoryDestinationStream(layout: layout, prepagingWindow: options.prepagingWindow,
+                                                                     urgentPriority: options.urgentPriority, logger: logger)
+                            } else if memory!.image.layout != layout {
+                                throw LinkError.local(.layoutMismatch, reason: "a second, different memory layout")
+                            }
+                        case .diskExtents(let extents):
+                            try disk(extents.diskID).receive(frame.message, on: link)
+                            if state.phase == .handshake { state.move(to: .bulk) }
+                        case .pageBatch, .pageDiscard:
+                            guard let memory else { throw LinkError.unexpected(frame.header.type, expecting: "memoryLayout first") }
+                            try memory.receive(frame.message, on: link)
+                            if state.phase == .handshake { state.move(to: .bulk) }
+                        case .roundEnd(let end):
+                            try stream(end.stream, end.streamID).receive(frame.message, on: link)
+                        case .switchover(let switchover):
+                            guard !vmStarted else { break }   // a repeated offer after a reconnect: the VM runs already
+                            guard switchover.vmStateLength <= 1 << 30 else {
+                                throw LinkError.local(.protocolViolation, reason: "VM state of \(switchover.vmStateLength) bytes (at most 1 GiB)")
+                            }
+                            session = Switch(mode: switchover.mode, at: ferry_monotonic_ns(), state: [UInt8](repeating: 0, count: Int(switchover.vmStateLength)))
+                            for disk in disks.values { try disk.switchover(postcopy: switchover.mode.contains(.diskPostcopy)) }
+                            try memory?.switchover(postcopy: switchover.mode.contains(.memoryPostcopy))
+                            if state.phase.isBeforeSwitchover { moveToSwitchover() }
+                            logger.info("switchover: the source paused the VM", metadata: [
+                                "disk_bytes_to_come": "\(switchover.diskBytesToCome)", "pages_to_come": "\(switchover.memoryPagesToCome)",
+                                "state_bytes": "\(switchover.vmStateLength)", "mode": "\(switchover.mode.rawValue)"])
+                        case .vmState(let chunk):
+                            guard chunk.totalLength == UInt64(session.state.count), chunk.offset + UInt64(chunk.payload.count) <= chunk.totalLength else {
+                                throw LinkError.local(.protocolViolation, reason: "vmState chunk \(chunk.offset)+\(chunk.payload.count) outside the announced \(session.state.count) bytes")
+                            }
+                            session.state.withUnsafeMutableBytes { out in
+                                (out.baseAddress! + Int(chunk.offset)).copyMemory(from: chunk.payload.bytes.baseAddress!, byteCount: chunk.payload.count)
+                            }
+                            session.stateReceived += UInt64(chunk.payload.count)
+                        case .complete(let theirs):
+                            for digest in theirs.digests {
+                                sourceDigests.removeAll { $0.stream == digest.stream && $0.streamID == digest.streamID }
+                                sourceDigests.append(digest)
+                            }
+                            if !vmStarted {
+                                guard let mode = session.mode else { throw LinkError.unexpected(.complete, expecting: "switchover first") }
+                                guard session.stateReceived == UInt64(session.state.count) else {
+                                    throw LinkError.local(.protocolViolation, reason: "complete with \(UInt64(session.state.count) - session.stateReceived) bytes of VM state missing")
+                                }
+                                // The VM starts only when it is safe.
+                                for stream in streams {
+                                    try stream.checkReady(theirs: theirs.digests.first { $0.stream == stream.streamType && $0.streamID == stream.streamID })
+                                }
+                                try awaitUrgentLanes(mode: mode)
+                                try startVM(mode: mode, session: session, directory: directory, uffdListener: &uffdListener, link: link)
+                                session.sinceSwitchover = ferry_monotonic_ns() &- session.at
+                                vmStarted = true
+                                if state.phase.isBeforeSwitchover { moveToSwitchover() }
+                                state.handOver()
+                                if streams.contains(where: { !$0.isComplete }) { state.move(to: .postcopy) }
+                            }
+                            if streams.allSatisfy(\.isComplete) {
+                                var differing: [String] = []
+                                for stream in streams {
+                                    let ours = stream.digest()
+                                    if sourceDigests.first(where: { $0.stream == ours.stream && $0.streamID == ours.streamID })?.digest != ours.digest {
+                                        differing.append(stream.label)
+                                    }
+                                }
+                                try link.send(.complete(Wire.Completion(digests: streams.map { $0.digest() })))
+                                report.digestsAgree = differing.isEmpty
+                                if !differing.isEmpty { failure = "digests differ after hand-over for \(differing.joined(separator: ", "))" }
+                                if let memOut = options.memOut, memory?.isComplete == true, session.mode?.contains(.memoryPostcopy) == true {
+                                    do { try memory!.image.write(memoryFile: memOut) } catch { logger.error("--mem-out failed", metadata: ["error": "\(error)"]) }
+                                }
+                                if state.phase != .complete { state.move(to: .complete) }
+                                done = true
+                                wireBytes += link.bytesSent
+                                link.close()
+                                break session
+                            }
+                        case .keepalive, .ack:
+                            break
+                        default:
+                            throw LinkError.unexpected(frame.header.type, expecting: "a disk, memory or session frame")
+                        }
+                    }
+                } catch {
+                    wireBytes += link.bytesSent
+                    if error.isRetryable {
+                        link.close()
+                        logger.warning("link lost; waiting for the source to resume", metadata: ["error": "\(error)", "vm_started": "\(vmStarted)"])
+                        continue session
+                    }
+                    // Tell the source before closing, so it does not wait for a reconnect that will not come.
+                    if case .peer = error {} else {
+                        try? link.send(.error(.truncating(code: error.wireCode, reason: "\(error)")))
+                    }
+                    link.close()
+                    throw error
+                }
+            }
+        } catch {
+            failure = failure ?? "\(error)"
+        }
+        acceptor?.stop()
+        _ = uffdListener.take()
+        if !state.phase.isTerminal && state.owner != .destination, let failure { state.move(to: .failed(failure)) }
+        for stream in streams { stream.fill(&report) }
+        report.disk = report.disks.first
+        if let directory = workDirectory, state.owner != .destination { directory.remove() }
+        report.reconnects = reconnects
+        report.wireBytes = wireBytes
+        report.totalTimeMs = seconds(since: start) * 1000
+        report.downtimeMs = Double(session.sinceSwitchover) / 1e6
+        report.vmLocation = state.owner == .destination ? "destination" : "source"
+        report.phase = "\(state.phase)"
+        if let failure {
+            report.status = "failed"
+            report.reason = failure
+            logger.error("migration failed", metadata: ["reason": "\(failure)", "vm_location": "\(report.vmLocation)"])
+        } else {
+            report.status = "completed"
+        }
+        return report
+    }
+
+    /// What the switchover brought: the mode, when, the VM state.
+    private struct Switch {
+        var mode: SwitchoverMode?
+        var at: UInt64 = 0
+        var state: [UInt8] = []
+        var stateReceived: UInt64 = 0
+        var sinceSwitchover: UInt64 = 0
+        init() {}
+        init(mode: SwitchoverMode, at: UInt64, state: [UInt8]) { self.mode = mode; self.at = at; self.state = state }
+    }
+
+    private func moveToSwitchover() {
+        if state.phase == .handshake { state.move(to: .bulk) }
+        if state.phase == .bulk || { if case .round = state.phase { return true }; return false }() { state.move(to: .switchover) }
+    }
+
+    // MARK: - Starting the VM
+
+    /// Starts the VM here: serves the pre-copy disks, writes the state and layout files, runs
+    /// `--on-switchover` (watched: if it exits before the VM hands over its userfaultfd, that is
+    /// seen at once), serves the VM's faults, syncs the journal, and tells the source. A failure
+    /// before the journal tells the source `vmStartFailed`, so it resumes its copy.
+    private func startVM(mode: SwitchoverMode, session: Switch, directory: PrivateDirectory,
+                         uffdListener: inout UFFDHandshakeListener?, link: PeerLink) throws(LinkError) {
+        do {
+            for disk in disks.values { try disk.serveForVM() }
+            if let memOut = options.memOut, let memory, !mode.contains(.memoryPostcopy) { try memory.image.write(memoryFile: memOut) }
+            let statePath = directory.path + "/vm-state.bin"
+            guard FileManager.default.createFile(atPath: statePath, contents: Data(session.state), attributes: [.posixPermissions: 0o600]) else {
+                throw SetupError("cannot write the VM state to \(statePath)")
+            }
+            var environment = ["FERRY_STATE_FILE": statePath, "FERRY_UFFD_SOCKET": options.uffdSocket ?? "", "FERRY_WORK_DIR": directory.path]
+            if let memory {
+                let layoutPath = directory.path + "/layout.json"
+                guard FileManager.default.createFile(atPath: layoutPath, contents: Data(GuestMemoryMapping.encodeList(memory.mappings))) else {
+                    throw SetupError("cannot write the layout to \(layoutPath)")
+                }
+                environment["FERRY_LAYOUT_FILE"] = layoutPath
+            }
+            let sockets = disks.keys.sorted().compactMap { disks[$0]?.servingAddress.map { "\($0)" } }
+            environment["FERRY_NBD_SOCKET"] = sockets.first ?? ""
+            environment["FERRY_NBD_SOCKETS"] = sockets.joined(separator: " ")
+            if let command = options.onSwitchover {
+                startedPID = try ShellCommand.start(command, environment: environment)
+            }
+            if let memory, let listener = uffdListener.take() {
+                let handshake = try awaitVM(listener)
+                try memory.startFaultService(handshake, onExit: vmExited)
+            }
+            var journal = HandOverJournal(session: "\(link.agreement.sessionID)", digests: [:], disks: [],
+                                          memoryPostcopy: mode.contains(.memoryPostcopy))
+            for stream in streams where !(mode.contains(.memoryPostcopy) && stream.streamType == .memory)
+                && !(mode.contains(.diskPostcopy) && stream.streamType == .disk) {
+                journal.digests[stream.label] = "\(stream.digest().digest)"
+            }
+            journal.disks = disks.keys.sorted().map { id in
+                HandOverJournal.Disk(id: id, image: disks[id]!.target.imagePath, nbd: "\(disks[id]!.target.nbdEndpoint)")
+            }
+            try journal.write(to: directory.path)
+        } catch {
+            if let pid = startedPID { kill(pid, SIGKILL) }
+            let reason = "the VM did not start here: \(error)"
+            try? link.send(.error(.truncating(code: .vmStartFailed, reason: reason)))
+            throw .peer(.vmStartFailed, reason: reason)
+        }
+        door.withLock { $0.handedOver = true }
+        let since = ferry_monotonic_ns() &- session.at
+        try link.send(.resumed(VMResumed(sinceSwitchoverNanoseconds: since)))
+        logger.info("the VM runs here", metadata: ["since_switchover_ms": "\(String(format: "%.1f", Double(since) / 1e6))"])
+    }
+
+    /// Waits for the started VM's UFFD handshake, watching the `--on-switchover` process: if it
+    /// exits first, the VM did not start (said at once, not after the timeout).
+    private func awaitVM(_ listener: borrowing UFFDHandshakeListener) throws -> UFFDHandshake {
+        let deadline = ContinuousClock.now + .milliseconds(Int(options.vmStartTimeout * 1000))
+        while ContinuousClock.now < deadline {
+            if try listener.hasPendingConnection(timeoutMilliseconds: 100) {
+                return try listener.accept(timeoutMilliseconds: 5000)
+            }
+            if let pid = startedPID {
+                var status: Int32 = 0
+                if waitpid(pid, &status, WNOHANG) == pid {
+                    startedPID = nil
+                    let exited = status & 0x7f == 0
+                    throw SetupError("--on-switchover exited (" + (exited ? "status \((status >> 8) & 0xff)" : "signal \(status & 0x7f)")
+                                     + ") before the VM handed over its memory")
+                }
+            }
+        }
+        throw SetupError("no VM handed over its userfaultfd on \(options.uffdSocket ?? "") within \(Int(options.vmStartTimeout)) s")
+    }
+
+    // MARK: - Streams
+
+    private func addDisk(_ layout: DiskLayout) throws(LinkError) {
+        if let existing = disks[layout.diskID] {
+            guard existing.layout == layout else { throw .local(.layoutMismatch, reason: "disk \(layout.diskID) announced twice, differently") }
+            return
+        }
+        guard layout.diskID >= 1, Int(layout.diskID) <= options.disks.count else {
+            throw .local(.layoutMismatch, reason: "the source migrates disk \(layout.diskID); this destination has \(options.disks.count) --disk target(s)")
+        }
+        let door = self.door
+        disks[layout.diskID] = try DiskDestinationStream(layout: layout, target: options.disks[Int(layout.diskID) - 1], logger: logger,
+                                                         dropMainLink: { door.withLock { $0.current }?.close() })
+    }
+
+    private func disk(_ id: UInt32) throws(LinkError) -> DiskDestinationStream {
+        guard let disk = disks[id] else { throw .unexpected(.diskExtents, expecting: "diskLayout of disk \(id) first") }
+        return disk
+    }
+
+    private func stream(_ type: StreamKind, _ id: UInt32) throws(LinkError) -> any DestinationStream {
+        if type == .disk { return try disk(id) }
+        if type == .memory, let memory { return memory }
+        throw .local(.protocolViolation, reason: "roundEnd for unknown stream \(type) \(id)")
+    }
+
+    // MARK: - Links
+
+    /// Decides whether to take a hello: a new session when none is held, the held one resumed,
+    /// or an urgent lane of the held one. Runs on the acceptor's handshake threads.
+    private static func admit(_ hello: Hello, door: Locked<Door>) throws(LinkError) -> SessionHandshake.Admission {
+        let (held, points, handedOver) = door.withLock { ($0.sessionID, $0.resumePoints, $0.handedOver) }
+        if hello.features.contains(.urgentLane) {
+            guard let held, hello.sessionID == held else { throw .peer(.unknownSession, reason: "an urgent lane for no session held here") }
+            return .init(features: hello.features.intersection([.urgentLane, .disk, .memory]))
+        }
+        let features: Features = [.disk, .memory, .zeroRuns, .resume, .diskPostcopy, .postcopy, .urgentLane]
+        switch (hello.mode, held) {
+        case (.new, nil):
+            return .init(features: features)
+        case (.resume, let held?) where held == hello.sessionID:
+            return .init(features: features, resumePoints: points, handedOver: handedOver)
+        case (.resume, _):
+            throw .peer(.unknownSession, reason: "this destination holds no session \(hello.sessionID)")
+        case (.new, _?):
+            throw .peer(.busy, reason: "this destination is already receiving a migration")
+        }
+    }
+
+    /// An authenticated link from the acceptor: an urgent lane goes to its stream; a main link
+    /// claims or resumes the session and replaces the current one (which is closed, so the
+    /// session's loop moves on to it).
+    private func arrived(_ link: PeerLink) {
+        if link.agreement.features.contains(.urgentLane) {
+            linkArrived.lock()
+            door.withLock { $0.lanes.append((link.agreement.features, link)) }
+            queuedLanes.add(1, ordering: .relaxed)
+            linkArrived.broadcast()
+            linkArrived.unlock()
+            return
+        }
+        let accepted: Bool = door.withLock { door in
+            if door.sessionID == nil { door.sessionID = link.agreement.sessionID }
+            guard door.sessionID == link.agreement.sessionID else { return false }
+            door.current?.close()
+            door.waiting.append(link)
+            return true
+        }
+        if !accepted {
+            try? link.send(.error(.truncating(code: .busy, reason: "this destination is already receiving a migration")))
+            link.close()
+            return
+        }
+        linkArrived.lock()
+        linkArrived.broadcast()
+        linkArrived.unlock()
+    }
+
+    /// The next main link, attaching urgent lanes that arrived meanwhile; nil after `timeout`
+    /// seconds (0: wait for ever).
+    private func nextLink(timeout: Double) -> PeerLink? {
+        let deadline = ContinuousClock.now + .milliseconds(Int(min(timeout, 1e8) * 1000))
+        while timeout == 0 || ContinuousClock.now < deadline {
+            attachLanes()
+            if let link = door.withLock({ door -> PeerLink? in
+                guard !door.waiting.isEmpty else { return nil }
+                let link = door.waiting.removeFirst()
+                door.current = link
+                return link
+            }) { return link }
+            linkArrived.lock()
+            _ = linkArrived.wait(until: Date(timeIntervalSinceNow: 0.1))
+            linkArrived.unlock()
+        }
+        return nil
+    }
+
+    /// Hands urgent lanes that arrived to their streams (they may arrive before the switchover
+    /// that makes a stream post-copy: those wait).
+    private func attachLanes() {
+        let lanes = door.withLock { door -> [(Features, PeerLink)] in
+            let lanes = door.lanes
+            door.lanes.removeAll()
+            queuedLanes.store(0, ordering: .relaxed)
+            return lanes
+        }
+        var keep: [(Features, PeerLink)] = []
+        for (features, lane) in lanes {
+            // The lane's hello names its stream in its one resume point.
+            let point = lane.agreement.peerResumePoints.first
+            let target: (any DestinationStream)? = features.contains(.memory) ? memory : point.flatMap { disks[$0.streamID] }
+            do {
+                guard let target else { keep.append((features, lane)); continue }
+                try target.attachUrgent(lane)
+                attachedLanes.insert(target.label)
+                logger.info("urgent lane open", metadata: ["stream": "\(target.label)"])
+            } catch {
+                keep.append((features, lane))
+            }
+        }
+        if !keep.isEmpty {
+            door.withLock { $0.lanes.append(contentsOf: keep) }
+            queuedLanes.add(keep.count, ordering: .relaxed)
+        }
+    }
+
+    /// Streams that have an urgent lane.
+    private var attachedLanes: Set<String> = []
+
+    /// Before the VM starts in post-copy: waits (up to 10 s) until each post-copy stream has its
+    /// urgent lane, which the source opened just before its switchover, so the first fault finds it.
+    private func awaitUrgentLanes(mode: SwitchoverMode) throws(LinkError) {
+        var needed: [String] = []
+        if mode.contains(.memoryPostcopy), let memory { needed.append(memory.label) }
+        if mode.contains(.diskPostcopy) { needed += disks.values.map(\.label) }
+        let deadline = ContinuousClock.now + .seconds(10)
+        while !needed.allSatisfy({ attachedLanes.contains($0) }) {
+            guard ContinuousClock.now < deadline else {
+                throw .timedOut(during: "urgent lane set-up", seconds: 10)   // the source reconnects and reopens them
+            }
+            attachLanes()
+            usleep(5_000)
+        }
+    }
+
+    /// Restarted after hand-over: serve the disks again and answer the source from the journal.
+    private func restore(_ journal: HandOverJournal) throws {
+        guard let bytes = HandOverJournal.bytes(fromHex: journal.session), let id = SessionID(bytes) else {
+            throw SetupError("the hand-over journal names no valid session")
+        }
+        var digests: [StreamDigest] = []
+        for (label, hex) in journal.digests {
+            guard let bytes = HandOverJournal.bytes(fromHex: hex), let digest = Digest(bytes) else { continue }
+            if label == "memory" {
+                digests.append(StreamDigest(stream: .memory, streamID: 0, digest: digest))
+            } else if let id = UInt32(label.split(separator: " ").last ?? "") {
+                digests.append(StreamDigest(stream: .disk, streamID: id, digest: digest))
+            }
+        }
+        for disk in journal.disks {
+            let store = try FileBlockStore(path: disk.image)
+            let server = try NBDServer(store: store, options: NBDServer.Options(exportName: ""))
+            _ = try server.listen(NBDEndpoint.parse(disk.nbd))
+            server.start()
+            restoredServers.append(server)
+        }
+        door.withLock {
+            $0.sessionID = id
+            $0.handedOver = true
+            $0.journalDigests = digests
+        }
+        state.move(to: .handshake); state.handOver()
+        logger.warning("restarted after hand-over: the VM runs here (from the journal)", metadata: [
+            "session": "\(journal.session)", "disks": "\(journal.disks.count)",
+            "memory_postcopy": "\(journal.memoryPostcopy)"])
+        if journal.memoryPostcopy {
+            logger.error("the VM was still pulling memory (post-copy) when this agent stopped: its faults on pages not yet here cannot be served by this process")
+        }
+    }
+
+    /// Fills the fault figures into a report (call again when the VM has run on).
+    public func refresh(_ report: inout MigrationReport) {
+        guard let service = faultService, report.memory != nil else { return }
+        service.summarize(into: &report.memory!)
+    }
+
+    /// Stops serving: the NBD servers (drained) and the fault service.
+    public func shutdown() {
+        for server in nbdServers { server.shutdown(drain: true) }
+        memory?.stop()
+    }
+
+    private func seconds(since instant: ContinuousClock.Instant) -> Double {
+        let d = ContinuousClock.now - instant
+        return Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+    }
+}

@@ -1,0 +1,84 @@
+import Foundation
+import Glibc
+import Wire
+
+/// The destination's record that the VM runs here, written and synced to its work directory
+/// BEFORE it tells the source (`resumed`). A dest-agent restarted after hand-over (systemd
+/// `Restart=`) reads it and answers the source's reconnect with `resumed` and the digests that
+/// were verified at hand-over, instead of "unknown session" (which would make the source resume
+/// a stale copy). It also says which images to serve again.
+public struct HandOverJournal: Codable, Sendable, Equatable {
+    /// The session, as hex.
+    public var session: String
+    /// The digests both sides agreed on at hand-over, per stream ("disk 1", "memory"), as hex.
+    public var digests: [String: String]
+    /// Each disk: its id, image and NBD endpoint, to serve again after a restart.
+    public var disks: [Disk]
+    /// Whether the memory was still being pulled (post-copy): a restarted agent cannot serve those faults.
+    public var memoryPostcopy: Bool
+
+    /// One disk the destination serves.
+    public struct Disk: Codable, Sendable, Equatable {
+        public var id: UInt32
+        public var image: String
+        public var nbd: String
+    }
+
+    /// The journal's file in a work directory.
+    public static func path(in directory: String) -> String { directory + "/handover.json" }
+
+    /// Reads the journal in `directory`, if there is one.
+    public static func read(from directory: String) throws -> HandOverJournal? {
+        let path = path(in: directory)
+        guard FileManager.default.fileExists(atPath: path) else { return nil }
+        do {
+            return try JSONDecoder().decode(HandOverJournal.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
+        } catch {
+            throw SetupError("the hand-over journal \(path) is unreadable: \(error); move it away only if no VM runs here")
+        }
+    }
+
+    /// Writes it durably: a temporary file, fsync, rename over the journal, fsync of the directory.
+    /// The corresponding C functions are `write`, `fsync` and `rename`.
+    public func write(to directory: String) throws {
+        let final = Self.path(in: directory)
+        let temporary = final + ".new"
+        let data = try JSONEncoder().encode(self)
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SetupError("cannot write the hand-over journal \(temporary): errno \(errno)") }
+        let written = data.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+        let synced = fsync(fd)
+        close(fd)
+        guard written == data.count, synced == 0 else { throw SetupError("cannot write the hand-over journal \(temporary): errno \(errno)") }
+        guard rename(temporary, final) == 0 else { throw SetupError("cannot rename the hand-over journal into \(final): errno \(errno)") }
+        let dir = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dir >= 0 { _ = fsync(dir); close(dir) }
+    }
+
+    /// Removes it (the migration is over and settled).
+    public static func remove(from directory: String) { unlink(path(in: directory)) }
+}
+
+extension HandOverJournal {
+    /// Bytes from lowercase hex (the form ``SessionID`` and ``Digest`` print in); nil if malformed.
+    static func bytes(fromHex text: String) -> [UInt8]? {
+        let digits = Array(text.utf8)
+        guard digits.count % 2 == 0 else { return nil }
+        var bytes: [UInt8] = []
+        var index = 0
+        while index < digits.count {
+            guard let high = hexValue(digits[index]), let low = hexValue(digits[index + 1]) else { return nil }
+            bytes.append(high << 4 | low)
+            index += 2
+        }
+        return bytes
+    }
+
+    private static func hexValue(_ c: UInt8) -> UInt8? {
+        switch c {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): return c - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): return c - UInt8(ascii: "a") + 10
+        default: return nil
+        }
+    }
+}

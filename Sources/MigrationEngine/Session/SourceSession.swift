@@ -1,0 +1,446 @@
+import CFerryShims
+import Foundation
+import Glibc
+import Logging
+import NBDBridge
+import Synchronization
+import URing
+import Wire
+
+/// What a source session needs besides its streams: where to, with which key, and when to give up.
+public struct SessionOptions: Sendable {
+    /// The dest-agent.
+    public var destination: SocketAddress
+    /// The shared key both agents hold.
+    public var key: SharedKey
+    /// When to switch over and when to throttle: ONE decision over every stream's remaining bytes.
+    public var policy = ConvergencePolicy()
+    /// Before hand-over: give the migration up (the VM keeps running here) when the link stays down this long (seconds).
+    public var linkTimeout: Double = 60
+    /// A receive that sees nothing for this long (seconds) counts as a dropped link.
+    public var receiveTimeout: Double = 30
+    /// How long the destination may take to start the VM after the final data (seconds).
+    public var vmStartTimeout: Double = 60
+    /// Bytes one stream sends before the next stream's turn in the bulk copy and the post-copy
+    /// push: how disk and memory share the link.
+    public var sliceBytes: Int = 4 << 20
+
+    public init(destination: SocketAddress, key: SharedKey) {
+        self.destination = destination
+        self.key = key
+    }
+}
+
+/// One migration of a whole VM from the source side: its disks and its memory as streams of ONE
+/// session over ONE link (``SourceStream``), with ONE convergence decision over the sum of what
+/// remains against ONE bandwidth estimate, ONE pause (the VM first, then every disk), ONE hand-over
+/// and ONE report. The session owns the link and everything that is the same for every stream:
+/// the handshake, reconnect with backoff and resume from the destination's acknowledged points,
+/// keepalives, the drain before the pause, the phases and the question of who owns the VM
+/// (``SessionState``).
+///
+///     connecting → handshake → bulk → round 1 … n → switchover → [post-copy] → complete
+///
+/// Before the VM is offered, any failure resumes it here. After the offer (the `switchover` frame)
+/// only the destination can settle who runs it: the session reconnects for as long as it takes and
+/// never resumes a copy that may be stale (docs/wire.md, "Hand-over").
+public final class SourceSession: @unchecked Sendable {
+    private let options: SessionOptions
+    private let vm: VMControl?
+    private let streams: [any SourceStream]
+    private let disks: [DiskSourceStream]
+    private let memory: MemorySourceStream?
+    private let logger: Logger
+    private let sessionID = SessionID.random()
+    private var state = SessionState()
+    private var progress = ProgressLine()
+    private let cancelled = Atomic<Bool>(false)
+    private let openLinks = Mutex<[PeerLink]>([])
+
+    // Published by the main link's reader thread, read under the link's lock.
+    private var resumedAt: UInt64?
+    private var peerCompletion: Wire.Completion?
+
+    /// A session migrating `disks` (each served by its own NBD server here) and, with `memory`, the
+    /// memory of the VM process that `vm` pauses. Fails when a stream cannot be set up (a wrong
+    /// PID, a missing permission), before anything is sent.
+    public init(options: SessionOptions, vm: VMControl?, disks: [(server: NBDServer, store: FileBlockStore, options: DiskStreamOptions)],
+                memory: MemoryStreamOptions?, logger: Logger) throws {
+        self.options = options
+        self.vm = vm
+        self.logger = logger
+        self.disks = try disks.map { try DiskSourceStream(server: $0.server, store: $0.store, options: $0.options, logger: logger) }
+        self.memory = try memory.map { try MemorySourceStream(options: $0, logger: logger) }
+        var all: [any SourceStream] = self.disks
+        if let memory = self.memory { all.append(memory) }
+        guard !all.isEmpty else { throw SetupError("nothing to migrate: give a disk, a VM's memory, or both") }
+        streams = all
+    }
+
+    /// Stops the migration from another thread (SIGTERM): the links close and ``run()`` fails,
+    /// resuming the VM here unless it has been offered to the destination.
+    public func cancel() {
+        cancelled.store(true, ordering: .relaxed)
+        openLinks.withLock { for link in $0 { link.close() } }
+    }
+
+    private var hasPrecopy: Bool { streams.contains { $0.hasPrecopy } }
+    private var hasPostcopy: Bool { streams.contains { $0.isPostcopy } }
+
+    /// Runs the migration to the end. Never throws: failures are in the report.
+    public func run() -> MigrationReport {
+        var report = MigrationReport(role: "source")
+        let start = ContinuousClock.now
+        var link: PeerLink? = nil
+        var linkDownSince: ContinuousClock.Instant? = nil
+        var wireBytes: UInt64 = 0
+        var reconnects = 0
+        var failure: String? = nil
+        var vmPaused = false
+        var pausedAt: UInt64 = 0
+        var vmState: [UInt8] = []
+        var offerSent = false
+        var finalRound = 0
+        var bulkStart = ContinuousClock.now
+        var lastCollect = ContinuousClock.now
+        var bandwidth: Double = 0
+        var dirtyRate: Double = 0
+
+        func seconds(since instant: ContinuousClock.Instant) -> Double {
+            let d = ContinuousClock.now - instant
+            return Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+        }
+        func sentSoFar() -> UInt64 { wireBytes + (link?.bytesSent ?? 0) }
+
+        migration: while !state.phase.isTerminal {
+            do {
+                if cancelled.load(ordering: .relaxed) { throw SetupError("cancelled") }
+                // 1. A link: the first connection, or a reconnect that resumes the session.
+                if link == nil {
+                    let resumed = linkDownSince != nil
+                    let newLink: PeerLink
+                    do {
+                        newLink = try connectWithBackoff(resume: resumed, since: linkDownSince ?? .now,
+                                                         unbounded: state.owner != .source)
+                    } catch {
+                        if state.owner == .offered { state.leaveUnsettled() }
+                        throw error
+                    }
+                    link = newLink
+                    openLinks.withLock { $0.append(newLink) }
+                    if resumed {
+                        reconnects += 1
+                        let points = newLink.agreement.peerResumePoints
+                        for stream in streams {
+                            stream.resume(from: points.first { $0.stream == stream.streamType && $0.streamID == stream.streamID },
+                                          phase: state.phase)
+                        }
+                        if let memory, let push = points.first(where: { $0.stream == .memory && $0.streamID == PushPacer.ackStreamID }) {
+                            memory.resumePush(applied: push.offset)
+                        }
+                        if newLink.agreement.handedOver {
+                            if resumedAt == nil { resumedAt = ferry_monotonic_ns() }
+                            state.handOver()
+                        } else if state.owner == .offered {
+                            // The destination has not started the VM: the offer goes again, whole.
+                            offerSent = false
+                        }
+                        logger.info("link resumed", metadata: ["phase": "\(state.phase)", "owner": "\(state.owner)"])
+                    } else {
+                        state.move(to: .handshake)
+                        report.setupTimeMs = seconds(since: start) * 1000
+                        for stream in streams { try stream.announce(on: newLink) }
+                        bulkStart = .now
+                        state.move(to: hasPrecopy ? .bulk : .switchover)
+                        if !hasPrecopy { report.reason = "post-copy: hand over at once" }
+                    }
+                    startReader(on: newLink)
+                    newLink.startKeepalive()
+                    if state.owner != .source && hasPostcopy {
+                        try openUrgentLanes()   // the VM may run there and wait for data: new lanes
+                    }
+                    linkDownSince = nil
+                }
+                guard let active = link else { break migration }
+
+                switch state.phase {
+                case .bulk:
+                    // Disk and memory share the link: each sends a slice in turn.
+                    var allDone = true
+                    for stream in streams where stream.hasPrecopy {
+                        if try !stream.sendBulk(budget: options.sliceBytes, on: active) { allDone = false }
+                    }
+                    bandwidth = Double(sentSoFar()) / max(0.001, seconds(since: bulkStart))
+                    showProgress(bandwidth: bandwidth, dirtyRate: 0, remaining: nil)
+                    if allDone {
+                        lastCollect = .now
+                        state.move(to: .round(1))
+                    }
+
+                case .round(let round):
+                    // ONE decision over the sum of what remains in every stream.
+                    var remaining: UInt64 = 0
+                    for stream in streams where stream.hasPrecopy { remaining += try stream.collectDirty() }
+                    dirtyRate = Double(remaining) / max(0.01, seconds(since: lastCollect))
+                    lastCollect = .now
+                    bandwidth = Double(sentSoFar()) / max(0.001, seconds(since: bulkStart))
+                    showProgress(bandwidth: bandwidth, dirtyRate: dirtyRate, remaining: remaining, force: true)
+                    let decision: ConvergencePolicy.Decision
+                    if let memory, memory.options.mode == .hybrid, round > memory.options.precopyRounds {
+                        decision = .switchover(reason: "hybrid: \(memory.options.precopyRounds) pre-copy rounds done")
+                    } else {
+                        decision = options.policy.decide(remainingBytes: remaining, bandwidth: bandwidth, dirtyRate: dirtyRate,
+                                                         round: round - 1, elapsed: seconds(since: start),
+                                                         throttled: disks.isEmpty || disks.contains { $0.isThrottled })
+                    }
+                    switch decision {
+                    case .switchover(let reason):
+                        report.reason = reason
+                        report.expectedDowntimeMs = bandwidth > 0 ? Double(remaining) / bandwidth * 1000 : 0
+                        logger.info("switching over", metadata: ["reason": "\(reason)", "round": "\(round - 1)", "remaining_bytes": "\(remaining)"])
+                        state.move(to: .switchover)
+                        continue migration
+                    case .throttle(let bytesPerSecond):
+                        for disk in disks { disk.throttle(bytesPerSecond: bytesPerSecond) }
+                        logger.info("write throttle on", metadata: ["dirty_rate": "\(Int(dirtyRate))", "bandwidth": "\(Int(bandwidth))",
+                                                                    "limit": "\(bytesPerSecond)"])
+                    case .iterate:
+                        break
+                    }
+                    for stream in streams where stream.hasPrecopy { try stream.sendRound(round, on: active) }
+                    finalRound = round + 1
+                    state.move(to: .round(round + 1))
+
+                case .switchover:
+                    if !vmPaused {
+                        // Let what is queued in socket buffers and on the link arrive while the VM
+                        // still runs, so it does not count against the downtime.
+                        try? active.wait(timeout: 10, during: "draining before switchover") {
+                            streams.allSatisfy { $0.roundsAcknowledged }
+                        }
+                        if let seen = active.failureSeen { throw seen }
+                        // ONE pause: the VM first, then every disk.
+                        pausedAt = ferry_monotonic_ns()
+                        try vm?.pause()
+                        vmPaused = true
+                        for stream in streams { try stream.freeze() }
+                        vmState = try vm?.state() ?? []
+                        logger.info("VM paused", metadata: ["pid": "\(vm?.pid ?? 0)", "state_bytes": "\(vmState.count)"])
+                    }
+                    if !offerSent {
+                        try offer(on: active, round: max(finalRound, 1), state: vmState)
+                        offerSent = true
+                    }
+                    try active.wait(timeout: options.receiveTimeout + options.vmStartTimeout, during: "waiting for the destination to start the VM") {
+                        resumedAt != nil
+                    }
+                    if state.owner != .destination { state.handOver() }
+                    report.downtimeMs = Double(active.publish { resumedAt! } &- pausedAt) / 1e6
+                    logger.info("the VM runs at the destination", metadata: ["downtime_ms": "\(String(format: "%.1f", report.downtimeMs))"])
+                    if hasPostcopy {
+                        state.move(to: .postcopy)
+                    } else {
+                        try finish(on: active, report: &report)
+                    }
+
+                case .postcopy:
+                    var allDone = true
+                    for stream in streams where stream.isPostcopy {
+                        if try !stream.push(budget: options.sliceBytes, on: active) { allDone = false }
+                    }
+                    showProgress(bandwidth: bandwidth, dirtyRate: 0, remaining: nil)
+                    if allDone {
+                        try active.send(.complete(Wire.Completion(digests: streams.filter(\.isPostcopy).map { $0.digest() })))
+                        try finish(on: active, report: &report)
+                    }
+
+                default:
+                    break migration
+                }
+            } catch let error as LinkError {
+                if let link {
+                    wireBytes += link.bytesSent
+                    link.close()
+                    link.waitForReader()
+                }
+                link = nil
+                let notStarted = resumedAt == nil && state.owner == .offered
+                if case .peer(let code, _) = error, notStarted, code != .timeout, code != .busy {
+                    // The destination refused the offer explicitly before running the VM (its digest
+                    // differs, the VM did not start): the paused copy here is the only one.
+                    state.takeBack()
+                    failure = "\(error)"
+                    break migration
+                }
+                guard error.isRetryable, !cancelled.load(ordering: .relaxed), !state.phase.isTerminal else {
+                    failure = "\(error)"
+                    break migration
+                }
+                logger.warning("link lost; reconnecting", metadata: ["error": "\(error)", "phase": "\(state.phase)", "owner": "\(state.owner)"])
+                linkDownSince = linkDownSince ?? .now
+            } catch {
+                failure = "\(error)"
+                break migration
+            }
+        }
+
+        progress.finish()
+        if let link {
+            wireBytes += link.bytesSent
+            link.close()
+            link.waitForReader()
+        }
+        for stream in streams { stream.stop() }
+
+        if let failure {
+            switch state.owner {
+            case .source:
+                if vmPaused {
+                    do { try vm?.resume() } catch { logger.error("could not resume the VM here", metadata: ["error": "\(error)"]) }
+                } else if let vm, vm.resumeCommand == nil {
+                    kill(vm.pid, SIGCONT)   // harmless when it was never stopped
+                }
+                for stream in streams { stream.thaw() }
+                report.reason = "\(failure); the VM keeps running at the source"
+            case .offered, .unsettled:
+                state.leaveUnsettled()
+                report.reason = "\(failure); the destination may run the VM, so it stays paused here until an operator decides"
+            case .destination:
+                report.reason = "\(failure) (after hand-over: the VM runs at the destination)"
+            }
+            if !state.phase.isTerminal { state.move(to: .failed(failure)) }
+            report.status = "failed"
+            logger.error("migration failed", metadata: ["reason": "\(report.reason)", "vm_location": "\(state.owner.location)"])
+        } else {
+            report.status = "completed"
+        }
+        report.vmLocation = state.owner.location
+        report.phase = "\(state.phase)"
+        report.totalTimeMs = seconds(since: start) * 1000
+        report.mbps = bandwidth * 8 / 1e6
+        report.reconnects = reconnects
+        report.wireBytes = wireBytes
+        for stream in streams { stream.fill(&report) }
+        report.disk = report.disks.first
+        return report
+    }
+
+    /// The offer, in one go: the urgent lanes of post-copy streams, hybrid discards, `switchover`,
+    /// the final data of pre-copy streams, the VM state, and `complete` with the digests the
+    /// destination must find equal before it starts the VM.
+    private func offer(on link: PeerLink, round: Int, state vmState: [UInt8]) throws {
+        if hasPostcopy { try openUrgentLanes() }
+        for stream in streams { try stream.beforeSwitchover(on: link) }
+        var mode: SwitchoverMode = []
+        if memory?.isPostcopy == true { mode.insert(.memoryPostcopy) }
+        if disks.contains(where: \.isPostcopy) { mode.insert(.diskPostcopy) }
+        let diskBytes = disks.reduce(UInt64(0)) { $0 + $1.toCome }
+        try link.send(.switchover(Switchover(finalRound: UInt32(round), mode: mode, diskBytesToCome: diskBytes,
+                                             memoryPagesToCome: memory?.toCome ?? 0, vmStateLength: UInt64(vmState.count))))
+        state.offer()
+        for stream in streams where stream.hasPrecopy { try stream.sendFinal(round: round, on: link) }
+        try sendState(vmState, on: link)
+        try link.send(.complete(Wire.Completion(digests: streams.filter { !$0.isPostcopy }.map { $0.digest() })))
+    }
+
+    /// The last exchange: the destination's digests of every stream, compared with ours.
+    private func finish(on link: PeerLink, report: inout MigrationReport) throws {
+        try link.wait(timeout: options.receiveTimeout + 60, during: "digest exchange") { peerCompletion != nil }
+        let theirs = link.publish { peerCompletion! }
+        var differing: [String] = []
+        for stream in streams {
+            let ours = stream.digest()
+            if theirs.digests.first(where: { $0.stream == ours.stream && $0.streamID == ours.streamID })?.digest != ours.digest {
+                differing.append(stream.label)
+            }
+        }
+        report.digestsAgree = differing.isEmpty
+        state.move(to: .complete)
+        if !differing.isEmpty { throw SetupError("digests differ for \(differing.joined(separator: ", ")) after hand-over") }
+    }
+
+    /// Opens a fresh urgent lane for each post-copy stream (a second connection of the session,
+    /// named by its stream in the hello's features) and lets the stream answer on it.
+    private func openUrgentLanes() throws(LinkError) {
+        for stream in streams where stream.isPostcopy {
+            let kind: Features = stream.streamType == .disk ? .disk : .memory
+            // The lane's one resume point names its stream, so the destination knows whose it is.
+            let lane = try PeerLink.connect(to: options.destination, key: options.key, sessionID: sessionID, features: [.urgentLane, kind],
+                                            mode: .new, resumePoints: [ResumePoint(stream: stream.streamType, streamID: stream.streamID, sequence: 0, offset: 0)],
+                                            receiveTimeout: 86_400)
+            openLinks.withLock { $0.append(lane) }
+            lane.startKeepalive(every: 10)
+            try stream.serveUrgent(on: lane)
+        }
+    }
+
+    private func sendState(_ blob: [UInt8], on link: PeerLink) throws {
+        guard !blob.isEmpty else { return }
+        let chunk = 1 << 20
+        try blob.withUnsafeBytes { (raw: UnsafeRawBufferPointer) in
+            var offset = 0
+            while offset < raw.count {
+                let n = min(chunk, raw.count - offset)
+                try link.send(.vmState(VMStateChunk(totalLength: UInt64(raw.count), offset: UInt64(offset),
+                                                    payload: Payload(UnsafeRawBufferPointer(rebasing: raw[offset..<(offset + n)])))))
+                offset += n
+            }
+        }
+    }
+
+    /// Connects (or reconnects) with exponential backoff until ``SessionOptions/linkTimeout`` has
+    /// passed since `since`. With `unbounded` (the VM was offered) it never gives up: only the
+    /// destination may settle who runs the VM; an operator stops it with SIGTERM.
+    private func connectWithBackoff(resume: Bool, since: ContinuousClock.Instant, unbounded: Bool) throws(LinkError) -> PeerLink {
+        var delay = 0.05
+        var lastError: LinkError? = nil
+        let deadline = since + .milliseconds(Int(options.linkTimeout * 1000))
+        var features: Features = [.resume]
+        for stream in streams { features.formUnion(stream.features) }
+        repeat {
+            if cancelled.load(ordering: .relaxed) { throw lastError ?? .local(.aborted, reason: "cancelled") }
+            do {
+                return try PeerLink.connect(to: options.destination, key: options.key, sessionID: sessionID, features: features,
+                                            mode: resume ? .resume : .new, resumePoints: [], receiveTimeout: options.receiveTimeout)
+            } catch {
+                if !error.isRetryable { throw error }
+                logger.debug("connect attempt failed", metadata: ["error": "\(error)", "retry_in_s": "\(delay)"])
+                lastError = error
+            }
+            usleep(UInt32(delay * 1e6))
+            delay = min(delay * 2, 2)
+        } while unbounded || ContinuousClock.now < deadline
+        throw lastError ?? .timedOut(during: "connect", seconds: options.linkTimeout)
+    }
+
+    private func startReader(on link: PeerLink) {
+        link.startReader(name: "ferry-source-reader") { [self] (frame: DecodedFrame) throws(LinkError) in
+            switch frame.message {
+            case .ack(let ack):
+                guard let stream = streams.first(where: { $0.streamType == ack.stream && ($0.streamID == ack.streamID || ack.stream == .memory) }) else {
+                    if ack.stream == .control { return }
+                    throw .peer(.protocolViolation, reason: "ack for unknown stream \(ack.stream) \(ack.streamID)")
+                }
+                link.publish { stream.acknowledged(ack) }
+            case .resumed:
+                let now = ferry_monotonic_ns()
+                link.publish { if resumedAt == nil { resumedAt = now } }
+            case .complete(let completion):
+                link.publish { peerCompletion = completion }
+            case .keepalive:
+                break
+            default:
+                throw .unexpected(frame.header.type, expecting: "ack, resumed, complete or keepalive")
+            }
+        }
+    }
+
+    private func showProgress(bandwidth: Double, dirtyRate: Double, remaining: UInt64?, force: Bool = false) {
+        let total = streams.reduce(UInt64(0)) { $0 + $1.totalBytes }
+        let sent = streams.reduce(UInt64(0)) { $0 + $1.sentBytes }
+        let parts = streams.map { "\($0.label) \(Int(Double($0.sentBytes) * 100 / Double(max(1, $0.totalBytes))))%" }.joined(separator: ", ")
+        progress.update(phase: state.phase, sentBytes: sent, totalBytes: total, dirtyRate: dirtyRate, bandwidth: bandwidth,
+                        throttled: disks.contains { $0.isThrottled }, remainingBytes: remaining ?? (total > sent ? total - sent : 0),
+                        parts: parts, force: force)
+    }
+}
