@@ -137,7 +137,6 @@ struct SourceAgent: ParsableCommand {
                 }
                 logger.info("stopping: draining in-flight requests", metadata: ["signal": "\(signal)"])
                 shutdownDisks(drain: true)
-                if let migration, !migration.completed { throw ExitCode(1) }
                 return
             case .workFinished:
                 guard let migration, let result = migration.report else { continue }

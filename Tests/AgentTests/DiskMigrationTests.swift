@@ -87,7 +87,7 @@ final class DiskMigrationTests: XCTestCase {
         XCTAssertEqual(report["digests_agree"] as? Bool, true)
         let disk = report["disk"] as? [String: Any] ?? [:]
         let rounds = disk["blocks_per_round"] as? [Int] ?? []
-        XCTAssertGreaterThan(rounds.count, 2, "expected dirty rounds while the writer ran: \(disk)")
+        XCTAssertGreaterThanOrEqual(rounds.count, 2, "expected the bulk copy and at least the final round: \(disk)")
         XCTAssertGreaterThan(rounds.dropFirst().reduce(0, +), 0, "the writer's blocks were never sent again: \(disk)")
         XCTAssertEqual(E2E.sha256(setup.source), E2E.sha256(setup.destination), "images differ after switchover")
         XCTAssertLessThan(report["downtime_ms"] as? Double ?? 1e9, 2000)

@@ -133,7 +133,7 @@ final class DiskPostcopyTests: XCTestCase {
         XCTAssertTrue(source.waitForLog("link resumed", timeout: 30), "no resume after the cut:\n\(source.log)")
         let after = readCheck([(imageMiB - 2) << 20 + 8192, (imageMiB - 5) << 20 + 4096])
         XCTAssertTrue(after.output.contains("reads ok"), after.output + dest.log + source.log)
-        XCTAssertEqual(source.waitForExit(timeout: 90), 0, source.log)
+        XCTAssertEqual(source.waitForExit(timeout: 90), 0, source.log + "\nDEST:\n" + dest.log)
         XCTAssertEqual(dest.waitForExit(timeout: 30), 0, dest.log)
         XCTAssertEqual(E2E.sha256(scratch.file("src.img")), E2E.sha256(scratch.file("dst.img")))
     }

@@ -31,8 +31,10 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
     private let logger: Logger
     private let image: DiskImage
     private var applier: DiskApplier
-    /// Asks the session to drop its main link (the urgent lane failed: the source reconnects and reopens it).
-    private let dropMainLink: @Sendable () -> Void
+    /// The session's main link now: a failing urgent lane drops the main link it was opened with,
+    /// so the source reconnects and reopens it (never a newer main link: the source closes an old
+    /// lane when it reconnects, and that must not cut the new connection).
+    private let currentMainLink: @Sendable () -> PeerLink?
     private var completedRound = -1
     private var bulkHighWater: UInt64 = 0
     private var lastAck = ContinuousClock.now
@@ -41,11 +43,11 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
     private var pushEnded = false
     private let serving = Mutex<(server: NBDServer?, address: SocketAddress?, store: PostcopyDiskStore?, urgent: UrgentLaneClient?)>((nil, nil, nil, nil))
 
-    init(layout: DiskLayout, target: DiskTarget, logger: Logger, dropMainLink: @escaping @Sendable () -> Void) throws(LinkError) {
+    init(layout: DiskLayout, target: DiskTarget, logger: Logger, currentMainLink: @escaping @Sendable () -> PeerLink?) throws(LinkError) {
         self.layout = layout
         self.target = target
         self.logger = logger
-        self.dropMainLink = dropMainLink
+        self.currentMainLink = currentMainLink
         do {
             image = try DiskImage(path: target.imagePath, layout: layout)
             applier = try DiskApplier(image: image)
@@ -140,7 +142,8 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
         guard let store else { throw .local(.protocolViolation, reason: "an urgent lane for disk \(layout.diskID), which is not in post-copy") }
         serving.withLock { $0.urgent?.stop() }
         store.presence.forgetRequests()
-        let client = try UrgentLaneClient(link: lane, image: image, store: store, onFailure: dropMainLink, logger: logger)
+        let main = currentMainLink()
+        let client = try UrgentLaneClient(link: lane, image: image, store: store, onFailure: { main?.close() }, logger: logger)
         serving.withLock { $0.urgent = client }
     }
 

@@ -157,6 +157,8 @@ public final class DestinationSession: @unchecked Sendable {
                     while true {
                         let frame = try link.receive(during: vmStarted ? "post-copy" : "migration")
                         if queuedLanes.load(ordering: .relaxed) > 0 { attachLanes() }
+                        framesSincePublish += 1
+                        if framesSincePublish >= 256 { publishResumePoints() }
                         switch frame.message {
                         case .diskLayout(let layout):
                             try addDisk(layout)
@@ -176,6 +178,7 @@ public final class DestinationSession: @unchecked Sendable {
                             if state.phase == .handshake { state.move(to: .bulk) }
                         case .roundEnd(let end):
                             try stream(end.stream, end.streamID).receive(frame.message, on: link)
+                            publishResumePoints()
                         case .switchover(let switchover):
                             guard !vmStarted else { break }   // a repeated offer after a reconnect: the VM runs already
                             guard switchover.vmStateLength <= 1 << 30 else {
@@ -246,6 +249,7 @@ public final class DestinationSession: @unchecked Sendable {
                     }
                 } catch {
                     wireBytes += link.bytesSent
+                    publishResumePoints()
                     if error.isRetryable {
                         link.close()
                         logger.warning("link lost; waiting for the source to resume", metadata: ["error": "\(error)", "vm_started": "\(vmStarted)"])
@@ -388,7 +392,7 @@ public final class DestinationSession: @unchecked Sendable {
         }
         let door = self.door
         disks[layout.diskID] = try DiskDestinationStream(layout: layout, target: options.disks[Int(layout.diskID) - 1], logger: logger,
-                                                         dropMainLink: { door.withLock { $0.current }?.close() })
+                                                         currentMainLink: { door.withLock { $0.current } })
     }
 
     private func disk(_ id: UInt32) throws(LinkError) -> DiskDestinationStream {
@@ -407,8 +411,14 @@ public final class DestinationSession: @unchecked Sendable {
     /// Decides whether to take a hello: a new session when none is held, the held one resumed,
     /// or an urgent lane of the held one. Runs on the acceptor's handshake threads.
     private static func admit(_ hello: Hello, door: Locked<Door>) throws(LinkError) -> SessionHandshake.Admission {
-        let (held, points, handedOver) = door.withLock { ($0.sessionID, $0.resumePoints, $0.handedOver) }
+        var (held, points, handedOver) = door.withLock { ($0.sessionID, $0.resumePoints, $0.handedOver) }
         if hello.features.contains(.urgentLane) {
+            // The source opens a lane right after its main link's handshake, which may not have
+            // reached the session yet (it is delivered once the handshake returns): wait a little.
+            for _ in 0..<100 where held == nil {
+                usleep(20_000)
+                held = door.withLock { $0.sessionID }
+            }
             guard let held, hello.sessionID == held else { throw .peer(.unknownSession, reason: "an urgent lane for no session held here") }
             return .init(features: hello.features.intersection([.urgentLane, .disk, .memory]))
         }
@@ -500,6 +510,18 @@ public final class DestinationSession: @unchecked Sendable {
             door.withLock { $0.lanes.append(contentsOf: keep) }
             queuedLanes.add(keep.count, ordering: .relaxed)
         }
+    }
+
+    /// Frames handled since the resume points were last published.
+    private var framesSincePublish = 0
+
+    /// Publishes where every stream got to, for the handshake of a source that reconnects. A point
+    /// a little behind is safe (the source sends a little more again); these are refreshed every
+    /// 256 frames, at every round end and when a link fails.
+    private func publishResumePoints() {
+        framesSincePublish = 0
+        let points = streams.flatMap(\.resumePoints)
+        door.withLock { $0.resumePoints = points }
     }
 
     /// Streams that have an urgent lane.

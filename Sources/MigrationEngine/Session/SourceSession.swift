@@ -124,7 +124,8 @@ public final class SourceSession: @unchecked Sendable {
                                                          unbounded: state.owner != .source)
                     } catch {
                         if state.owner == .offered { state.leaveUnsettled() }
-                        throw error
+                        failure = "could not reach the destination: \(error)"
+                        break migration
                     }
                     link = newLink
                     openLinks.withLock { $0.append(newLink) }
@@ -152,6 +153,10 @@ public final class SourceSession: @unchecked Sendable {
                         for stream in streams { try stream.announce(on: newLink) }
                         bulkStart = .now
                         state.move(to: hasPrecopy ? .bulk : .switchover)
+                        if hasPrecopy {
+                            logger.info("bulk copy started", metadata: ["bytes": "\(streams.filter(\.hasPrecopy).reduce(UInt64(0)) { $0 + $1.totalBytes })",
+                                                                        "streams": "\(streams.map(\.label))"])
+                        }
                         if !hasPrecopy { report.reason = "post-copy: hand over at once" }
                     }
                     startReader(on: newLink)
@@ -208,6 +213,8 @@ public final class SourceSession: @unchecked Sendable {
                         break
                     }
                     for stream in streams where stream.hasPrecopy { try stream.sendRound(round, on: active) }
+                    logger.debug("round done", metadata: ["round": "\(round)", "sent_bytes": "\(remaining)",
+                                                          "dirty_rate": "\(Int(dirtyRate))", "bandwidth": "\(Int(bandwidth))"])
                     finalRound = round + 1
                     state.move(to: .round(round + 1))
 
@@ -397,6 +404,7 @@ public final class SourceSession: @unchecked Sendable {
         let deadline = since + .milliseconds(Int(options.linkTimeout * 1000))
         var features: Features = [.resume]
         for stream in streams { features.formUnion(stream.features) }
+        features.remove(.urgentLane)   // only an urgent lane's own hello names it
         repeat {
             if cancelled.load(ordering: .relaxed) { throw lastError ?? .local(.aborted, reason: "cancelled") }
             do {
