@@ -67,7 +67,7 @@ final class MemoryMigrationTests: XCTestCase {
         let agent = try MemChild(try MemE2E.tool("source-agent"), sourceArguments, logPath: dir + "/source.log")
         guard let status = agent.wait(timeout: 120) else {
             kill(agent.pid, SIGKILL)
-            throw MemTestError("source-agent did not finish within 120 s: \(log(dir + "/source.log"))")
+            throw MemTestError("source-agent did not finish within 120 s: \(log(dir + "/source.log"))\nDEST:\n\(log(dir + "/dest.log"))")
         }
         let seconds = Date().timeIntervalSince(started)
         XCTAssertEqual(status, 0, "source-agent failed: \(log(dir + "/source.log"))\n--- dest:\n\(log(dir + "/dest.log"))")
@@ -165,7 +165,7 @@ final class MemoryMigrationTests: XCTestCase {
         usleep(300_000)
         let agent = try MemChild(try MemE2E.tool("source-agent"), [
             "--vm", "\(source.pid)", "--dest", "127.0.0.1:\(port)", "--key-file", key, "--max-downtime", "0.000001",
-            "--max-rounds", "100000", "--report", dir + "/source.json"], logPath: dir + "/source.log")
+            "--max-rounds", "100000", "--link-timeout", "3", "--report", dir + "/source.json"], logPath: dir + "/source.log")
         // Kill the destination once the source is connected, well inside the 512 MiB bulk copy.
         let deadline = Date().addingTimeInterval(30)
         while !log(dir + "/dest.log").contains("receiving memory") && Date() < deadline { usleep(10_000) }
@@ -254,7 +254,8 @@ final class MemoryMigrationTests: XCTestCase {
         XCTAssertEqual(status, 1, "the migration must fail: \(log(dir + "/source.log"))")
         let report = try MemE2E.readJSON(dir + "/source.json")
         XCTAssertTrue((report["reason"] as? String ?? "").contains("vmStartFailed"), "\(report["reason"] ?? "")")
-        XCTAssertTrue(log(dir + "/source.log").contains("the process runs here again"), log(dir + "/source.log"))
+        XCTAssertEqual(report["vm_location"] as? String, "source", "\(report)")
+        XCTAssertTrue(log(dir + "/source.log").contains("the VM keeps running at the source"), log(dir + "/source.log"))
         usleep(100_000)
         XCTAssertNotEqual(MemE2E.state(of: source.pid), "T", "the source resumed its process")
         _ = source.drainOps()

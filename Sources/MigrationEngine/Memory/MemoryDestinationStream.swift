@@ -66,7 +66,7 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
             } else {
                 completedRound = max(completedRound, Int(end.round))
             }
-            try link.send(.ack(Ack(stream: .memory, streamID: 0, sequence: UInt64(completedRound) + 1, offset: UInt64(bulkHighWater))))
+            try link.send(.ack(Ack(stream: .memory, streamID: 0, sequence: UInt64(completedRound + 1), offset: UInt64(bulkHighWater))))
         default:
             throw .unexpected(message.type, expecting: "a memory frame")
         }

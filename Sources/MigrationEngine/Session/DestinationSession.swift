@@ -360,7 +360,9 @@ public final class DestinationSession: @unchecked Sendable {
     }
 
     /// Waits for the started VM's UFFD handshake, watching the `--on-switchover` process: if it
-    /// exits first, the VM did not start (said at once, not after the timeout).
+    /// fails first (a non-zero status or a signal), the VM did not start, and that is said at once,
+    /// not after the timeout. A command that exits 0 (it started the VM in the background) is
+    /// waited for until the timeout.
     private func awaitVM(_ listener: borrowing UFFDHandshakeListener) throws -> UFFDHandshake {
         let deadline = ContinuousClock.now + .milliseconds(Int(options.vmStartTimeout * 1000))
         while ContinuousClock.now < deadline {
@@ -372,8 +374,10 @@ public final class DestinationSession: @unchecked Sendable {
                 if waitpid(pid, &status, WNOHANG) == pid {
                     startedPID = nil
                     let exited = status & 0x7f == 0
-                    throw SetupError("--on-switchover exited (" + (exited ? "status \((status >> 8) & 0xff)" : "signal \(status & 0x7f)")
-                                     + ") before the VM handed over its memory")
+                    if !exited || (status >> 8) & 0xff != 0 {
+                        throw SetupError("--on-switchover failed (" + (exited ? "exit status \((status >> 8) & 0xff)" : "signal \(status & 0x7f)")
+                                         + ") before the VM handed over its memory")
+                    }
                 }
             }
         }
