@@ -8,26 +8,33 @@ struct FerryWorkloadCommand: ParsableCommand {
         commandName: "ferry-workload",
         abstract: "A process with N MiB of memory dirtied at a set rate in a verifiable pattern.",
         discussion: """
-        Prints JSON lines on stdout: {"event":"region",...} (start address and size) at startup, {"event":"ready"}
-        when filled, {"event":"report",...} every --report-interval seconds. Reads commands on stdin:
-        write P1 P2 ... | verify | digest | rate BYTES | drop P1 P2 ... | quit (--kvm: verify | quit).
+        Prints JSON lines on stdout: {"event":"region",...} (start address and
+        size) at startup, {"event":"ready"} when filled, {"event":"report",...}
+        every --report-interval seconds. Reads commands on stdin: write P1 P2 ... |
+        verify | digest | rate BYTES | drop P1 P2 ... | quit (--kvm: verify | quit).
 
-        With --disk-nbd the workload is a small VM with a disk: page p with p % K == 0 (K = --disk-every) is mirrored
-        to disk block p/K (4096 bytes at offset (p/K)*4096), which holds the page's pattern at the page's generation.
-        Every write of a mirrored page rewrites memory, then the block (a synchronous NBD write). The disk must hold
-        ceil(pages/K) blocks. At any pause every mirrored block equals its page's generation except at most one (the
-        write in flight), exactly one generation behind; 'verify' checks that and adds "disk_blocks", "disk_equal",
-        "disk_lagging", "disk_torn" and, when torn, "disk_first_torn" (a page); reports add "disk_writes". Any torn
-        block makes 'quit' exit 3.
+        A disk (--disk-nbd): page p with p % K == 0 (K = --disk-every) is mirrored
+        to disk block p/K (4096 bytes at (p/K)*4096), holding the page's pattern at
+        the page's generation; the disk needs ceil(pages/K) blocks. Each write of a
+        mirrored page rewrites memory, then its block (a synchronous NBD write), so
+        at any pause every block equals its page's generation but at most one (the
+        write in flight), one generation behind; anything else is torn. 'verify'
+        checks that and adds "disk_blocks", "disk_equal", "disk_lagging",
+        "disk_torn" and, when torn, "disk_first_torn" (a page); it completes the one
+        lagging write. Reports add "disk_writes". A torn block makes 'quit' exit 3.
+
         Examples:
           ferry-workload --memory 512M --dirty-rate 20M
           ferry-workload --memory 64M --dirty-rate 0 --layout-out /tmp/layout.json
-          ferry-workload --resume --uffd-socket /tmp/uffd.sock --layout /tmp/layout.json --dirty-rate 20M
+          ferry-workload --resume --uffd-socket /tmp/uffd.sock \\
+            --layout /tmp/layout.json --dirty-rate 20M
           ferry-workload --kvm --seconds 30
-          nbdkit -U /tmp/disk.sock file /tmp/disk.img   # a 32 MiB (or larger) image
-          ferry-workload --memory 64M --dirty-rate 10M --disk-nbd unix:/tmp/disk.sock --disk-every 2
-          ferry-workload --resume --uffd-socket /tmp/uffd.sock --layout /tmp/layout.json \\
-            --disk-nbd 'nbd+unix:///?socket=/tmp/dest-disk.sock' --disk-every 2 --dirty-rate 10M
+          truncate -s 32M /tmp/disk.img; nbdkit -U /tmp/disk.sock file /tmp/disk.img
+          ferry-workload --memory 64M --dirty-rate 10M \\
+            --disk-nbd unix:/tmp/disk.sock --disk-every 2
+          ferry-workload --resume --uffd-socket /tmp/uffd.sock \\
+            --layout /tmp/layout.json --dirty-rate 10M --disk-every 2 \\
+            --disk-nbd 'nbd+unix:///?socket=/tmp/dest-disk.sock'
         """)
 
     @Option(help: "Memory size (K, M, G suffixes), e.g. 512M.")
