@@ -53,7 +53,7 @@ let package = Package(
                 swiftSettings: swift6),
         // A test/demo process: memory dirtied at a set rate in a verifiable pattern; resume mode under userfaultfd.
         .executableTarget(name: "FerryWorkload",
-                          dependencies: ["ProcessMemory", "CFerryShims",
+                          dependencies: ["ProcessMemory", "CFerryShims", "CNBD",
                                          .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           swiftSettings: swift6),
         // The migration engine shared by both agents: link, sessions, phases.

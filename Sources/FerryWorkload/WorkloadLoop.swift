@@ -6,19 +6,26 @@ import ProcessMemory
 ///
 ///     write P1 P2 ...   verify-and-rewrite exactly these pages -> {"event":"written","count":N}
 ///     verify            touch and verify every page            -> {"event":"verified",...,"p50_us":...}
+///                       and, with a disk, every mirrored block -> ...,"disk_blocks":N,"disk_equal":N,
+///                                                                 "disk_lagging":N,"disk_torn":N[,"disk_first_torn":P]
 ///     digest            SHA-256 of the memory                  -> {"event":"digest","sha256":"..."}
 ///     rate BYTES        set the dirty rate (bytes/s; 0 stops)  -> {"event":"rate","bytes_per_sec":N}
 ///     drop P1 P2 ...    madvise(MADV_DONTNEED) these pages     -> {"event":"dropped","count":N}
-///     quit              exit (status 3 if any page was corrupt)
+///                       (a mirrored page's block is zeroed too)
+///     quit              exit (status 3 if any page was corrupt or any disk block torn)
+///
+/// With a disk (`WorkloadDisk`), every write of a mirrored page rewrites memory first, then its disk block.
 struct WorkloadLoop {
     let memory: WorkloadMemory
+    let disk: WorkloadDisk?
     var dirtyRate: UInt64
     let seconds: Double?
     let reportInterval: Double
     var rng: UInt64
 
-    init(memory: WorkloadMemory, dirtyRate: UInt64, seconds: Double?, reportInterval: Double) {
+    init(memory: WorkloadMemory, disk: WorkloadDisk?, dirtyRate: UInt64, seconds: Double?, reportInterval: Double) {
         self.memory = memory
+        self.disk = disk
         self.dirtyRate = dirtyRate
         self.seconds = seconds
         self.reportInterval = reportInterval
@@ -54,10 +61,10 @@ struct WorkloadLoop {
             var due = Int(owed)
             owed -= Double(due)
             if due > memory.totalPages { due = memory.totalPages }
-            for _ in 0..<due { memory.dirty(Int(nextRandom() % UInt64(memory.totalPages))) }
+            for _ in 0..<due { write(Int(nextRandom() % UInt64(memory.totalPages))) }
             if now - lastReport >= reportInterval {
                 let ops = Double(memory.pagesWritten - writtenAtReport) / (now - lastReport)
-                Output.line("{\"event\":\"report\",\"t\":\(fmt(now - start)),\"ops_per_sec\":\(fmt(ops)),\"pages_written\":\(memory.pagesWritten),\"pages_verified\":\(memory.pagesVerified),\"corrupt\":\(memory.corrupt)}")
+                Output.line("{\"event\":\"report\",\"t\":\(fmt(now - start)),\"ops_per_sec\":\(fmt(ops)),\"pages_written\":\(memory.pagesWritten),\"pages_verified\":\(memory.pagesVerified),\"corrupt\":\(memory.corrupt)\(diskCounts)}")
                 lastReport = now
                 writtenAtReport = memory.pagesWritten
             }
@@ -72,12 +79,31 @@ struct WorkloadLoop {
                 while let nl = lineBuffer.firstIndex(of: UInt8(ascii: "\n")) {
                     let line = String(decoding: lineBuffer[0..<nl], as: UTF8.self)
                     lineBuffer.removeSubrange(0...nl)
-                    if !command(line) { return memory.corrupt > 0 ? 3 : 0 }
+                    if !command(line) { return finish() }
                 }
             }
         }
-        Output.line("{\"event\":\"exit\",\"pages_written\":\(memory.pagesWritten),\"pages_verified\":\(memory.pagesVerified),\"corrupt\":\(memory.corrupt)}")
-        return memory.corrupt > 0 ? 3 : 0
+        Output.line("{\"event\":\"exit\",\"pages_written\":\(memory.pagesWritten),\"pages_verified\":\(memory.pagesVerified),\"corrupt\":\(memory.corrupt)\(diskCounts)}")
+        return finish()
+    }
+
+    /// Disconnects the disk; the exit status: 3 if any page was ever corrupt or any disk block torn, else 0.
+    func finish() -> Int32 {
+        disk?.close()
+        return memory.corrupt > 0 || (disk?.tornSeen ?? 0) > 0 ? 3 : 0
+    }
+
+    /// `,"disk_writes":N,"disk_torn_seen":N` with a disk, else nothing.
+    var diskCounts: String {
+        guard let disk else { return "" }
+        return ",\"disk_writes\":\(disk.writes),\"disk_torn_seen\":\(disk.tornSeen)"
+    }
+
+    /// Verify-and-rewrites page `p` at the next generation, then (when mirrored) its disk block at that generation.
+    func write(_ p: Int) {
+        let g = memory.dirty(p)
+        guard let disk else { return }
+        do { try disk.mirror(page: p, generation: g) } catch { Output.error("\(error)") }
     }
 
     /// Runs one control command; false means quit.
@@ -92,7 +118,7 @@ struct WorkloadLoop {
                     Output.line("{\"event\":\"error\",\"message\":\"page \(w) outside 0..<\(memory.totalPages)\"}")
                     return true
                 }
-                memory.dirty(p)
+                write(p)
                 count += 1
             }
             Output.line("{\"event\":\"written\",\"count\":\(count),\"corrupt\":\(memory.corrupt)}")
@@ -100,20 +126,27 @@ struct WorkloadLoop {
             var count = 0
             for w in words.dropFirst() {
                 guard let p = Int(w), p >= 0, p < memory.totalPages else { continue }
-                if madvise(memory.pointer(p), memory.pageSize, 4) == 0 { count += 1 } // MADV_DONTNEED
+                guard madvise(memory.pointer(p), memory.pageSize, 4) == 0 else { continue } // MADV_DONTNEED
+                count += 1
+                // The page now reads as zeros (generation 0): so does its block, memory first as for any write.
+                do { try disk?.mirror(page: p, generation: 0) } catch { Output.error("\(error)") }
             }
             Output.line("{\"event\":\"dropped\",\"count\":\(count)}")
         case "verify":
             let r = memory.verifyAll()
             let sorted = r.touchNanos.sorted()
-            Output.line("{\"event\":\"verified\",\"pages\":\(memory.totalPages),\"valid\":\(r.valid),\"untouched\":\(r.untouched),\"corrupt\":\(r.corrupt),\"p50_us\":\(fmt(percentile(sorted, 0.5))),\"p90_us\":\(fmt(percentile(sorted, 0.9))),\"p99_us\":\(fmt(percentile(sorted, 0.99))),\"max_us\":\(fmt(percentile(sorted, 1.0)))}")
+            var diskReport = ""
+            if let disk {
+                do { diskReport = try disk.verify(against: memory).json } catch { Output.error("\(error)") }
+            }
+            Output.line("{\"event\":\"verified\",\"pages\":\(memory.totalPages),\"valid\":\(r.valid),\"untouched\":\(r.untouched),\"corrupt\":\(r.corrupt),\"p50_us\":\(fmt(percentile(sorted, 0.5))),\"p90_us\":\(fmt(percentile(sorted, 0.9))),\"p99_us\":\(fmt(percentile(sorted, 0.99))),\"max_us\":\(fmt(percentile(sorted, 1.0)))\(diskReport)}")
         case "digest":
             Output.line("{\"event\":\"digest\",\"sha256\":\"\(memory.digest())\"}")
         case "rate":
             dirtyRate = words.count > 1 ? parseSize(String(words[1])) ?? dirtyRate : dirtyRate
             Output.line("{\"event\":\"rate\",\"bytes_per_sec\":\(dirtyRate)}")
         case "quit", "exit":
-            Output.line("{\"event\":\"exit\",\"pages_written\":\(memory.pagesWritten),\"pages_verified\":\(memory.pagesVerified),\"corrupt\":\(memory.corrupt)}")
+            Output.line("{\"event\":\"exit\",\"pages_written\":\(memory.pagesWritten),\"pages_verified\":\(memory.pagesVerified),\"corrupt\":\(memory.corrupt)\(diskCounts)}")
             return false
         default:
             Output.line("{\"event\":\"error\",\"message\":\"unknown command \(verb)\"}")

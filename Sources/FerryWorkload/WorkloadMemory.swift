@@ -51,12 +51,19 @@ final class WorkloadMemory {
         }
     }
 
-    /// Verifies then rewrites a page at the next generation.
-    @inline(__always)
-    func dirty(_ page: Int) {
-        let g = check(page)
-        WorkloadPattern.fill(pointer(page), index: UInt64(page), generation: g + 1, pageSize: pageSize)
+    /// Verifies then rewrites a page at the next generation; returns that generation.
+    @inline(__always) @discardableResult
+    func dirty(_ page: Int) -> UInt64 {
+        let g = check(page) + 1
+        WorkloadPattern.fill(pointer(page), index: UInt64(page), generation: g, pageSize: pageSize)
         pagesWritten += 1
+        return g
+    }
+
+    /// What a page holds, without counting or reporting (the disk check compares generations with it).
+    @inline(__always)
+    func verdict(_ page: Int) -> WorkloadPattern.Verdict {
+        WorkloadPattern.verify(pointer(page), index: UInt64(page), pageSize: pageSize)
     }
 
     /// Writes pages [0, count) at generation 1.

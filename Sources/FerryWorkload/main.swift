@@ -8,14 +8,33 @@ struct FerryWorkloadCommand: ParsableCommand {
         commandName: "ferry-workload",
         abstract: "A process with N MiB of memory dirtied at a set rate in a verifiable pattern.",
         discussion: """
-        Prints JSON lines on stdout: {"event":"region",...} (start address and size) at startup, {"event":"ready"}
-        when filled, {"event":"report",...} every --report-interval seconds. Reads commands on stdin:
-        write P1 P2 ... | verify | digest | rate BYTES | drop P1 P2 ... | quit (--kvm: verify | quit).
+        Prints JSON lines on stdout: {"event":"region",...} (start address and
+        size) at startup, {"event":"ready"} when filled, {"event":"report",...}
+        every --report-interval seconds. Reads commands on stdin: write P1 P2 ... |
+        verify | digest | rate BYTES | drop P1 P2 ... | quit (--kvm: verify | quit).
+
+        A disk (--disk-nbd): page p with p % K == 0 (K = --disk-every) is mirrored
+        to disk block p/K (4096 bytes at (p/K)*4096), holding the page's pattern at
+        the page's generation; the disk needs ceil(pages/K) blocks. Each write of a
+        mirrored page rewrites memory, then its block (a synchronous NBD write), so
+        at any pause every block equals its page's generation but at most one (the
+        write in flight), one generation behind; anything else is torn. 'verify'
+        checks that and adds "disk_blocks", "disk_equal", "disk_lagging",
+        "disk_torn" and, when torn, "disk_first_torn" (a page); it completes the one
+        lagging write. Reports add "disk_writes". A torn block makes 'quit' exit 3.
+
         Examples:
           ferry-workload --memory 512M --dirty-rate 20M
           ferry-workload --memory 64M --dirty-rate 0 --layout-out /tmp/layout.json
-          ferry-workload --resume --uffd-socket /tmp/uffd.sock --layout /tmp/layout.json --dirty-rate 20M
+          ferry-workload --resume --uffd-socket /tmp/uffd.sock \\
+            --layout /tmp/layout.json --dirty-rate 20M
           ferry-workload --kvm --seconds 30
+          truncate -s 32M /tmp/disk.img; nbdkit -U /tmp/disk.sock file /tmp/disk.img
+          ferry-workload --memory 64M --dirty-rate 10M \\
+            --disk-nbd unix:/tmp/disk.sock --disk-every 2
+          ferry-workload --resume --uffd-socket /tmp/uffd.sock \\
+            --layout /tmp/layout.json --dirty-rate 10M --disk-every 2 \\
+            --disk-nbd 'nbd+unix:///?socket=/tmp/dest-disk.sock'
         """)
 
     @Option(help: "Memory size (K, M, G suffixes), e.g. 512M.")
@@ -42,6 +61,10 @@ struct FerryWorkloadCommand: ParsableCommand {
     var uffdSocket: String?
     @Option(help: "Resume mode: the layout file (Firecracker mapping JSON).")
     var layout: String?
+    @Option(help: "The disk's NBD endpoint: unix:PATH, nbd+unix:///?socket=PATH or nbd://HOST:PORT (in resume mode: the destination's).")
+    var diskNbd: String?
+    @Option(help: "Mirror every K-th page (index p % K == 0) to disk block p / K.")
+    var diskEvery: Int?
     @Flag(help: "KVM mode: a minimal guest whose vCPU writes guest RAM in a loop.")
     var kvm = false
     @Option(help: "Probe mode (for tests): try to inspect this PID as --as-user and print the errors as JSON.")
@@ -51,11 +74,17 @@ struct FerryWorkloadCommand: ParsableCommand {
 
     func run() throws {
         if let probePid { throw ExitCode(PermissionProbe.run(pid: probePid, uid: asUser)) }
+        if kvm && diskNbd != nil { Output.error("--kvm has no disk: --disk-nbd works with the memory workload only") }
         if kvm { throw ExitCode(KVMGuest.run(memory: parseSize(memory) ?? (2 << 20), seconds: seconds, reportInterval: reportInterval)) }
         guard let rate = parseSize(dirtyRate) else { Output.error("bad --dirty-rate '\(dirtyRate)'") }
+        if let diskEvery, diskEvery < 1 { Output.error("bad --disk-every \(diskEvery): must be at least 1") }
+        if diskEvery != nil && diskNbd == nil { Output.error("--disk-every needs --disk-nbd") }
         let workload: WorkloadMemory
+        var disk: WorkloadDisk?
         if resume {
             workload = ResumeMode.setUp(socketPath: uffdSocket, layoutPath: layout)
+            // The destination's disk as migrated: no initial write, the blocks are compared by 'verify'.
+            disk = attachDisk(pages: workload.totalPages)
         } else {
             guard let size = parseSize(memory), size >= 4096 else { Output.error("bad --memory '\(memory)'") }
             let rounded = (size + 4095) & ~4095
@@ -81,12 +110,32 @@ struct FerryWorkloadCommand: ParsableCommand {
                 _ = json.withUnsafeBytes { fwrite($0.baseAddress, 1, $0.count, f) }
                 fclose(f)
             }
-            workload.fill(pages: fillPages ?? workload.totalPages)
+            disk = attachDisk(pages: workload.totalPages)
+            let filled = min(fillPages ?? workload.totalPages, workload.totalPages)
+            workload.fill(pages: filled)
+            if let disk {
+                // Every mirrored block at its page's generation: 1 when filled, else 0 (zeros).
+                do { try disk.writeAll { $0 < filled ? 1 : 0 } } catch { Output.error("\(error)") }
+            }
         }
-        Output.line("{\"event\":\"ready\",\"pid\":\(getpid()),\"pages\":\(workload.totalPages)}")
-        var loop = WorkloadLoop(memory: workload, dirtyRate: rate, seconds: seconds, reportInterval: reportInterval)
+        var diskFields = ""
+        if let disk { diskFields = ",\"disk_blocks\":\(disk.blocks),\"disk_every\":\(disk.every),\"disk_size\":\(disk.size)" }
+        Output.line("{\"event\":\"ready\",\"pid\":\(getpid()),\"pages\":\(workload.totalPages)\(diskFields)}")
+        var loop = WorkloadLoop(memory: workload, disk: disk, dirtyRate: rate, seconds: seconds, reportInterval: reportInterval)
         let status = loop.run()
         if status != 0 { throw ExitCode(status) }
+    }
+}
+
+extension FerryWorkloadCommand {
+    /// Connects --disk-nbd (nil without it), exiting with a JSON error when it fails or is too small.
+    func attachDisk(pages: Int) -> WorkloadDisk? {
+        guard let diskNbd else { return nil }
+        do {
+            return try WorkloadDisk(endpoint: diskNbd, every: diskEvery ?? 1, pages: pages)
+        } catch {
+            Output.error("\(error)")
+        }
     }
 }
 
