@@ -82,10 +82,18 @@ let package = Package(
         // Serves a disk image over NBD until SIGTERM: benchmarks and manual checks (scripts/bench-nbd.sh).
         .executableTarget(name: "FerryNBDServe", dependencies: ["NBDBridge"], swiftSettings: swift6),
 
-        .testTarget(name: "URingTests", dependencies: ["URing", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: swift6),
-        .testTarget(name: "WireTests", dependencies: ["Wire"], swiftSettings: swift6),
-        .testTarget(name: "NBDBridgeTests", dependencies: ["NBDBridge", "CNBD"], swiftSettings: swift6),
-        .testTarget(name: "ProcessMemoryTests", dependencies: ["ProcessMemory", "FerryWorkload"], swiftSettings: swift6),
-        .testTarget(name: "AgentTests", dependencies: ["MigrationEngine", "Wire", "SourceAgent", "DestAgent"], swiftSettings: swift6),
+        // Shared by every test target: the one skip helper (skip, or fail under FERRY_REQUIRE_ALL=1) and
+        // its require(...) checks, child processes and their JSON lines, temporary directories, free
+        // ports, key files, SplitMix64, SHA-256, per-thread CPU time, page-cache state.
+        .target(name: "CFerryTestShims", path: "Tests/CFerryTestShims"),
+        .target(name: "FerryTestSupport",
+                dependencies: ["CFerryTestShims", .product(name: "Crypto", package: "swift-crypto")],
+                path: "Tests/FerryTestSupport", swiftSettings: swift6),
+
+        .testTarget(name: "URingTests", dependencies: ["URing", "FerryTestSupport", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: swift6),
+        .testTarget(name: "WireTests", dependencies: ["Wire", "FerryTestSupport"], swiftSettings: swift6),
+        .testTarget(name: "NBDBridgeTests", dependencies: ["NBDBridge", "CNBD", "FerryTestSupport"], swiftSettings: swift6),
+        .testTarget(name: "ProcessMemoryTests", dependencies: ["ProcessMemory", "FerryWorkload", "FerryTestSupport"], swiftSettings: swift6),
+        .testTarget(name: "AgentTests", dependencies: ["MigrationEngine", "Wire", "SourceAgent", "DestAgent", "FerryTestSupport"], swiftSettings: swift6),
     ]
 )

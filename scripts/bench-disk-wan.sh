@@ -7,7 +7,9 @@
 # two network namespaces joined by a RATE_MBIT link (default 200) with RTT_MS of round trip
 # (default 40), while fio writes 4 KiB blocks at random through the source's NBD server at
 # WRITER_MBPS MB/s (default 5). Prints downtime, total time, wire bytes / image size, goodput /
-# link rate and iperf3's rate on the same link. Needs root (network namespaces).
+# link rate and iperf3's rate on the same link, then the goal (goodput / link rate >= 0.95) as
+# "-> met" or "-> BELOW GOAL" (a goal missed does not change the exit status; a failed migration or
+# unequal images do). Needs root (network namespaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 image_mib=${1:-1024}; rate=${2:-200}; rtt=${3:-40}; writer=${4:-5}
@@ -66,5 +68,6 @@ print(f"  wire bytes / image     {report['wire_bytes']/image:.3f}")
 print(f"  goodput / link rate    {goodput/rate:.3f}   (goal >= 0.95)")
 print(f"  iperf3 on the link     {iperf/1e6:.1f} Mbit/s   Ferry goodput / iperf3 {goodput/iperf:.3f}")
 print(f"  images equal (sha256)  {equal}   digests agree {report['digests_agree']}")
+print(f"  goal: goodput / link rate >= 0.95, measured {goodput/rate:.3f} -> {'met' if goodput / rate >= 0.95 else 'BELOW GOAL'}")
 sys.exit(0 if report["status"] == "completed" and equal else 1)
 PY

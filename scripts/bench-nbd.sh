@@ -6,7 +6,8 @@
 # SIZE_MIB (image size, default 1024), SKIP_BUILD=1 to reuse the release build, RUNS (default 1: the
 # whole comparison this many times, then the median of each figure and ratio over the runs; the
 # machine is noisy), SERVERS (default "ferry nbdkit qemu-nbd"; nbdkit is the reference and is always run).
-# Each run also prints the load average before it.
+# Each run also prints the load average before it. Ends with each goal against the figures (the
+# medians when RUNS > 1): "goal: ... measured ... -> met" or "-> BELOW GOAL". Exit 0 either way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=$(mktemp -d "${1:-/dev/shm}/ferry-bench-nbd.XXXXXX")
@@ -112,5 +113,27 @@ if [ "$RUNS" -gt 1 ]; then
     row $server "${cols[@]}"
   done
 fi
+# The goals, against Ferry's ratios to nbdkit (per run, or their median over the runs).
+ferry_ratio() { # METRIC -> Ferry's ratio to nbdkit (median over the runs)
+  declare -n m=$1
+  local ratios=()
+  for run in $(seq "$RUNS"); do ratios+=("$(ratio "${m[ferry,$run]}" "${m[nbdkit,$run]}")"); done
+  unset -n m
+  median "${ratios[@]}"
+}
+goal() { # description operator target measured
+  awk -v what="$1" -v op="$2" -v t="$3" -v m="$4" 'BEGIN {
+    met = (op == ">=" ? m >= t : m <= t)
+    printf "goal: %s %s %s, measured %.2f -> %s\n", what, op, t, m, (met ? "met" : "BELOW GOAL") }'
+}
 echo
-echo "targets: ferry randwrite-qd32 IOPS ratio >= 1.0, randread-qd1 p50 ratio <= 1.1 (time ratios: lower is better)"
+case " $SERVERS " in
+  *" ferry "*)
+    label=$([ "$RUNS" -gt 1 ] && echo "median of $RUNS runs" || echo "one run")
+    echo "goals ($label; ratios to nbdkit, time ratios: lower is better)"
+    goal "Ferry randwrite-qd32 IOPS / nbdkit" ">=" 1.0 "$(ferry_ratio IOPS)"
+    goal "Ferry randread-qd1 p50 latency (submission + completion) / nbdkit" "<=" 1.1 "$(ferry_ratio TLAT)"
+    goal "Ferry randread-qd1 p50 completion latency / nbdkit" "<=" 1.1 "$(ferry_ratio LAT)"
+    ;;
+  *) echo "goals: not compared (SERVERS has no ferry)" ;;
+esac

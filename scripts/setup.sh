@@ -5,6 +5,7 @@ packages=(
   pkg-config liburing-dev libnbd-dev libxxhash-dev   # build: io_uring and libnbd through pkg-config
   libnbd-bin python3-libnbd nbdkit qemu-utils fio nbd-server   # real NBD peers and clients
   iperf3 iproute2 coreutils procps                 # link benchmarks, network namespaces
+  valgrind                                         # scripts/fuzz.sh: the Wire hot path's allocation check
 )
 missing=()
 for package in "${packages[@]}"; do

@@ -23,6 +23,8 @@ int64_t ferry_nbd_lseek(int fd, int64_t offset, int whence) {
 }
 
 #include <sys/vfs.h>
+int ferry_nbd_gettid(void) { return (int)gettid(); }
+
 int ferry_nbd_is_memory_backed(int fd) {
     struct statfs fs;
     if (fstatfs(fd, &fs) != 0) return 0;

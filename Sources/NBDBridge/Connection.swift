@@ -22,6 +22,8 @@ final class Connection {
         var data: UnsafeMutableRawPointer
         let header: UnsafeMutableRawPointer
         let timespec: UnsafeMutablePointer<KernelTimespec>
+        /// When a throttled write's timeout was armed (monotonic nanoseconds).
+        var heldSince: UInt64 = 0
         var headerLength = 0
         var payloadLength = 0
         var command: UInt16 = 0
@@ -226,6 +228,7 @@ final class Connection {
         case .send:
             sendCompleted(c.result, &ring)
         case .throttle:
+            server.throttle.noteHeld(nanoseconds: MonotonicClock.nanoseconds() &- slots[index].heldSince)
             slots[index].step = .io
             issueWrite(index, &ring)
         case .poll:
@@ -407,6 +410,7 @@ final class Connection {
                 if delay > 0 {
                     slots[index].step = .throttled
                     slots[index].timespec.pointee = KernelTimespec(nanoseconds: delay)
+                    slots[index].heldSince = MonotonicClock.nanoseconds()
                     do {
                         try ring.prepareTimeout(slots[index].timespec, tag: Kind.throttle.rawValue << 32 | UInt64(index))
                     } catch { fail() }
@@ -485,6 +489,7 @@ final class Connection {
         let step = slots[index].step
         if step == .sync {
             let code: NBDErrorCode = result < 0 ? NBDErrorCode(hostErrno: -result) : .ok
+            if code == .ok { server.stats.syncs.add(1, ordering: .relaxed) }
             if command == NBDProtocol.cmdFlush { code == .ok ? replyOK(index) : replyError(index, code) }
             else { finishWrite(index, code, &ring) }
             return

@@ -1,4 +1,5 @@
 import Glibc
+import CFerryShims
 import Synchronization
 import SystemPackage
 import URing
@@ -84,6 +85,8 @@ public final class NBDServer: Sendable {
     private struct State {
         var listeners: [NBDListener] = []
         var connections: Set<Int32> = []
+        /// Kernel thread id of each connection's thread, by socket.
+        var threadIDs: [Int32: Int32] = [:]
         var acceptors = 0
         var started = false
         var shuttingDown = false
@@ -195,6 +198,10 @@ public final class NBDServer: Sendable {
         }
     }
 
+    /// The kernel thread ids of the threads serving connections now (one per connection), for
+    /// per-thread measurements (/proc/self/task/TID, the thread's CPU clock).
+    public var connectionThreadIDs: [Int32] { state.withLock { Array($0.threadIDs.values) } }
+
     /// Whether ``shutdown(drain:)`` has begun.
     public var isShuttingDown: Bool { state.withLock { $0.shuttingDown } }
 
@@ -225,8 +232,10 @@ public final class NBDServer: Sendable {
                 stats.connectionsAccepted.add(1, ordering: .relaxed)
                 liveThreads.add(1, ordering: .sequentiallyConsistent)
                 spawnThread { [self] in
+                    let tid = ferry_nbd_gettid()
+                    state.withLock { $0.threadIDs[fd] = tid }
                     serve(fd)
-                    state.withLock { _ = $0.connections.remove(fd) }
+                    state.withLock { _ = $0.connections.remove(fd); $0.threadIDs[fd] = nil }
                     Glibc.close(fd)
                     liveThreads.subtract(1, ordering: .sequentiallyConsistent)
                 }

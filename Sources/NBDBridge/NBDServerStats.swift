@@ -10,6 +10,7 @@ public final class NBDServerStats: Sendable {
     let bytesWritten = Atomic<UInt64>(0)
     let errorReplies = Atomic<UInt64>(0)
     let protocolViolations = Atomic<UInt64>(0)
+    let syncs = Atomic<UInt64>(0)
 
     init() {}
 
@@ -24,11 +25,14 @@ public final class NBDServerStats: Sendable {
         public var errorReplies: UInt64
         /// Connections closed for breaking the protocol (bad magic, absurd lengths).
         public var protocolViolations: UInt64
+        /// `fdatasync`s of the store's descriptor that completed successfully (FLUSH, and writes,
+        /// trims and zeroes with FUA), counted when the kernel reports them done.
+        public var syncs: UInt64
 
         public var description: String {
             "connections \(connectionsAccepted) (open \(connectionsOpen), failed handshakes \(handshakesFailed)), "
                 + "requests \(requests), read \(bytesRead) B, written \(bytesWritten) B, "
-                + "error replies \(errorReplies), protocol violations \(protocolViolations)"
+                + "error replies \(errorReplies), protocol violations \(protocolViolations), syncs \(syncs)"
         }
     }
 
@@ -41,6 +45,7 @@ public final class NBDServerStats: Sendable {
                  bytesRead: bytesRead.load(ordering: .relaxed),
                  bytesWritten: bytesWritten.load(ordering: .relaxed),
                  errorReplies: errorReplies.load(ordering: .relaxed),
-                 protocolViolations: protocolViolations.load(ordering: .relaxed))
+                 protocolViolations: protocolViolations.load(ordering: .relaxed),
+                 syncs: syncs.load(ordering: .relaxed))
     }
 }

@@ -7,7 +7,10 @@ import CFerryShims
 /// than `hotBlockWrites` times in the window, each further write waits `delay` before it is issued.
 ///
 /// The server asks ``delay(offset:length:)`` before each write and, when it is non-zero, arms an
-/// io_uring timeout on the connection's ring: the thread never blocks. Lock-free (atomics).
+/// io_uring timeout on the connection's ring: the thread never blocks. When the timeout expires the
+/// connection reports how long the write was really held (``noteHeld(nanoseconds:)``, monotonic
+/// clock), so ``totalDelayNanoseconds`` is a measurement, not the policy's delay times a count.
+/// Lock-free (atomics).
 public final class WriteThrottle: @unchecked Sendable {
     /// The throttle's settings.
     public struct Policy: Sendable, Equatable {
@@ -73,8 +76,15 @@ public final class WriteThrottle: @unchecked Sendable {
     public var isEnabled: Bool { enabled.load(ordering: .acquiring) }
     /// Writes that were delayed.
     public var writesDelayed: UInt64 { delayed.load(ordering: .relaxed) }
-    /// Total delay imposed, in nanoseconds.
+    /// Total time writes were really held, in nanoseconds: for each delayed write, from arming its
+    /// timeout to the timeout's expiry, on the monotonic clock (``noteHeld(nanoseconds:)``).
     public var totalDelayNanoseconds: UInt64 { delayTotal.load(ordering: .relaxed) }
+
+    /// A delayed write was held `nanoseconds` (measured) before it was issued. Called by the
+    /// connection loop when the write's timeout expires.
+    public func noteHeld(nanoseconds: UInt64) {
+        delayTotal.add(nanoseconds, ordering: .relaxed)
+    }
 
     /// How long the write of `[offset, offset+length)` must wait before it is issued (0: go now).
     /// Counts the write in the current window. Called once per write by the connection loop.
@@ -109,7 +119,6 @@ public final class WriteThrottle: @unchecked Sendable {
         guard throttle else { return 0 }
         let d = delayNs.load(ordering: .relaxed)
         delayed.add(1, ordering: .relaxed)
-        delayTotal.add(d, ordering: .relaxed)
         return d
     }
 }

@@ -1,3 +1,4 @@
+import FerryTestSupport
 import Foundation
 import XCTest
 @testable import NBDBridge
@@ -52,7 +53,7 @@ final class MigrationHookTests: XCTestCase {
         defer { f.stop() }
         let bitmap = f.server.dirtyBitmap
         XCTAssertEqual(bitmap.snapshotAndClearRuns(), [])
-        let r = try Tools.python(#"""
+        let r = try PythonNBD.run(#"""
 import nbd, sys, random
 h = nbd.NBD(); h.connect_uri(sys.argv[1])
 h.pread(1 << 20, 40 << 20)                    # reads never dirty
@@ -88,32 +89,43 @@ h.shutdown()
     func testThrottleDelaysWritesWhenEnabledOnly() throws {
         let f = try ServerFixture(size: 16 << 20)
         defer { f.stop() }
+        // 20 writes of distinct bytes to distinct blocks; the client times them itself.
         let script = #"""
 import nbd, sys, time
 h = nbd.NBD(); h.connect_uri(sys.argv[1])
 t = time.monotonic()
 for i in range(20):
-    h.pwrite(b"t" * 4096, i * 65536)
+    h.pwrite(bytes([0x40 + i]) * 4096, i * 65536)
 print("%.6f" % (time.monotonic() - t))
 h.shutdown()
 """#
-        let free = try Tools.python(script, uri: f.uri)
-        let freeSeconds = try XCTUnwrap(Double(free.stdout.trimmingCharacters(in: .whitespacesAndNewlines)))
-        XCTAssertEqual(f.server.throttle.writesDelayed, 0)
+        func seconds(_ r: ToolResult) throws -> Double {
+            try XCTUnwrap(Double(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)), "no time printed: \(r)")
+        }
+        try PythonNBD.run(script, uri: f.uri)
+        XCTAssertEqual(f.server.throttle.writesDelayed, 0, "a throttle that was never enabled delayed a write")
+        XCTAssertEqual(f.server.throttle.totalDelayNanoseconds, 0, "a throttle that was never enabled held a write")
 
-        // Any dirtying counts as too fast (1 B/s): every write waits 25 ms.
+        // Any dirtying counts as too fast (1 B/s): every write is held 25 ms before it is issued.
+        // totalDelayNanoseconds is measured (monotonic clock, timeout armed -> expired), so a
+        // throttle that counted writes but let them through would show ~0 here.
         f.server.throttle.enable(.init(bytesPerSecond: 1, delayNanoseconds: 25_000_000))
-        let slow = try Tools.python(script, uri: f.uri)
-        let slowSeconds = try XCTUnwrap(Double(slow.stdout.trimmingCharacters(in: .whitespacesAndNewlines)))
-        XCTAssertGreaterThanOrEqual(slowSeconds, 20 * 0.025, "20 throttled writes took \(slowSeconds) s")
-        XCTAssertGreaterThan(slowSeconds, freeSeconds + 0.4)
+        let slowSeconds = try seconds(try PythonNBD.run(script, uri: f.uri))
         XCTAssertEqual(f.server.throttle.writesDelayed, 20)
-        XCTAssertEqual(f.server.throttle.totalDelayNanoseconds, 20 * 25_000_000)
+        let held = f.server.throttle.totalDelayNanoseconds
+        XCTAssertGreaterThanOrEqual(held, 20 * 25_000_000, "20 throttled writes were held \(held) ns in all, less than 20 × 25 ms")
+        // The client waited at least as long (a lower bound only: load can only make it slower).
+        XCTAssertGreaterThanOrEqual(slowSeconds, 20 * 0.025, "20 throttled writes took the client \(slowSeconds) s")
+        // Delayed, never dropped: every write is in the image.
+        for i in 0..<20 {
+            XCTAssertEqual(try f.imageBytes(at: UInt64(i) * 65536, count: 4096), [UInt8](repeating: UInt8(0x40 + i), count: 4096),
+                           "throttled write \(i) is not in the image")
+        }
 
         // Hot block only: a generous disk-wide limit, but one block rewritten more than 5 times per window.
         f.server.throttle.enable(.init(bytesPerSecond: 1 << 40, delayNanoseconds: 20_000_000,
                                        windowNanoseconds: 10_000_000_000, hotBlockWrites: 5))
-        let hot = try Tools.python(#"""
+        let hot = try PythonNBD.run(#"""
 import nbd, sys, time
 h = nbd.NBD(); h.connect_uri(sys.argv[1])
 t = time.monotonic()
@@ -122,79 +134,83 @@ for i in range(15):
 print("%.6f" % (time.monotonic() - t))
 h.shutdown()
 """#, uri: f.uri)
-        let hotSeconds = try XCTUnwrap(Double(hot.stdout.trimmingCharacters(in: .whitespacesAndNewlines)))
+        let hotSeconds = try seconds(hot)
         XCTAssertEqual(f.server.throttle.writesDelayed, 30, "10 of 15 rewrites of one block are over the limit of 5")
+        let hotHeld = f.server.throttle.totalDelayNanoseconds - held
+        XCTAssertGreaterThanOrEqual(hotHeld, 10 * 20_000_000, "10 hot-block writes were held \(hotHeld) ns in all, less than 10 × 20 ms")
         XCTAssertGreaterThanOrEqual(hotSeconds, 10 * 0.020)
 
         f.server.throttle.disable()
-        _ = try Tools.python(script, uri: f.uri)
+        let heldBefore = f.server.throttle.totalDelayNanoseconds
+        try PythonNBD.run(script, uri: f.uri)
         XCTAssertEqual(f.server.throttle.writesDelayed, 30, "a disabled throttle delayed a write")
+        XCTAssertEqual(f.server.throttle.totalDelayNanoseconds, heldBefore, "a disabled throttle held a write")
     }
 
+    /// While quiesced, a write that has reached the server (its request counted) is neither
+    /// performed (image and bitmap untouched) nor answered (the client is still waiting); resume
+    /// lets it through.
     func testQuiesceHoldsWritesUntilResume() throws {
-        try Tools.require("/usr/bin/python3")
         let f = try ServerFixture(size: 8 << 20)
         defer { f.stop() }
         XCTAssertTrue(f.server.quiesce(timeoutNanoseconds: 1_000_000_000))
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
-        process.arguments = ["-c", #"""
+        let client = try PythonNBD.start(#"""
 import nbd, sys
 h = nbd.NBD(); h.connect_uri(sys.argv[1])
 assert h.pread(4096, 0) == bytes(4096)   # reads still work while quiesced
+print("read")
 h.pwrite(b"q" * 4096, 0)
+print("written")
 h.shutdown()
-"""#, f.uri]
-        try process.run()
-        usleep(500_000)
-        XCTAssertTrue(process.isRunning, "the write should be held")
-        let handle = try FileHandle(forReadingFrom: URL(fileURLWithPath: f.imagePath))
-        XCTAssertEqual(try handle.read(upToCount: 4096), Data(count: 4096), "a write went through while quiesced")
-        XCTAssertEqual(f.server.dirtyBitmap.dirtyCount, 0)
+"""#, uri: f.uri)
+        try client.waitFor(line: "read", timeout: 60)
+        // The read was request 1; the write is held once the server has parsed request 2.
+        XCTAssertTrue(waitUntil(timeout: 60) { f.server.stats.snapshot.requests >= 2 },
+                      "the write never reached the server: \(f.server.stats.snapshot)")
+        XCTAssertEqual(try f.imageBytes(at: 0, count: 4096), [UInt8](repeating: 0, count: 4096), "a write went through while quiesced")
+        XCTAssertEqual(f.server.dirtyBitmap.dirtyCount, 0, "a held write marked the bitmap")
+        XCTAssertEqual(f.server.gate.writesInFlight, 0, "a held write is counted past the gate")
+        XCTAssertNil(try client.nextLine(timeout: 0), "the held write was answered while quiesced")
+        XCTAssertTrue(client.isRunning, "the client stopped waiting for its held write")
+
         f.server.resume()
-        let deadline = Date().addingTimeInterval(10)
-        while process.isRunning && Date() < deadline { usleep(10_000) }
-        XCTAssertFalse(process.isRunning)
-        XCTAssertEqual(process.terminationStatus, 0)
-        try handle.seek(toOffset: 0)
-        XCTAssertEqual(try handle.read(upToCount: 4096), Data(repeating: UInt8(ascii: "q"), count: 4096))
-        try handle.close()
+        try client.waitFor(line: "written", timeout: 60)
+        XCTAssertEqual(client.wait(timeout: 60), 0, "client: \(client.collected)")
+        XCTAssertEqual(try f.imageBytes(at: 0, count: 4096), [UInt8](repeating: UInt8(ascii: "q"), count: 4096))
         XCTAssertEqual(f.server.dirtyBitmap.dirtyCount, 1)
     }
 
     func testShutdownWhileQuiescedRefusesHeldWritesWithESHUTDOWN() throws {
-        try Tools.require("/usr/bin/python3")
         let f = try ServerFixture(size: 8 << 20)
+        defer { f.stop() }
         XCTAssertTrue(f.server.quiesce(timeoutNanoseconds: 1_000_000_000))
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
-        let out = Pipe()
-        process.standardOutput = out
-        process.arguments = ["-c", #"""
+        let client = try PythonNBD.start(#"""
 import nbd, sys, errno
 h = nbd.NBD(); h.connect_uri(sys.argv[1])
+print("connected")
 try:
     h.pwrite(b"s" * 4096, 0)
     print("written")
 except nbd.Error as e:
-    print("refused", e.errno)
-"""#, f.uri]
-        try process.run()
-        usleep(300_000)
-        XCTAssertTrue(process.isRunning, "the write should be held")
+    # libnbd gives the errno as a number or by name: print the name.
+    print("refused", errno.errorcode[e.errno] if isinstance(e.errno, int) else e.errno)
+"""#, uri: f.uri)
+        try client.waitFor(line: "connected", timeout: 60)
+        // The write is held once the server has parsed it (its first request).
+        XCTAssertTrue(waitUntil(timeout: 60) { f.server.stats.snapshot.requests >= 1 },
+                      "the write never reached the server: \(f.server.stats.snapshot)")
+        XCTAssertTrue(client.isRunning, "the client stopped waiting for its held write")
         f.server.shutdown(drain: true)
-        process.waitUntilExit()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        XCTAssertTrue(text.contains("refused"), text)
-        let head = try FileHandle(forReadingFrom: URL(fileURLWithPath: f.imagePath))
-        XCTAssertEqual(try head.read(upToCount: 4096), Data(count: 4096), "a held write reached the disk after shutdown")
-        try head.close()
-        f.stop()
+        let answer = try XCTUnwrap(try client.nextLine(timeout: 60), "no answer to the held write after shutdown")
+        XCTAssertEqual(answer, "refused ESHUTDOWN", "the held write's answer")
+        XCTAssertEqual(client.wait(timeout: 60), 0, "client: \(client.collected)")
+        XCTAssertEqual(try f.imageBytes(at: 0, count: 4096), [UInt8](repeating: 0, count: 4096), "a held write reached the disk after shutdown")
+        XCTAssertEqual(f.server.dirtyBitmap.dirtyCount, 0)
     }
 
     func testShutdownDrainsAndFlushes() throws {
         let f = try ServerFixture(size: 8 << 20)
-        let r = try Tools.python(#"""
+        let r = try PythonNBD.run(#"""
 import nbd, sys
 h = nbd.NBD(); h.connect_uri(sys.argv[1])
 for i in range(32):
@@ -204,12 +220,18 @@ while h.aio_in_flight() > 0:
 print("ok")
 """#, uri: f.uri)
         XCTAssertTrue(r.stdout.contains("ok"))
+        // The 2 MiB written sit in the page cache, dirty; shutdown must write them back (fdatasync).
+        try requirePageCacheState(f)
+        let before = try PageCacheState(path: f.imagePath, offset: 0, length: 32 * 65536)
+        XCTAssertGreaterThan(before.dirty, 0, "precondition: the writes left no dirty pages (\(before)); something synced the disk")
         let start = Date()
         f.server.shutdown(drain: true)
-        XCTAssertLessThan(Date().timeIntervalSince(start), 5)
+        XCTAssertLessThan(Date().timeIntervalSince(start), 30, "shutdown took over 30 s")
         XCTAssertEqual(f.server.stats.snapshot.connectionsOpen, 0)
+        let after = try PageCacheState(path: f.imagePath, offset: 0, length: 32 * 65536)
+        XCTAssertEqual(after.dirty + after.writeback, 0, "shutdown left the writes unflushed: \(after)")
         let data = try Data(contentsOf: URL(fileURLWithPath: f.imagePath))
-        for i in 0..<32 { XCTAssertEqual(data[i * 65536], UInt8(i + 1)) }
+        for i in 0..<32 { XCTAssertEqual(data[(i * 65536)..<((i + 1) * 65536)], Data(repeating: UInt8(i + 1), count: 65536), "write \(i)") }
         XCTAssertNotEqual(connectUnix(f.socketPath), 0, "the listener must be gone after shutdown")
         f.stop()
     }

@@ -1,3 +1,5 @@
+import FerryTestSupport
+import Foundation
 import ProcessMemory
 import XCTest
 
@@ -19,7 +21,8 @@ final class DirtyTrackerTests: XCTestCase {
         }
         let error = failure!
         if error.errno == .notSupported || error.errno == .invalidArgument || error.errno == .notPermitted {
-            try requireEnvironment(false, "kernel dirty tracking unavailable here: \(error)")
+            try require(kernelFeature: "userfaultfd WP_ASYNC + PAGEMAP_SCAN dirty tracking of another process",
+                        available: false, detail: "\(error)")
         }
         throw error
     }
@@ -44,10 +47,10 @@ final class DirtyTrackerTests: XCTestCase {
         XCTAssertEqual(runs.count, 0)
 
         // Rounds of known writes, including never-touched pages and neighbours.
-        var rng = SystemRandomNumberGenerator()
+        var rng = SplitMix64(seed: 0xD1E7)
         let fixed = [0, 1, 2, 5999, 6000, 6001, pages - 1, 4242]
         for round in 0..<6 {
-            let set = round == 0 ? fixed : (0..<(50 + round * 200)).map { _ in Int.random(in: 0..<pages, using: &rng) }
+            let set = round == 0 ? fixed : (0..<(50 + round * 200)).map { _ in rng.below(pages) }
             try w.write(pages: set)
             try tracker.scanDirty(into: &runs)
             XCTAssertEqual(Set(runs.pageAddresses()), pageAddresses(set, in: w), "round \(round)")
@@ -70,26 +73,57 @@ final class DirtyTrackerTests: XCTestCase {
         XCTAssertEqual((verified["corrupt"] as? NSNumber)?.intValue, 0)
     }
 
+    /// The pages ferry-workload dirties at its rate, in order: its xorshift generator (seeded from
+    /// its pid, WorkloadLoop.swift) drawn once per page written. The test's oracle for which pages a
+    /// rate-driven workload wrote.
+    func workloadRatePages(pid: Int32, count: Int, totalPages: Int) -> [Int] {
+        var rng = UInt64(pid) &* 0x9E37_79B9_7F4A_7C15 | 1
+        return (0..<count).map { _ in
+            rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17
+            return Int(rng % UInt64(totalPages))
+        }
+    }
+
+    /// Rate-driven dirtying: the union of the tracker's scans while the workload dirties at 8 MB/s
+    /// (then stops) is exactly the set of pages the workload wrote, known from its generator and its
+    /// own count of writes. No fixed sleeps: the test follows the workload's reports.
     func testTrackerWhileTheWorkloadDirtiesAtARate() throws {
-        // Rate-driven dirtying: the tracker must see a count consistent with the workload's own count.
-        let w = try WorkloadProcess(["--memory", "64M", "--dirty-rate", "8M", "--report-interval", "0.2"])
+        let w = try WorkloadProcess(["--memory", "64M", "--dirty-rate", "0", "--report-interval", "0.2"])
         defer { w.stop() }
+        let totalPages = Int(w.regionSize / 4096)
         var tracker = try attachKernelTracker(w)
         var runs = PageRunBuffer(capacity: 16)
         try tracker.scanDirty(into: &runs)
-        XCTAssertEqual(runs.pageCount(), Int(w.regionSize / 4096))
-        var total = 0
-        for _ in 0..<5 {
-            usleep(200_000)
+        XCTAssertEqual(runs.pageCount(), totalPages)
+        try tracker.scanDirty(into: &runs)
+        XCTAssertEqual(runs.pageCount(), 0, "nothing dirties at rate 0")
+
+        var seen = Set<UInt64>(), scans = 0
+        try w.command("rate 8M", expect: "rate")
+        var written = 0
+        let deadline = monotonicSeconds() + 120
+        while written < 2000 && monotonicSeconds() < deadline {
+            let report = try w.waitFor("report", timeout: 60)
+            written = try XCTUnwrap((report["pages_written"] as? NSNumber)?.intValue, "report without pages_written: \(report)")
             try tracker.scanDirty(into: &runs)
-            total += runs.pageCount()
+            scans += 1
+            seen.formUnion(runs.pageAddresses())
         }
-        // 8 MiB/s for ~1 s = ~2048 page writes over 16384 pages: most distinct; expect a clear signal.
-        XCTAssertGreaterThan(total, 500)
-        XCTAssertLessThan(total, 6000)
+        XCTAssertGreaterThanOrEqual(written, 2000, "the workload wrote only \(written) pages in 120 s at 8 MB/s")
+        // Once the workload has answered "rate", it writes nothing more (one thread: commands run between ticks).
+        try w.command("rate 0", expect: "rate")
+        try tracker.scanDirty(into: &runs)
+        scans += 1
+        seen.formUnion(runs.pageAddresses())
         try tracker.detach()
         let verified = try w.command("verify", expect: "verified")
         XCTAssertEqual((verified["corrupt"] as? NSNumber)?.intValue, 0)
+        let exit = try w.command("quit", expect: "exit")
+        let total = try XCTUnwrap((exit["pages_written"] as? NSNumber)?.intValue, "exit line without pages_written: \(exit)")
+        let expected = Set(workloadRatePages(pid: w.pid, count: total, totalPages: totalPages).map { w.regionStart + UInt64($0) * 4096 })
+        print("DirtyTracker at a rate: \(total) page writes, \(expected.count) distinct pages, \(seen.count) reported over \(scans) scans")
+        XCTAssertEqual(seen.subtracting(expected).count, 0, "pages reported that the workload never wrote")
+        XCTAssertEqual(expected.subtracting(seen).count, 0, "pages the workload wrote that no scan reported")
     }
 
     /// The content-hash tracker compares with what was SENT: a page sent in a state it has left
@@ -118,39 +152,102 @@ final class DirtyTrackerTests: XCTestCase {
         try hash.detach()
     }
 
-    func testHashFallbackFindsTheSameDirtyPages() throws {
+    /// The content-hash tracker alone (the fallback: it must work exactly where the kernel tracker
+    /// does not, so nothing here needs the kernel tracker): each round reports exactly the pages written.
+    func testHashTrackerReportsExactlyTheWrittenPages() throws {
+        let w = try WorkloadProcess(["--memory", "16M", "--fill-pages", "3000"])
+        defer { w.stop() }
+        let pages = Int(w.regionSize / 4096)
+        let regions = try ProcessRegions(pid: w.pid).select(ranges: [w.region])
+        var hash = try HashDirtyTracker(pid: w.pid, regions: regions)
+        XCTAssertEqual(hash.method, "content-hash")
+        var runs = PageRunBuffer(capacity: 16)
+        try hash.scanDirty(into: &runs)
+        XCTAssertEqual(runs.pageCount(), pages, "hash first scan: every page, as the kernel tracker's")
+        try hash.scanDirty(into: &runs)
+        XCTAssertEqual(runs.pageCount(), 0, "a quiet round")
+        var generator = SplitMix64(seed: 0x4A54)
+        for round in 0..<5 {
+            // Written pages include never-touched ones (3000 and up): those change from zero to data.
+            let set = round == 0 ? [0, 1, 2999, 3000, pages - 1] : (0..<(20 + round * 100)).map { _ in generator.below(pages) }
+            try w.write(pages: set)
+            try hash.scanDirty(into: &runs)
+            XCTAssertEqual(Set(runs.pageAddresses()), pageAddresses(set, in: w), "hash, round \(round)")
+        }
+        try hash.detach()
+    }
+
+    /// Where both methods work, they report the same pages.
+    func testHashAndKernelTrackersAgree() throws {
         let w = try WorkloadProcess(["--memory", "16M", "--fill-pages", "3000"])
         defer { w.stop() }
         let pages = Int(w.regionSize / 4096)
         let regions = try ProcessRegions(pid: w.pid).select(ranges: [w.region])
         var kernel = try attachKernelTracker(w)
         var hash = try HashDirtyTracker(pid: w.pid, regions: regions)
-        XCTAssertEqual(hash.method, "content-hash")
         var a = PageRunBuffer(capacity: 16), b = PageRunBuffer(capacity: 16)
         try kernel.scanDirty(into: &a)
         try hash.scanDirty(into: &b)
         XCTAssertEqual(a.pageCount(), pages)
-        XCTAssertEqual(b.pageCount(), pages, "hash first scan: every page, as the kernel tracker")
+        XCTAssertEqual(b.pageCount(), pages)
+        var generator = SplitMix64(seed: 0xA9EE)
         for round in 0..<5 {
-            let set = (0..<(20 + round * 100)).map { _ in Int.random(in: 0..<pages) }
+            let set = (0..<(20 + round * 100)).map { _ in generator.below(pages) }
             try w.write(pages: set)
             try kernel.scanDirty(into: &a)
             try hash.scanDirty(into: &b)
-            XCTAssertEqual(Set(b.pageAddresses()), pageAddresses(set, in: w), "hash, round \(round)")
+            XCTAssertEqual(Set(a.pageAddresses()), pageAddresses(set, in: w), "kernel, round \(round)")
             XCTAssertEqual(Set(a.pageAddresses()), Set(b.pageAddresses()), "kernel vs hash, round \(round)")
         }
         try kernel.detach()
         try hash.detach()
+    }
 
-        // The combined attach picks the kernel method here and says so.
+    /// The combined attach picks the kernel method where it works, and says so.
+    func testAttachPicksTheKernelMethodWhenAvailable() throws {
+        let w = try WorkloadProcess(["--memory", "16M", "--fill-pages", "100"])
+        defer { w.stop() }
+        let regions = try ProcessRegions(pid: w.pid).select(ranges: [w.region])
+        try attachKernelTracker(w).detach()   // skips where the kernel method is unavailable
         var reason: ProcessMemoryError?
         var any = try AnyDirtyPageTracker.attach(pid: w.pid, regions: regions, fallbackReason: &reason)
         XCTAssertNil(reason)
         XCTAssertEqual(any.method, "uffd-wp-async+pagemap-scan")
-        try any.scanDirty(into: &a)
+        var runs = PageRunBuffer(capacity: 16)
+        try any.scanDirty(into: &runs)
         try w.write(pages: [1, 2])
-        try any.scanDirty(into: &a)
-        XCTAssertEqual(Set(a.pageAddresses()), pageAddresses([1, 2], in: w))
+        try any.scanDirty(into: &runs)
+        XCTAssertEqual(Set(runs.pageAddresses()), pageAddresses([1, 2], in: w))
+        try any.detach()
+    }
+
+    /// The combined attach falls back to content hashing when the kernel method is refused (here:
+    /// the target already has a tracer, so the injection's PTRACE_SEIZE fails with EPERM), reports
+    /// why, and the fallback then tracks exactly. Runs on every kernel: this is the path taken where
+    /// kernel tracking is missing.
+    func testAttachFallsBackToHashingWhenKernelTrackingIsRefused() throws {
+        try require(root: "ptrace of another process")
+        let w = try WorkloadProcess(["--memory", "16M", "--fill-pages", "100"])
+        defer { w.stop() }
+        let regions = try ProcessRegions(pid: w.pid).select(ranges: [w.region])
+        var reason: ProcessMemoryError?
+        var any: AnyDirtyPageTracker
+        do {
+            // Another tracer holds the target for the length of the attach (if the attach throws,
+            // the session's deinit lets the target go).
+            let holder = try RemoteSyscallSession(pid: w.pid)
+            any = try AnyDirtyPageTracker.attach(pid: w.pid, regions: regions, fallbackReason: &reason)
+            try holder.finish()
+        }
+        let why = try XCTUnwrap(reason, "the attach did not report why it fell back")
+        XCTAssertTrue(why.message.contains("PTRACE_SEIZE"), "fallback reason: \(why)")
+        XCTAssertEqual(any.method, "content-hash")
+        var runs = PageRunBuffer(capacity: 16)
+        try any.scanDirty(into: &runs)
+        XCTAssertEqual(runs.pageCount(), Int(w.regionSize / 4096), "first scan: every page")
+        try w.write(pages: [3, 50, 100, 2000])
+        try any.scanDirty(into: &runs)
+        XCTAssertEqual(Set(runs.pageAddresses()), pageAddresses([3, 50, 100, 2000], in: w))
         try any.detach()
     }
 }
@@ -170,8 +267,9 @@ final class SharedMemoryTrackerTests: XCTestCase {
         XCTAssertTrue(tracker.grantedFeatures.contains(.wpHugetlbfsShmem))
         var runs = PageRunBuffer(capacity: 16)
         try tracker.scanDirty(into: &runs)
+        var rng = SplitMix64(seed: 0x5E3)
         for round in 0..<3 {
-            let set = (0..<(30 + round * 50)).map { _ in Int.random(in: 0..<2048) }
+            let set = (0..<(30 + round * 50)).map { _ in rng.below(2048) }
             try w.write(pages: set)
             try tracker.scanDirty(into: &runs)
             XCTAssertEqual(Set(runs.pageAddresses()), Set(set.map { w.regionStart + UInt64($0) * 4096 }), "shmem round \(round)")

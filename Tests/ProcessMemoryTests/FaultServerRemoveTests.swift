@@ -1,3 +1,4 @@
+import FerryTestSupport
 import Foundation
 import Glibc
 import ProcessMemory
@@ -10,7 +11,7 @@ final class FaultServerRemoveTests: XCTestCase {
     /// `event`; returns that line. REMOVE events add their pages to `removed`.
     func serve(_ server: inout FaultServer, _ w: WorkloadProcess, source: UnsafeRawBufferPointer, removed: inout Set<Int>,
                removeEvents: inout Int, faults: inout Int, until event: String) throws -> [String: Any] {
-        let deadline = Date().addingTimeInterval(30)
+        let deadline = Date().addingTimeInterval(120)
         while Date() < deadline {
             let events = try server.nextEvents(timeoutMilliseconds: 20)
             for e in events {
@@ -37,14 +38,13 @@ final class FaultServerRemoveTests: XCTestCase {
                 if line["event"] as? String == "corrupt" || line["event"] as? String == "error" { throw ProcessMemoryError("workload: \(line)") }
             }
         }
-        throw ProcessMemoryError("no '\(event)' from the resumed workload within 30 s")
+        throw ProcessMemoryError("no '\(event)' from the resumed workload within 120 s")
     }
 
     func testRemovedPagesAreServedAsZeroPages() throws {
-        let dir = try makeTempDirectory()
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let socketPath = dir.appendingPathComponent("uffd.sock").path
-        let layoutPath = dir.appendingPathComponent("layout.json").path
+        let dir = TemporaryDirectory(prefix: "ferry-mem")
+        let socketPath = dir.file("uffd.sock")
+        let layoutPath = dir.file("layout.json")
         let size = 4 << 20, pages = size / 4096
         let base: UInt64 = 0x3d00_0000_0000
         let source = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
@@ -57,14 +57,14 @@ final class FaultServerRemoveTests: XCTestCase {
         let listener = try UFFDHandshakeListener(path: socketPath)
         let w = try WorkloadProcess(["--resume", "--uffd-socket", socketPath, "--layout", layoutPath], waitReady: false)
         defer { w.stop() }
-        var server = FaultServer(handshake: try listener.accept(timeoutMilliseconds: 20_000))
-        _ = try w.waitFor("ready", timeout: 20)
+        var server = FaultServer(handshake: try listener.accept(timeoutMilliseconds: 60_000))
+        _ = try w.waitFor("ready", timeout: 60)
         var removed = Set<Int>(), removeEvents = 0, faults = 0
         let src = UnsafeRawBufferPointer(source)
 
         w.send("verify")
         var v = try serve(&server, w, source: src, removed: &removed, removeEvents: &removeEvents, faults: &faults, until: "verified")
-        let validBefore = (v["valid"] as? NSNumber)?.intValue ?? -1
+        let validBefore = try XCTUnwrap((v["valid"] as? NSNumber)?.intValue, "verified line without valid: \(v)")
         XCTAssertEqual(validBefore, pages - pages / 4)
         XCTAssertEqual(faults, pages)
 

@@ -1,3 +1,4 @@
+import FerryTestSupport
 import Foundation
 import Glibc
 import ProcessMemory
@@ -17,10 +18,9 @@ final class FaultServerTests: XCTestCase {
 
     func runResumedWorkload(dirtyRate: String) throws {
         let dirtying = dirtyRate != "0"
-        let dir = try makeTempDirectory()
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let socketPath = dir.appendingPathComponent("uffd.sock").path
-        let layoutPath = dir.appendingPathComponent("layout.json").path
+        let dir = TemporaryDirectory(prefix: "ferry-mem")
+        let socketPath = dir.file("uffd.sock")
+        let layoutPath = dir.file("layout.json")
 
         // The "source memory": 16 MiB in the workload's pattern; every 4th page never touched (served as zeros).
         let size = 16 << 20
@@ -42,11 +42,11 @@ final class FaultServerTests: XCTestCase {
         let listener = try UFFDHandshakeListener(path: socketPath)
         let w = try WorkloadProcess(["--resume", "--uffd-socket", socketPath, "--layout", layoutPath, "--dirty-rate", dirtyRate], waitReady: false)
         defer { w.stop() }
-        let handshake = try listener.accept(timeoutMilliseconds: 20_000)
+        let handshake = try listener.accept(timeoutMilliseconds: 60_000)
         XCTAssertEqual(handshake.mappings, [mapping])
         XCTAssertEqual(handshake.peerPID, w.pid, "SO_PEERCRED names the VMM")
         var server = FaultServer(handshake: handshake)
-        _ = try w.waitFor("ready", timeout: 20)
+        _ = try w.waitFor("ready", timeout: 60)
 
         // Serve faults until the workload has touched and verified every page.
         var serviceNanos: [UInt64] = []
@@ -84,8 +84,8 @@ final class FaultServerTests: XCTestCase {
         }
         guard let verified else { XCTFail("no verify result from the resumed workload"); return }
         XCTAssertEqual((verified["corrupt"] as? NSNumber)?.intValue, 0)
-        let valid = (verified["valid"] as? NSNumber)?.intValue ?? -1
-        let untouched = (verified["untouched"] as? NSNumber)?.intValue ?? -1
+        let valid = try XCTUnwrap((verified["valid"] as? NSNumber)?.intValue, "verified line without valid: \(verified)")
+        let untouched = try XCTUnwrap((verified["untouched"] as? NSNumber)?.intValue, "verified line without untouched: \(verified)")
         if dirtying {
             // Dirtied zero pages became pattern pages: the split moves, the total does not.
             XCTAssertEqual(valid + untouched, pages)
@@ -96,7 +96,11 @@ final class FaultServerTests: XCTestCase {
         }
         XCTAssertEqual(faults, pages, "one fault per page")
         XCTAssertEqual(zeroFaults, pages / 4)
-        XCTAssertEqual(server.copies + server.zeroes + server.alreadyPresent, pages)
+        // The server's own counts of what it did: a copy per pattern page, a zero page per untouched
+        // one, and no fault answered twice (one faulting thread: nothing can race it).
+        XCTAssertEqual(server.copies, pages - pages / 4, "UFFDIO_COPYs")
+        XCTAssertEqual(server.zeroes, pages / 4, "UFFDIO_ZEROPAGEs")
+        XCTAssertEqual(server.alreadyPresent, 0, "faults answered for pages already present")
 
         // The workload's digest of its memory equals the digest of the source buffer (while nothing was dirtied).
         if !dirtying {
@@ -107,12 +111,18 @@ final class FaultServerTests: XCTestCase {
         try w.write(pages: [1, 2, 3, 4, pages - 1])
 
         let service = percentiles(serviceNanos)
-        let p50 = (verified["p50_us"] as? NSNumber)?.doubleValue ?? -1
-        let p90 = (verified["p90_us"] as? NSNumber)?.doubleValue ?? -1
-        let p99 = (verified["p99_us"] as? NSNumber)?.doubleValue ?? -1
+        // The workload's own latency figures must be there and be figures: a missing field fails
+        // here (it used to read as -1, below any limit).
+        let p50 = try XCTUnwrap((verified["p50_us"] as? NSNumber)?.doubleValue, "verified line without p50_us: \(verified)")
+        let p90 = try XCTUnwrap((verified["p90_us"] as? NSNumber)?.doubleValue, "verified line without p90_us: \(verified)")
+        let p99 = try XCTUnwrap((verified["p99_us"] as? NSNumber)?.doubleValue, "verified line without p99_us: \(verified)")
+        XCTAssertGreaterThan(p50, 0, "a fault served from another process cannot take 0 us: \(verified)")
+        XCTAssertTrue(p50 <= p90 && p90 <= p99, "percentiles out of order: p50 \(p50), p90 \(p90), p99 \(p99)")
         print("[dirty-rate \(dirtyRate)] fault latency seen by the faulting thread over \(pages) faults: p50 \(p50) us, p90 \(p90) us, p99 \(p99) us (goal: median < 20 us)")
         print("handler service time (event read -> UFFDIO_COPY/ZEROPAGE done): p50 \(service.p50) us, p90 \(service.p90) us, p99 \(service.p99) us, max \(service.max) us")
-        XCTAssertLessThan(p50, 1000, "median fault latency over 1 ms means the service is broken, not slow")
+        // Generous for a loaded debug build (~100 us here): a service that only answered on its
+        // 20 ms poll timeout, not on the event, would show a median of 10 ms or more.
+        XCTAssertLessThan(p50, 5000, "median fault latency \(p50) us: over 5 ms means the service is broken, not slow")
     }
 
     func testHandshakeDecodingAcceptsBothPageSizeNames() throws {

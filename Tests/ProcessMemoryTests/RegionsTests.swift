@@ -1,3 +1,4 @@
+import FerryTestSupport
 import Glibc
 import ProcessMemory
 import SystemPackage
@@ -70,7 +71,7 @@ final class RegionsTests: XCTestCase {
 
     /// ferry-workload --probe-pid runs the same calls as an unprivileged user (it drops to nobody first).
     func testMissingPermissionGivesClearError() throws {
-        try requireEnvironment(getuid() == 0, "dropping privileges to test EPERM/EACCES needs root")
+        try require(root: "dropping privileges to test EPERM/EACCES")
         let target = try WorkloadProcess(["--memory", "8M", "--fill-pages", "1"])
         defer { target.stop() }
         let probe = try WorkloadProcess(["--probe-pid", String(target.pid), "--as-user", "65534"], waitReady: false)

@@ -1,3 +1,4 @@
+import FerryTestSupport
 import Glibc
 import SystemPackage
 import Testing
@@ -13,15 +14,16 @@ import Testing
         let elapsed = ContinuousClock.now - start
         #expect(completion.tag == 1)
         #expect(completion.result == -ETIME)
-        #expect(elapsed >= .milliseconds(45), "fired after \(elapsed)")
-        #expect(elapsed < .seconds(2))
+        // The kernel's timer may fire late (a loaded machine) but never early.
+        #expect(elapsed >= .milliseconds(50), "fired after \(elapsed), before its 50 ms")
+        #expect(elapsed < .seconds(60), "fired only after \(elapsed)")
     }
 
     /// A receive on a socket that never gets data is cancelled; it ends with ECANCELED and the
     /// cancel itself with 0.
     @Test func pendingReceiveIsCancelled() throws {
         var pair: [Int32] = [0, 0]
-        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+        try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0, "socketpair: errno \(errno)")
         defer { close(pair[0]); close(pair[1]) }
         var ring = try IORing(entries: 4)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64, alignment: 8)
@@ -43,7 +45,7 @@ import Testing
     /// and the ring recovers once completions are reaped.
     @Test func fullRingAppliesBackPressure() throws {
         var pair: [Int32] = [0, 0]
-        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+        try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0, "socketpair: errno \(errno)")
         defer { close(pair[0]); close(pair[1]) }
         var ring = try IORing(entries: 8)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64, alignment: 8)

@@ -1,4 +1,5 @@
 import Crypto
+import FerryTestSupport
 import Glibc
 import SystemPackage
 import Testing
@@ -9,9 +10,9 @@ import Testing
     /// (plain and registered buffers), and compares SHA-256 digests.
     @Test func writeThenReadRoundTripHasEqualChecksums() throws {
         let directory = TemporaryDirectory()
-        let path = directory.path + "/image"
+        let path = directory.file("image")
         let fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o600)
-        #expect(fd >= 0)
+        try #require(fd >= 0, "open \(path): errno \(errno)")
         defer { close(fd) }
 
         let size = 64 << 20, piece = 1 << 20
@@ -54,7 +55,9 @@ import Testing
             }
         }
         try ring.unregisterBuffers()
-        #expect(SHA256.hash(data: UnsafeRawBufferPointer(readBack)) == expected)
+        #expect(SHA256.hash(data: UnsafeRawBufferPointer(readBack)) == expected, "read back through the ring")
+        // And the file itself, read by the kernel's ordinary path, holds the bytes written.
+        #expect(try SHA256Hex.of(file: path) == SHA256Hex.of(UnsafeRawBufferPointer(source)), "the file on disk")
         #expect(ring.inFlight == 0)
     }
 

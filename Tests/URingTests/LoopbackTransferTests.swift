@@ -1,4 +1,5 @@
 import Crypto
+import FerryTestSupport
 import Foundation
 import Glibc
 import Synchronization
@@ -17,7 +18,9 @@ import Testing
 
         let senderDigest = Mutex<[UInt8]?>(nil)
         let senderError = Mutex<String?>(nil)
+        let senderDone = DispatchSemaphore(value: 0)
         let sender = Thread {
+            defer { senderDone.signal() }
             do {
                 let connection = try Socket.connect(to: address)
                 var ring = try IORing(entries: 8)
@@ -55,12 +58,9 @@ import Testing
         }
         let elapsed = ContinuousClock.now - start
         let receivedDigest = Array(hasher.finalize())
-        // Wait for the sender's digest (it is set just before its thread ends).
-        var sent: [UInt8]? = nil
-        for _ in 0..<1_000 where sent == nil {
-            sent = senderDigest.withLock { $0 }
-            if sent == nil, senderError.withLock({ $0 }) == nil { usleep(10_000) } else { break }
-        }
+        // The sender's digest is set just before its thread ends: wait for the end, not for a time.
+        try #require(senderDone.wait(timeout: .now() + 120) == .success, "the sender thread did not finish within 120 s")
+        let sent = senderDigest.withLock { $0 }
         #expect(senderError.withLock { $0 } == nil)
         #expect(received == total)
         #expect(sent == receivedDigest)

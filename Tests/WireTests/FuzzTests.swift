@@ -1,56 +1,145 @@
+import FerryTestSupport
+import Glibc
 import Testing
 import Wire
-#if canImport(Glibc)
-import Glibc
-#endif
 
-/// Resident set size of this process in bytes, from /proc/self/statm.
-func residentBytes() -> Int {
-    guard let f = fopen("/proc/self/statm", "r") else { return 0 }
-    defer { fclose(f) }
-    var size = 0, resident = 0
-    guard withUnsafeMutablePointer(to: &size, { s in
-        withUnsafeMutablePointer(to: &resident) { r in fscanfTwo(f, s, r) }
-    }) else { return 0 }
-    return resident * Int(sysconf(Int32(_SC_PAGESIZE)))
-}
-
-private func fscanfTwo(_ f: UnsafeMutablePointer<FILE>, _ a: UnsafeMutablePointer<Int>, _ b: UnsafeMutablePointer<Int>) -> Bool {
-    var line = [CChar](repeating: 0, count: 256)
-    guard fgets(&line, 256, f) != nil else { return false }
-    let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    let fields = text.split(separator: " ")
-    guard fields.count >= 2, let x = Int(fields[0]), let y = Int(fields[1]) else { return false }
-    a.pointee = x; b.pointee = y
-    return true
-}
-
-@Suite("Fuzz: random and mutated frames never crash, hang or grow memory")
-struct FuzzTests {
-    /// Outcome counters, so the test can show that mutations reach deep into the decoder.
-    struct Tally {
-        var decoded = 0, needMore = 0, errors = [String: Int]()
+/// What the decoder may answer for an input, judged from the input's own bytes (an oracle that
+/// does not trust the decoder): "need more" only while the declared frame is incomplete; a decoded
+/// frame exactly as long as declared; header errors that name the header's real bytes; body errors
+/// only once the whole frame is present, at offsets inside it that add up to its declared size.
+/// Returns a description of the violation, nil when the answer is allowed.
+func judge(_ input: UnsafeRawBufferPointer, _ outcome: Result<DecodedFrame?, WireError>, maxFrameSize: Int) -> String? {
+    let n = input.count
+    guard n >= FrameHeader.size else {
+        if case .success(nil) = outcome { return nil }
+        return "\(n) bytes (less than a header) answered \(outcome) instead of need-more"
     }
+    let declared = Int(UInt32(littleEndian: input.loadUnaligned(fromByteOffset: 0, as: UInt32.self)))
+    let frameSize = FrameHeader.size + declared
+    let version = input[4], type = input[5]
+    let flags = UInt16(littleEndian: input.loadUnaligned(fromByteOffset: 6, as: UInt16.self))
+    let headerValid = version == FrameHeader.currentVersion && frameSize <= maxFrameSize
+        && MessageType(rawValue: type) != nil && flags & ~FrameFlags.known.rawValue == 0
+    switch outcome {
+    case .success(nil):
+        if headerValid && n < frameSize { return nil }
+        return headerValid ? "a whole \(frameSize)-byte frame (\(n) bytes present) answered need-more: a receiver would wait forever"
+                           : "an invalid header (version \(version), type \(type), flags \(flags), size \(frameSize)) answered need-more"
+    case .success(let frame?):
+        if !headerValid { return "an invalid header decoded as \(frame.header.type)" }
+        if n < frameSize { return "decoded \(frame.header.type) from \(n) bytes of a \(frameSize)-byte frame" }
+        if frame.consumed != frameSize { return "consumed \(frame.consumed) bytes of a \(frameSize)-byte frame" }
+        if frame.header.type.rawValue != type { return "decoded type \(frame.header.type) from type byte \(type)" }
+        return nil
+    case .failure(let error):
+        switch error {
+        case .unsupportedVersion(let v):
+            return v == version && v != FrameHeader.currentVersion ? nil : "unsupportedVersion(\(v)) for version byte \(version)"
+        case .frameTooLarge(let length, let max):
+            return length == frameSize && length > max && max == maxFrameSize ? nil
+                : "frameTooLarge(\(length), \(max)) for a declared \(frameSize)-byte frame, limit \(maxFrameSize)"
+        case .unknownMessageType(let t):
+            return t == type && MessageType(rawValue: t) == nil ? nil : "unknownMessageType(\(t)) for type byte \(type)"
+        case .reservedFlags(let f):
+            return f == flags && f & ~FrameFlags.known.rawValue != 0 ? nil : "reservedFlags(\(f)) for flags \(flags)"
+        case .outputTooSmall:
+            return "the decoder threw an encoder error: \(error)"
+        default:
+            break
+        }
+        // A body error: the header was valid and the whole frame present.
+        if !headerValid { return "body error \(error) for an invalid header" }
+        if n < frameSize { return "body error \(error) before the whole \(frameSize)-byte frame arrived (\(n) bytes)" }
+        switch error {
+        case let .truncated(_, field, offset, needed, available):
+            if offset < FrameHeader.size || offset + available != frameSize || needed <= available {
+                return "truncated('\(field)' at \(offset), needs \(needed), \(available) left) does not add up to a \(frameSize)-byte frame"
+            }
+        case let .trailingBytes(_, offset, count):
+            if offset < FrameHeader.size || count <= 0 || offset + count != frameSize {
+                return "trailingBytes(\(count) at \(offset)) does not end a \(frameSize)-byte frame"
+            }
+        case let .invalidValue(_, field, offset, _), let .reservedNonZero(_, field, offset), let .invalidUTF8(_, field, offset):
+            if offset < FrameHeader.size || offset >= frameSize { return "'\(field)' at offset \(offset) lies outside the \(frameSize)-byte frame" }
+        case let .payloadLengthMismatch(_, expected, actual):
+            if actual < 0 || actual > declared || UInt64(actual) == expected { return "payloadLengthMismatch(expected \(expected), actual \(actual)) in a \(declared)-byte body" }
+        case let .limitExceeded(_, field, value, max):
+            if value <= max { return "limitExceeded('\(field)' \(value) <= max \(max))" }
+        default:
+            break
+        }
+        if let t = MessageType(rawValue: type), let errorType = error.messageType, errorType != t {
+            return "error names type \(errorType) in a \(t) frame"
+        }
+        return nil
+    }
+}
 
-    @Test("1,000,000 random and mutated frames: typed errors or valid messages, nothing else")
+extension WireError {
+    /// The message type a body error names, nil for header errors.
+    var messageType: MessageType? {
+        switch self {
+        case let .truncated(type, _, _, _, _), let .trailingBytes(type, _, _), let .invalidValue(type, _, _, _),
+             let .reservedNonZero(type, _, _), let .payloadLengthMismatch(type, _, _), let .invalidUTF8(type, _, _),
+             let .limitExceeded(type, _, _, _):
+            return type
+        default:
+            return nil
+        }
+    }
+}
+
+/// The fuzz templates: a valid encoding of every sample message, with big payloads shrunk so each
+/// iteration stays cheap. `keepAlive` must outlive the templates' use (their payload buffers).
+func fuzzTemplates(keepAlive payloads: SamplePayloads, small: Buffer) throws -> [[UInt8]] {
+    var templates: [[UInt8]] = []
+    for m in sampleMessages(payloads, includeMaximal: false) {
+        var m = m
+        if case .pageBatch(var b) = m, b.pageShift > 12 {
+            b.pageShift = 12; b.payload = Payload(UnsafeRawBufferPointer(rebasing: small.view[0..<4096])); m = .pageBatch(b)
+        }
+        templates.append(try frameBytes(m, sequence: UInt32(templates.count)))
+    }
+    return templates
+}
+
+/// Decodes `input` and judges the answer (see ``judge(_:_:maxFrameSize:)``); a decoded frame must
+/// also re-encode to exactly the bytes it came from. Returns the outcome's kind and any violation.
+func fuzzOne(_ input: UnsafeRawBufferPointer, decoder: FrameDecoder, reencode: UnsafeMutableRawBufferPointer) -> (kind: String, violation: String?) {
+    let outcome: Result<DecodedFrame?, WireError> = Result { () throws(WireError) in try decoder.decode(input) }
+    if let violation = judge(input, outcome, maxFrameSize: decoder.maxFrameSize) {
+        return ("violation", violation)
+    }
+    switch outcome {
+    case .success(nil):
+        return ("needMore", nil)
+    case .success(let frame?):
+        do {
+            let written = try FrameEncoder.encode(frame.message, sequence: frame.header.sequence,
+                                                  urgent: frame.header.flags.contains(.urgent), into: reencode)
+            if written != frame.consumed || !equalBytes(reencode, input, frame.consumed) {
+                return ("decoded", "\(frame.header.type) re-encodes to \(written) different bytes (\(frame.consumed) decoded)")
+            }
+        } catch {
+            return ("decoded", "\(frame.header.type) decoded but does not re-encode: \(error)")
+        }
+        return ("decoded", nil)
+    case .failure(let error):
+        return (errorKind(error), nil)
+    }
+}
+
+@Suite("Fuzz: random and mutated frames never crash, hang or lie about what is wrong")
+struct FuzzTests {
+    @Test("1,000,000 random and mutated frames: each answer checked against the input's own bytes")
     func millionFrames() throws {
         let iterations = Int(envInt("FERRY_WIRE_FUZZ_ITERATIONS") ?? 1_000_000)
         let seed = UInt64(envInt("FERRY_WIRE_FUZZ_SEED") ?? 0x5EED_F3_22_0001)
         print("wire fuzz: seed 0x\(String(seed, radix: 16)) iterations \(iterations) (set FERRY_WIRE_FUZZ_SEED to reproduce)")
         var rng = SplitMix64(seed: seed)
-
-        // Templates: valid encodings of every message (small ones, so each iteration is cheap).
         let payloads = SamplePayloads()
         let small = Buffer(count: 4096 * 2)
-        var templates: [[UInt8]] = []
-        for m in sampleMessages(payloads, includeMaximal: false) {
-            var m = m
-            // Shrink big payloads so templates stay small.
-            if case .pageBatch(var b) = m, b.pageShift > 12 {
-                b.pageShift = 12; b.payload = Payload(UnsafeRawBufferPointer(rebasing: small.view[0..<4096])); m = .pageBatch(b)
-            }
-            templates.append(try frameBytes(m, sequence: UInt32(templates.count)))
-        }
+        let templates = try fuzzTemplates(keepAlive: payloads, small: small)
         let maxTemplate = templates.map(\.count).max()!
         #expect(maxTemplate < 64 << 10)
 
@@ -61,60 +150,45 @@ struct FuzzTests {
         defer { reencode.deallocate() }
         let decoder = FrameDecoder(maxFrameSize: 1 << 20)
 
-        var tally = Tally()
-        var mismatches = 0
-        let rssBefore = residentBytes()
+        var kinds = [String: Int]()
+        var violations = 0
         let clock = ContinuousClock()
         let started = clock.now
         for i in 0..<iterations {
             let n = mutate(into: scratch, templates: templates, rng: &rng)
-            let input = UnsafeRawBufferPointer(rebasing: scratch[0..<n])
-            do {
-                if let frame = try decoder.decode(input) {
-                    tally.decoded += 1
-                    #expect(frame.consumed <= n && frame.consumed >= FrameHeader.size)
-                    // Property: whatever decodes re-encodes to the same bytes and decodes equal.
-                    let written = try FrameEncoder.encode(frame.message, sequence: frame.header.sequence,
-                                                          urgent: frame.header.flags.contains(.urgent), into: reencode)
-                    if written != frame.consumed || !equalBytes(reencode, input, frame.consumed) {
-                        Issue.record("iteration \(i) (seed 0x\(String(seed, radix: 16))): \(frame.header.type) re-encodes differently")
-                        mismatches += 1
-                        if mismatches >= 5 { break }
-                    }
-                } else {
-                    tally.needMore += 1
-                }
-            } catch {
-                tally.errors[errorKind(error), default: 0] += 1
-            }
-            if i & 0xFFFF == 0, clock.now - started > .seconds(110) {
-                Issue.record("fuzz loop too slow: stopped at iteration \(i) after 110 s")
-                break
+            let (kind, violation) = fuzzOne(UnsafeRawBufferPointer(rebasing: scratch[0..<n]), decoder: decoder, reencode: reencode)
+            kinds[kind, default: 0] += 1
+            if let violation {
+                violations += 1
+                let bytes = Array(scratch[0..<min(n, 64)]).map { String($0, radix: 16) }.joined(separator: " ")
+                Issue.record("iteration \(i) (seed 0x\(String(seed, radix: 16))), \(n) bytes [\(bytes)...]: \(violation)")
+                if violations >= 5 { break }
             }
         }
         let elapsed = clock.now - started
-        let growth = residentBytes() - rssBefore
-        print("wire fuzz: \(iterations) frames in \(elapsed): decoded \(tally.decoded), need-more \(tally.needMore), "
-              + "errors \(tally.errors.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")); "
-              + "RSS growth \(growth >> 10) KiB")
-        #expect(mismatches == 0)
-        #expect(tally.decoded + tally.needMore + tally.errors.values.reduce(0, +) == iterations)
-        // The mutations must exercise both acceptance and many distinct rejections.
-        #expect(tally.decoded > iterations / 100)
-        #expect(tally.needMore > iterations / 100)
-        #expect(tally.errors.count >= 10, "only \(tally.errors.count) error kinds reached")
-        #expect(growth < 64 << 20, "resident memory grew by \(growth) bytes")
+        print("wire fuzz: \(iterations) frames in \(elapsed): "
+              + kinds.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))
+        #expect(violations == 0)
+        // The mutations must reach acceptance, incompleteness and many distinct rejections, or the
+        // loop proves little.
+        #expect(kinds["decoded", default: 0] > iterations / 100, "decoded only \(kinds["decoded", default: 0])")
+        #expect(kinds["needMore", default: 0] > iterations / 100, "need-more only \(kinds["needMore", default: 0])")
+        let errorKinds = kinds.keys.filter { !["decoded", "needMore", "violation"].contains($0) }
+        #expect(errorKinds.count >= 10, "only \(errorKinds.count) error kinds reached: \(errorKinds.sorted())")
         withExtendedLifetime((payloads, small)) {}
     }
 
-    @Test("pure random buffers with a valid header prefix never crash")
+    @Test("pure random bodies behind a valid header: whole frames, so never need-more; each answer checked")
     func randomBodies() throws {
         var rng = SplitMix64(seed: 0xB0D1E5)
         let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 2048, alignment: 16)
         defer { buf.deallocate() }
+        let reencode = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 16)
+        defer { reencode.deallocate() }
         let types = MessageType.allCases
-        var decoded = 0, failed = 0
-        for _ in 0..<100_000 {
+        var kinds = [String: Int]()
+        var violations = 0
+        for i in 0..<100_000 {
             let bodyLength = rng.below(300)
             for j in 0..<(12 + bodyLength) { buf[j] = UInt8(truncatingIfNeeded: rng.next()) }
             buf.storeBytes(of: UInt32(bodyLength).littleEndian, toByteOffset: 0, as: UInt32.self)
@@ -125,15 +199,21 @@ struct FuzzTests {
             if rng.below(2) == 0 {
                 for j in 12..<(12 + bodyLength) where rng.below(4) != 0 { buf[j] = 0 }
             }
-            do {
-                if try FrameDecoder().decode(UnsafeRawBufferPointer(rebasing: buf[0..<(12 + bodyLength)])) != nil {
-                    decoded += 1
-                }
-            } catch { failed += 1 }
+            let (kind, violation) = fuzzOne(UnsafeRawBufferPointer(rebasing: buf[0..<(12 + bodyLength)]),
+                                            decoder: FrameDecoder(), reencode: reencode)
+            kinds[kind, default: 0] += 1
+            if let violation {
+                violations += 1
+                Issue.record("random body \(i), type \(buf[5]), \(bodyLength) bytes: \(violation)")
+                if violations >= 5 { break }
+            }
         }
-        print("wire random bodies: decoded \(decoded), rejected \(failed) of 100000")
-        #expect(decoded + failed == 100_000)
-        #expect(decoded > 100 && failed > 1000)
+        print("wire random bodies: " + kinds.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))
+        #expect(violations == 0)
+        #expect(kinds["needMore", default: 0] == 0, "a complete frame answered need-more \(kinds["needMore", default: 0]) times")
+        #expect(kinds["decoded", default: 0] > 100, "decoded only \(kinds["decoded", default: 0])")
+        let rejected = kinds.filter { !["decoded", "needMore", "violation"].contains($0.key) }.values.reduce(0, +)
+        #expect(rejected > 1000, "rejected only \(rejected)")
     }
 }
 

@@ -11,21 +11,50 @@ struct HandshakeTests {
         try #require(try withDecoded(try frameBytes(m)) { $0.message })
     }
 
+    /// The hello of a hello message; the test fails (not passes) when it is another message.
+    func hello(_ m: Message, sourceLocation: SourceLocation = #_sourceLocation) throws -> Hello {
+        guard case let .hello(hello) = m else {
+            Issue.record("expected a hello, got \(m.type)", sourceLocation: sourceLocation)
+            throw HandshakeTestError.unexpected(m.type)
+        }
+        return hello
+    }
+
+    /// The hello and proof of a helloAck message; the test fails when it is another message.
+    func helloAck(_ m: Message, sourceLocation: SourceLocation = #_sourceLocation) throws -> (Hello, Bytes32) {
+        guard case let .helloAck(ack, proof) = m else {
+            Issue.record("expected a helloAck, got \(m.type)", sourceLocation: sourceLocation)
+            throw HandshakeTestError.unexpected(m.type)
+        }
+        return (ack, proof)
+    }
+
+    /// The proof of an auth message; the test fails when it is another message.
+    func auth(_ m: Message, sourceLocation: SourceLocation = #_sourceLocation) throws -> Bytes32 {
+        guard case let .auth(proof) = m else {
+            Issue.record("expected an auth, got \(m.type)", sourceLocation: sourceLocation)
+            throw HandshakeTestError.unexpected(m.type)
+        }
+        return proof
+    }
+
+    enum HandshakeTestError: Error { case unexpected(MessageType) }
+
     @Test("both sides authenticate; features are intersected; resume points travel back")
     func happyPath() throws {
         let connector = ConnectorHandshake(key: key, mode: .resume, features: [.disk, .memory, .resume, .urgentLane],
                                            sessionID: session,
                                            resumePoints: [ResumePoint(stream: .disk, streamID: 0, sequence: 10, offset: 1 << 20)])
         var listener = ListenerHandshake(key: key)
-        guard case let .hello(hello) = try overWire(connector.helloMessage) else { Issue.record("not a hello"); return }
+        let received = try hello(try overWire(connector.helloMessage))
         let mine = [ResumePoint(stream: .disk, streamID: 0, sequence: 8, offset: 1 << 19)]
-        let ackMessage = try listener.respond(to: hello, supported: [.disk, .resume], resumePoints: mine)
-        guard case let .helloAck(ack, proof) = try overWire(ackMessage) else { Issue.record("not a helloAck"); return }
+        let ackMessage = try listener.respond(to: received, supported: [.disk, .resume], resumePoints: mine)
+        let (ack, proof) = try helloAck(try overWire(ackMessage))
         let (auth, peer) = try connector.accept(ack, proof: proof)
         #expect(peer.features == [.disk, .resume])
         #expect(peer.resumePoints == mine)
         #expect(peer.mode == .resume)
-        guard case let .auth(sourceProof) = try overWire(auth) else { Issue.record("not auth"); return }
+        let sourceProof = try self.auth(try overWire(auth))
         try listener.verify(auth: sourceProof)
     }
 
@@ -35,13 +64,15 @@ struct HandshakeTests {
         other[5] ^= 0x20
         let connector = ConnectorHandshake(key: key, features: [.disk], sessionID: session)
         var impostor = ListenerHandshake(key: other)
-        guard case let .helloAck(ack, proof) = try impostor.respond(to: connector.hello, supported: [.disk]) else { return }
+        let (ack, proof) = try helloAck(try impostor.respond(to: connector.hello, supported: [.disk]))
         #expect(throws: HandshakeError.self) { _ = try connector.accept(ack, proof: proof) }
-        do { _ = try connector.accept(ack, proof: proof) } catch { #expect(error.message.code == .authenticationFailed) }
+        do { _ = try connector.accept(ack, proof: proof); Issue.record("a wrong-key listener accepted") } catch {
+            #expect(error.message.code == .authenticationFailed)
+        }
 
         let impostorConnector = ConnectorHandshake(key: other, features: [.disk], sessionID: session)
         var listener = ListenerHandshake(key: key)
-        guard case let .helloAck(ack2, proof2) = try listener.respond(to: impostorConnector.hello, supported: [.disk]) else { return }
+        let (ack2, proof2) = try helloAck(try listener.respond(to: impostorConnector.hello, supported: [.disk]))
         // The impostor cannot verify the listener's proof; if it sends a proof anyway, it fails.
         #expect(throws: HandshakeError.self) { _ = try impostorConnector.accept(ack2, proof: proof2) }
         let forged = AuthProof.computeBytes(key: other, localNonce: impostorConnector.hello.nonce, peerNonce: ack2.nonce,
@@ -55,7 +86,7 @@ struct HandshakeTests {
     func tampering() throws {
         let connector = ConnectorHandshake(key: key, features: [.disk], sessionID: session)
         var listener = ListenerHandshake(key: key)
-        guard case let .helloAck(ack, proof) = try listener.respond(to: connector.hello, supported: [.disk, .memory]) else { return }
+        let (ack, proof) = try helloAck(try listener.respond(to: connector.hello, supported: [.disk, .memory]))
         // The listener's own proof sent back as the connector's auth (reflection).
         do { try listener.verify(auth: proof); Issue.record("reflected proof accepted") } catch {
             #expect(error.message.code == .authenticationFailed)

@@ -42,4 +42,6 @@ int ferry_nbd_fallocate(int fd, int mode, int64_t offset, int64_t length);
 int64_t ferry_nbd_lseek(int fd, int64_t offset, int whence);
 /// 1 when `fd` lives on tmpfs or ramfs (`fstatfs`): its I/O never waits for a device.
 int ferry_nbd_is_memory_backed(int fd);
+/// The calling thread's kernel thread id (gettid(2)).
+int ferry_nbd_gettid(void);
 #endif

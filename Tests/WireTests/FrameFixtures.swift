@@ -1,18 +1,6 @@
+// Frames and messages the Wire tests share: owned byte buffers, one-frame encode and decode, a
+// sample of every message type. (SplitMix64 and the rest of the generic helpers are in FerryTestSupport.)
 import Wire
-
-/// SplitMix64: a tiny seeded PRNG so fuzz failures reproduce from the printed seed.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func below(_ n: Int) -> Int { Int(next() % UInt64(n)) }
-}
 
 /// Owned raw memory for payloads and frames, freed when the owner goes away.
 final class Buffer {
