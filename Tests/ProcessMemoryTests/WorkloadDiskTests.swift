@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import ProcessMemory
+import FerryTestSupport
 import XCTest
 
 /// `ferry-workload --disk-nbd`: a small VM with a disk. Every K-th page is mirrored to an NBD disk served by a real
@@ -15,8 +16,8 @@ final class WorkloadDiskTests: XCTestCase {
     /// they are equal; its own `verify` agrees; quit exits 0.
     func testMirroredDiskStaysConsistentWhileDirtying() throws {
         try requireNBDKit()
-        let dir = try makeTempDirectory()
-        defer { try? FileManager.default.removeItem(at: dir) }
+        let temp = TemporaryDirectory(prefix: "ferry-workload-disk")
+        let dir = URL(fileURLWithPath: temp.path)
         let image = try makeImage(dir, "disk.img", size: 16 << 20)
         let server = try NBDKitServer(image: image, socketPath: dir.appendingPathComponent("disk.sock").path)
         defer { server.stop() }
@@ -86,8 +87,8 @@ final class WorkloadDiskTests: XCTestCase {
     func testTornDiskIsFoundAndFailsTheExitStatus() throws {
         try requireNBDKit()
         try requirePythonNBD()
-        let dir = try makeTempDirectory()
-        defer { try? FileManager.default.removeItem(at: dir) }
+        let temp = TemporaryDirectory(prefix: "ferry-workload-disk")
+        let dir = URL(fileURLWithPath: temp.path)
         let image = try makeImage(dir, "disk.img", size: 16 << 20)
         let server = try NBDKitServer(image: image, socketPath: dir.appendingPathComponent("disk.sock").path)
         defer { server.stop() }
@@ -196,8 +197,8 @@ final class WorkloadDiskTests: XCTestCase {
     /// A disk one block short of ceil(pages / K) blocks is refused with the sizes; exactly that many is accepted.
     func testDiskTooSmallIsRefused() throws {
         try requireNBDKit()
-        let dir = try makeTempDirectory()
-        defer { try? FileManager.default.removeItem(at: dir) }
+        let temp = TemporaryDirectory(prefix: "ferry-workload-disk")
+        let dir = URL(fileURLWithPath: temp.path)
         let small = try makeImage(dir, "small.img", size: (8 << 20) - 4096)
         let smallServer = try NBDKitServer(image: small, socketPath: dir.appendingPathComponent("small.sock").path)
         defer { smallServer.stop() }
@@ -225,8 +226,8 @@ final class WorkloadDiskTests: XCTestCase {
     /// Runs source and destination and returns the destination's first verify line; `then` gets the destination.
     func miniatureMigration(diskFromAnotherInstant: Bool, then: (WorkloadProcess) throws -> Void) throws -> [String: Any] {
         try requireNBDKit()
-        let dir = try makeTempDirectory()
-        defer { try? FileManager.default.removeItem(at: dir) }
+        let temp = TemporaryDirectory(prefix: "ferry-workload-disk")
+        let dir = URL(fileURLWithPath: temp.path)
         let sourceImage = try makeImage(dir, "source.img", size: 16 << 20)
         let destImage = dir.appendingPathComponent("dest.img").path
         let layout = dir.appendingPathComponent("layout.json").path
@@ -298,13 +299,13 @@ final class WorkloadDiskTests: XCTestCase {
     // MARK: - Tools
 
     func requireNBDKit() throws {
-        try requireEnvironment(FileManager.default.isExecutableFile(atPath: Self.nbdkit), "\(Self.nbdkit) is not installed (scripts/setup.sh)")
+        try require(FileManager.default.isExecutableFile(atPath: Self.nbdkit), "\(Self.nbdkit) is not installed (scripts/setup.sh)")
     }
 
     func requirePythonNBD() throws {
         let has = FileManager.default.isExecutableFile(atPath: Self.python)
             && (try? runTool(Self.python, ["-c", "import nbd"], log: "/dev/null")) == 0
-        try requireEnvironment(has, "\(Self.python) with libnbd's nbd module is not installed (python3-libnbd)")
+        try require(has, "\(Self.python) with libnbd's nbd module is not installed (python3-libnbd)")
     }
 
     /// Writes the file's bytes at `offset` of the export, as a second NBD client (libnbd's Python binding).
@@ -414,8 +415,9 @@ private func runTool(_ path: String, _ arguments: [String], log: String, timeout
 }
 
 /// The exit code in a wait status, or nil when the process was killed by a signal.
-private func exitCode(_ status: Int32) -> Int32? {
-    status & 0x7f == 0 ? (status >> 8) & 0xff : nil
+/// The exit code ``ChildProcess`` reports (128 + signal when killed), or nil when it had to be killed at the deadline.
+private func exitCode(_ code: Int32) -> Int32? {
+    code >= 0 && code < 128 ? code : nil
 }
 
 /// A sparse image of `size` bytes in `dir`.
