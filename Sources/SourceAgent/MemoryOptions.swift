@@ -10,6 +10,12 @@ struct MemoryOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Migrate the memory of this running process (a KVM VMM or any process).", valueName: "PID"))
     var vm: Int32?
 
+    @Option(name: .customLong("vm-pidfile"), help: ArgumentHelp("Read the VM's PID from this file, waiting up to --vm-wait seconds for it to appear: the VMM writes it once started (QEMU's -pidfile), after it has connected to the disks served here.", valueName: "PATH"))
+    var vmPidfile: String?
+
+    @Option(name: .customLong("vm-wait"), help: "Seconds to wait for --vm-pidfile.")
+    var vmWait: Double = 60
+
     @Option(name: .long, help: "precopy, postcopy or hybrid (some pre-copy rounds, then post-copy).")
     var mode: String = "precopy"
 
@@ -37,8 +43,31 @@ struct MemoryOptions: ParsableArguments {
     @Option(name: .long, help: "Dirty tracking: auto (kernel write-protect + PAGEMAP_SCAN, else content hashing) or hash.")
     var tracking: String = "auto"
 
+    /// Whether a VM (its memory) is part of the migration.
+    var hasVM: Bool { vm != nil || vmPidfile != nil }
+
+    /// The VM's PID: --vm, or read from --vm-pidfile once it appears.
+    func resolvePID(logger: Logger) throws -> Int32? {
+        if let vm { return vm }
+        guard let path = vmPidfile else { return nil }
+        let deadline = ContinuousClock.now + .milliseconds(Int(vmWait * 1000))
+        while ContinuousClock.now < deadline {
+            if let text = try? String(contentsOfFile: path, encoding: .utf8),
+               let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 {
+                guard kill(pid, 0) == 0 || errno == EPERM else {
+                    throw ValidationError("--vm-pidfile \(path) names PID \(pid), which is not running")
+                }
+                logger.info("the VM's PID", metadata: ["pid": "\(pid)", "pidfile": "\(path)"])
+                return pid
+            }
+            usleep(50_000)
+        }
+        throw ValidationError("--vm-pidfile \(path) did not name a PID within \(Int(vmWait)) s")
+    }
+
     func validate() throws {
-        guard vm != nil else { return }
+        if vm != nil && vmPidfile != nil { throw ValidationError("give --vm PID or --vm-pidfile PATH, not both") }
+        guard hasVM else { return }
         if MemoryMigrationMode(rawValue: mode) == nil { throw ValidationError("--mode must be precopy, postcopy or hybrid, not '\(mode)'") }
         if tracking != "auto" && tracking != "hash" { throw ValidationError("--tracking must be auto or hash, not '\(tracking)'") }
         if precopyRounds < 0 { throw ValidationError("--precopy-rounds must not be negative") }
@@ -51,8 +80,8 @@ struct MemoryOptions: ParsableArguments {
     }
 
     /// The memory stream's options, or nil without --vm.
-    func streamOptions() throws -> MemoryStreamOptions? {
-        guard let pid = vm else { return nil }
+    func streamOptions(pid: Int32?) throws -> MemoryStreamOptions? {
+        guard let pid else { return nil }
         var options = MemoryStreamOptions(pid: pid)
         options.mode = MemoryMigrationMode(rawValue: mode)!
         try options.setRegions(parsing: regions)
@@ -64,7 +93,7 @@ struct MemoryOptions: ParsableArguments {
     }
 
     /// How the VM is paused, resumed after a failure and asked for its state; nil without --vm.
-    var vmControl: VMControl? {
-        vm.map { VMControl(pid: $0, pauseCommand: pauseCmd, resumeCommand: resumeCmd, stateCommand: stateCmd) }
+    func vmControl(pid: Int32?) -> VMControl? {
+        pid.map { VMControl(pid: $0, pauseCommand: pauseCmd, resumeCommand: resumeCmd, stateCommand: stateCmd) }
     }
 }

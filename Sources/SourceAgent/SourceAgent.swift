@@ -77,8 +77,8 @@ struct SourceAgent: ParsableCommand {
     var memory: MemoryOptions
 
     func validate() throws {
-        if memory.vm != nil && (dest == nil || keyFile == nil) { throw ValidationError("--vm needs --dest HOST:PORT and --key-file") }
-        if disk.isEmpty && memory.vm == nil { throw ValidationError("give --disk IMG (the VM's disk image), --vm PID (the VM process whose memory to migrate), or both") }
+        if memory.hasVM && (dest == nil || keyFile == nil) { throw ValidationError("--vm needs --dest HOST:PORT and --key-file") }
+        if disk.isEmpty && !memory.hasVM { throw ValidationError("give --disk IMG (the VM's disk image), --vm PID (the VM process whose memory to migrate), or both") }
         if !disk.isEmpty && nbd.isEmpty && dest == nil { throw ValidationError("give --nbd to serve the disk, --dest to migrate it, or both") }
         if disk.count > 1 && nbd.count != disk.count { throw ValidationError("with \(disk.count) disks give one --nbd per disk (got \(nbd.count))") }
         if dest != nil && keyFile == nil { throw ValidationError("--dest needs --key-file (make one with: head -c 32 /dev/urandom > ferry.key)") }
@@ -117,7 +117,9 @@ struct SourceAgent: ParsableCommand {
                                                throttleAboveFraction: throttleAbove, throttleTargetFraction: throttleTo)
             options.linkTimeout = linkTimeout
             do {
-                let created = try SourceSession(options: options, vm: memory.vmControl, disks: served, memory: try memory.streamOptions(), logger: logger)
+                let pid = try memory.resolvePID(logger: logger)
+                let created = try SourceSession(options: options, vm: memory.vmControl(pid: pid), disks: served,
+                                                memory: try memory.streamOptions(pid: pid), logger: logger)
                 session = created
                 migration = BackgroundMigration(reportPath: report, logger: logger) { created.run() }
             } catch {

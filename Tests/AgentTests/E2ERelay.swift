@@ -1,3 +1,4 @@
+import FerryTestSupport
 import Foundation
 import Glibc
 import Synchronization
@@ -33,6 +34,14 @@ final class Relay: @unchecked Sendable {
         Thread { [self] in acceptLoop() }.start()
     }
 
+    /// A link outage: cuts every connection and, for `seconds`, closes each new one at once (as a
+    /// relay killed and restarted `seconds` later), then relays again.
+    func outage(seconds: Double) {
+        refusingUntil.store(UInt64(monotonicSeconds() * 1e9) + UInt64(seconds * 1e9), ordering: .sequentiallyConsistent)
+        cut()
+    }
+    private let refusingUntil = Atomic<UInt64>(0)
+
     /// Closes every relayed connection (both sides see a reset or end of stream).
     func cut() {
         let all = sockets.withLock { list -> [Int32] in let copy = list; list.removeAll(); return copy }
@@ -51,6 +60,10 @@ final class Relay: @unchecked Sendable {
         while !stopped.load(ordering: .sequentiallyConsistent) {
             let client = accept(listener, nil, nil)
             if client < 0 { if errno == EINTR { continue } else { return } }
+            if UInt64(monotonicSeconds() * 1e9) < refusingUntil.load(ordering: .sequentiallyConsistent) {
+                close(client)
+                continue
+            }
             let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             var target = sockaddr_in()
             target.sin_family = sa_family_t(AF_INET)

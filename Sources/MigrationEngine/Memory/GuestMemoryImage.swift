@@ -193,6 +193,27 @@ public final class GuestMemoryImage: @unchecked Sendable {
         }
     }
 
+    /// Installs every received page into the running VM (data pages by UFFDIO_COPY, zero pages by
+    /// UFFDIO_ZEROPAGE; pages the VM dropped are skipped; EEXIST means the VM has the page
+    /// already), so that once it returns the VM no longer needs this process for them: a VM whose
+    /// agent dies after this keeps running. Stops early when `stop()` says so. Returns the pages done.
+    public func installAll(stop: () -> Bool) -> Int {
+        let uffd = ferry_load_i32_acquire(vmUffd)
+        guard uffd >= 0 else { return 0 }
+        var done = 0
+        for (index, region) in layout.regions.enumerated() {
+            let first = firstPage[index]
+            for page in first..<(first + Int(region.size) / pageSize) {
+                if page & 1023 == 0 && stop() { return done }
+                guard received.contains(page), !removed.contains(page) else { continue }
+                let address = vmAddress(ofGlobal: page, region: index)
+                if zero.contains(page) { install(zeroAt: address, uffd: uffd) } else { install(copyOf: page, at: address, uffd: uffd) }
+                done += 1
+            }
+        }
+        return done
+    }
+
     /// Locates a VM address: (region index, global page), or nil outside every region.
     @inline(__always) func locate(vmAddress address: UInt64) -> (region: Int, page: Int)? {
         for i in 0..<vmAddress.count {

@@ -129,6 +129,7 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
                                              logger: logger, onExit: onExit)
         service.start()
         lanes.withLock { $0.service = service }
+        service.populate()   // every page already here goes into the VM now, not on its first fault
     }
 
     /// The Firecracker mapping list of the regions (the layout file the VM maps).

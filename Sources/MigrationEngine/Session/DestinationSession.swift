@@ -327,7 +327,8 @@ public final class DestinationSession: @unchecked Sendable {
                 }
                 environment["FERRY_LAYOUT_FILE"] = layoutPath
             }
-            let sockets = disks.keys.sorted().compactMap { disks[$0]?.servingAddress.map { "\($0)" } }
+            // A Unix socket's path (what QEMU's `server.path=` and libnbd's `unix:` take), else HOST:PORT.
+            let sockets = disks.keys.sorted().compactMap { disks[$0]?.servingAddress.map { $0.unixPath ?? "\($0)" } }
             environment["FERRY_NBD_SOCKET"] = sockets.first ?? ""
             environment["FERRY_NBD_SOCKETS"] = sockets.joined(separator: " ")
             if let command = options.onSwitchover {
@@ -357,6 +358,12 @@ public final class DestinationSession: @unchecked Sendable {
         let since = ferry_monotonic_ns() &- session.at
         try link.send(.resumed(VMResumed(sinceSwitchoverNanoseconds: since)))
         logger.info("the VM runs here", metadata: ["since_switchover_ms": "\(String(format: "%.1f", Double(since) / 1e6))"])
+        // Fault injection for the tests of a dest-agent killed right after hand-over (the window
+        // between `resumed` and the closing digests is otherwise microseconds long).
+        if let text = ProcessInfo.processInfo.environment["FERRY_TEST_STALL_AFTER_HANDOVER_MS"], let ms = Double(text) {
+            logger.warning("test hook: stalling after hand-over", metadata: ["ms": "\(ms)"])
+            usleep(UInt32(min(ms, 60_000) * 1000))
+        }
     }
 
     /// Waits for the started VM's UFFD handshake, watching the `--on-switchover` process: if it
