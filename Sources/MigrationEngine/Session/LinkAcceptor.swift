@@ -12,7 +12,7 @@ import Wire
 /// links go to `deliver`; the listener keeps waiting whatever happens to one connection.
 final class LinkAcceptor: @unchecked Sendable {
     /// Handshakes in progress at most.
-    static let maxPending = 8
+    static let maxPending = 32
     private let listener: URing.OwnedDescriptor
     private let key: SharedKey
     private let receiveTimeout: Double

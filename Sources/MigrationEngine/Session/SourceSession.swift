@@ -100,6 +100,7 @@ public final class SourceSession: @unchecked Sendable {
         var pausedAt: UInt64 = 0
         var vmState: [UInt8] = []
         var offerSent = false
+        var resendCompletion = false
         var finalRound = 0
         var bulkStart = ContinuousClock.now
         var lastCollect = ContinuousClock.now
@@ -142,6 +143,8 @@ public final class SourceSession: @unchecked Sendable {
                         if newLink.agreement.handedOver {
                             if resumedAt == nil { resumedAt = ferry_monotonic_ns() }
                             state.handOver()
+                            // The closing digests may have been lost with the old link: they go again.
+                            resendCompletion = true
                         } else if state.owner == .offered {
                             // The destination has not started the VM: the offer goes again, whole.
                             offerSent = false
@@ -247,6 +250,9 @@ public final class SourceSession: @unchecked Sendable {
                     if hasPostcopy {
                         state.move(to: .postcopy)
                     } else {
+                        if resendCompletion {
+                            try active.send(.complete(Wire.Completion(digests: streams.map { $0.digest() })))
+                        }
                         try finish(on: active, report: &report)
                     }
 
