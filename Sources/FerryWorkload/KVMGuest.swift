@@ -19,7 +19,7 @@ enum KVMGuest {
     ]
     static let writtenPages = 1...15
 
-    static func run(memory: UInt64, seconds: Double?, reportInterval: Double) -> Int32 {
+    static func run(memory: UInt64, seconds: Double?, reportInterval: Double, pidfile: Pidfile? = nil) -> Int32 {
         let size = max((memory + 0xFFFF) & ~0xFFFF, 0x10000)
         let ram: UInt64
         do { ram = try AnonymousMemory.map(length: size) } catch { Output.error("kvm: \(error)") }
@@ -32,6 +32,7 @@ enum KVMGuest {
         defer { ferry_kvm_guest_close(&guest) }
         Output.line("{\"event\":\"region\",\"mode\":\"kvm\",\"pid\":\(getpid()),\"start\":\(ram),\"start_hex\":\"0x\(String(ram, radix: 16))\",\"size\":\(size),\"page_size\":4096,\"guest_written_pages\":[\(writtenPages.map(String.init).joined(separator: ","))]}")
         Output.line("{\"event\":\"ready\",\"pid\":\(getpid()),\"pages\":\(size / 4096)}")
+        pidfile?.write()
 
         let start = WorkloadLoop.now()
         var lastReport = start

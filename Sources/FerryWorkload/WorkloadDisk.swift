@@ -18,6 +18,14 @@ import ProcessMemory
 ///
 /// so memory and disk found at a destination provably come from the same instant. All libnbd calls live here (one
 /// C module per file keeps `fd_set` from clashing between modules).
+///
+/// Reconnect (`reconnectSeconds` > 0, as QEMU's `reconnect-delay`): when a read, write or flush fails because the
+/// connection is lost (the handle is dead or closed, not an error reply from the server), the handle is closed and the
+/// same endpoint is dialled every 100 ms for up to `reconnectSeconds`; once connected to an export of the same size,
+/// the failed command is redone whole (a write of whole blocks is idempotent) and the caller goes on, after
+/// `{"event":"disk_reconnected","after_ms":N,"attempts":N}`. The caller blocks meanwhile (the write stays synchronous
+/// and after its memory write), so the invariant holds across the outage. No reconnect within the time: the command's
+/// error, as without reconnect.
 final class WorkloadDisk {
     static let blockSize = 4096
     /// Blocks per batched read or write (1 MiB).
@@ -32,8 +40,13 @@ final class WorkloadDisk {
     let blocks: Int
     /// The export's size in bytes.
     let size: UInt64
-    private let handle: OpaquePointer
-    private let canFlush: Bool
+    /// Seconds to keep dialling after the connection is lost; 0 fails at once.
+    let reconnectSeconds: Double
+    /// The socket path of a `unix:PATH` endpoint (nil for a URI).
+    private let unixPath: String?
+    /// The connected handle; nil only after `close` or a reconnect that failed.
+    private var handle: OpaquePointer?
+    private var canFlush: Bool
     /// One block, 4096-aligned, reused by every mirrored write.
     private let block: UnsafeMutableRawPointer
     /// `batchBlocks` blocks, 4096-aligned: the initial write and `verify` reads.
@@ -43,28 +56,37 @@ final class WorkloadDisk {
     private(set) var writes = 0
     /// Torn blocks found by every `verify` so far (the exit status is 3 when non-zero).
     private(set) var tornSeen = 0
+    /// Reconnects after a lost connection since start.
+    private(set) var reconnects = 0
     private var closed = false
 
     /// Connects to `endpoint` (`unix:PATH`, `nbd+unix:///?socket=PATH`, `nbd://HOST[:PORT][/EXPORT]`) and checks
-    /// that the export is writable and large enough for `pages` pages mirrored every `every`.
-    init(endpoint: String, every: Int, pages: Int) throws(DiskError) {
+    /// that the export is writable and large enough for `pages` pages mirrored every `every`. `reconnectSeconds`:
+    /// how long to keep dialling when the connection is lost later (0: fail at once).
+    init(endpoint: String, every: Int, pages: Int, reconnectSeconds: Double = 0) throws(DiskError) {
         guard every >= 1 else { throw DiskError("--disk-every \(every): must be at least 1") }
         guard pages >= 1 else { throw DiskError("no memory pages to mirror") }
+        guard reconnectSeconds >= 0 && reconnectSeconds.isFinite else {
+            throw DiskError("--disk-reconnect \(reconnectSeconds): must be 0 or more seconds")
+        }
         self.endpoint = endpoint
         self.every = every
         self.pages = pages
+        self.reconnectSeconds = reconnectSeconds
         blocks = (pages + every - 1) / every
         guard let h = nbd_create() else { throw DiskError("nbd_create failed: \(Self.lastError())") }
         let connected: Int32
         if endpoint.hasPrefix("unix:") {
             let path = String(endpoint.dropFirst(5))
             guard !path.isEmpty else { nbd_close(h); throw DiskError("--disk-nbd \(endpoint): no socket path after unix:") }
+            unixPath = path
             connected = nbd_connect_unix(h, path)
         } else if endpoint.hasPrefix("nbd://") || endpoint.hasPrefix("nbd+unix://") {
             guard nbd_supports_uri(h) == 1 else {
                 nbd_close(h)
                 throw DiskError("--disk-nbd \(endpoint): this libnbd has no URI support; use unix:PATH")
             }
+            unixPath = nil
             connected = nbd_connect_uri(h, endpoint)
         } else {
             nbd_close(h)
@@ -114,13 +136,15 @@ final class WorkloadDisk {
     @inline(__always)
     func block(of page: Int) -> Int? { page % every == 0 ? page / every : nil }
 
-    /// Writes `page`'s block at `generation` (zeros for 0) and waits for the server's reply.
+    /// Writes `page`'s block at `generation` (zeros for 0) and waits for the server's reply (redone after a
+    /// reconnect). Allocates nothing unless the write fails.
     func mirror(page: Int, generation: UInt64) throws(DiskError) {
         guard let b = block(of: page) else { return }
         Self.fillBlock(block, page: page, generation: generation)
         let offset = UInt64(b) * UInt64(Self.blockSize)
-        guard nbd_pwrite(handle, block, Self.blockSize, offset, 0) == 0 else {
-            throw DiskError("disk write of page \(page) (block \(b), offset \(offset)) to \(endpoint) failed: \(Self.lastError())")
+        while true {
+            if let h = handle, nbd_pwrite(h, block, Self.blockSize, offset, 0) == 0 { break }
+            try recover("disk write of page \(page) (block \(b), offset \(offset)) to \(endpoint)")
         }
         writes += 1
     }
@@ -135,8 +159,9 @@ final class WorkloadDisk {
                 Self.fillBlock(batch + i * Self.blockSize, page: page, generation: generation(page))
             }
             let offset = UInt64(first) * UInt64(Self.blockSize)
-            guard nbd_pwrite(handle, batch, count * Self.blockSize, offset, 0) == 0 else {
-                throw DiskError("initial disk write of blocks \(first)..<\(first + count) (offset \(offset)) to \(endpoint) failed: \(Self.lastError())")
+            while true {
+                if let h = handle, nbd_pwrite(h, batch, count * Self.blockSize, offset, 0) == 0 { break }
+                try recover("initial disk write of blocks \(first)..<\(first + count) (offset \(offset)) to \(endpoint)")
             }
             first += count
         }
@@ -144,8 +169,10 @@ final class WorkloadDisk {
     }
 
     func flush() throws(DiskError) {
-        guard canFlush else { return }
-        guard nbd_flush(handle, 0) == 0 else { throw DiskError("disk flush of \(endpoint) failed: \(Self.lastError())") }
+        while canFlush {
+            if let h = handle, nbd_flush(h, 0) == 0 { return }
+            try recover("disk flush of \(endpoint)")
+        }
     }
 
     /// What `verify` found on the disk.
@@ -200,8 +227,9 @@ final class WorkloadDisk {
             let count = min(Self.batchBlocks, blocks - first)
             for i in 0..<count { memoryVerdicts[i] = memory.verdict((first + i) * every) }
             let offset = UInt64(first) * UInt64(Self.blockSize)
-            guard nbd_pread(handle, batch, count * Self.blockSize, offset, 0) == 0 else {
-                throw DiskError("disk read of blocks \(first)..<\(first + count) (offset \(offset)) from \(endpoint) failed: \(Self.lastError())")
+            while true {
+                if let h = handle, nbd_pread(h, batch, count * Self.blockSize, offset, 0) == 0 { break }
+                try recover("disk read of blocks \(first)..<\(first + count) (offset \(offset)) from \(endpoint)")
             }
             for i in 0..<count {
                 let page = (first + i) * every
@@ -250,9 +278,85 @@ final class WorkloadDisk {
     func close() {
         guard !closed else { return }
         closed = true
-        if canFlush { _ = nbd_flush(handle, 0) }
-        _ = nbd_shutdown(handle, 0)
-        nbd_close(handle)
+        guard let h = handle else { return }
+        handle = nil
+        if canFlush { _ = nbd_flush(h, 0) }
+        _ = nbd_shutdown(h, 0)
+        nbd_close(h)
+    }
+
+    // MARK: - Reconnect
+
+    /// After a failed command (`what` failed): when the connection is lost and reconnecting is allowed, closes the
+    /// handle and reconnects (the caller then redoes the command); otherwise throws the command's error.
+    private func recover(_ what: String) throws(DiskError) {
+        guard !closed, let h = handle else { throw DiskError("\(what) failed: disk \(endpoint) is not connected") }
+        let error = Self.lastError()
+        let lost = nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1
+        guard lost && reconnectSeconds > 0 else { throw DiskError("\(what) failed: \(error)") }
+        handle = nil
+        nbd_close(h)
+        try reconnect(after: "\(what) failed: \(error)")
+    }
+
+    /// Dials the endpoint every 100 ms until connected or `reconnectSeconds` have passed; checks the export is the
+    /// same size and writable, prints `disk_reconnected`. `failure`: the lost command, for the error when it gives up.
+    private func reconnect(after failure: String) throws(DiskError) {
+        let start = WorkloadLoop.now()
+        let deadline = start + reconnectSeconds
+        var attempts = 0
+        var lastError = ""
+        while true {
+            let attemptStart = WorkloadLoop.now()
+            attempts += 1
+            switch connectOnce(deadline: deadline) {
+            case .success(let h):
+                let exportSize = nbd_get_size(h)
+                guard exportSize >= 0, UInt64(exportSize) == size else {
+                    let found = exportSize >= 0 ? formatBytes(UInt64(exportSize)) : "unknown (\(Self.lastError()))"
+                    nbd_close(h)
+                    throw DiskError("\(failure); reconnected to \(endpoint) but its size is \(found), was \(formatBytes(size))")
+                }
+                guard nbd_is_read_only(h) != 1 else {
+                    nbd_close(h)
+                    throw DiskError("\(failure); reconnected to \(endpoint) but the disk is read-only now")
+                }
+                canFlush = nbd_can_flush(h) == 1
+                handle = h
+                reconnects += 1
+                let afterMs = Int(((WorkloadLoop.now() - start) * 1000).rounded())
+                Output.line("{\"event\":\"disk_reconnected\",\"after_ms\":\(afterMs),\"attempts\":\(attempts)}")
+                return
+            case .failure(let e):
+                lastError = e.description
+            }
+            let now = WorkloadLoop.now()
+            if now >= deadline { break }
+            let next = min(attemptStart + 0.1, deadline)
+            if next > now { usleep(UInt32((next - now) * 1_000_000)) }
+        }
+        throw DiskError("\(failure); no reconnect to \(endpoint) within \(fmt(reconnectSeconds)) s (\(attempts) attempts, last: \(lastError))")
+    }
+
+    /// One connection attempt (nonblocking connect and handshake, given up at `deadline`): a handle ready for
+    /// commands, or why not.
+    private func connectOnce(deadline: Double) -> Result<OpaquePointer, DiskError> {
+        guard let h = nbd_create() else { return .failure(DiskError("nbd_create failed: \(Self.lastError())")) }
+        let started = unixPath.map { nbd_aio_connect_unix(h, $0) } ?? nbd_aio_connect_uri(h, endpoint)
+        var error: String?
+        if started != 0 {
+            error = Self.lastError()
+        } else {
+            while nbd_aio_is_connecting(h) == 1 {
+                let left = deadline - WorkloadLoop.now()
+                guard left > 0 else { error = "connection and handshake not done in time"; break }
+                if nbd_poll(h, Int32(min(left, 1) * 1000) + 1) < 0 { error = Self.lastError(); break }
+            }
+        }
+        if error == nil && nbd_aio_is_ready(h) == 1 { return .success(h) }
+        let message = error ?? Self.lastError()
+        nbd_close(h)
+        return .failure(DiskError(message))
     }
 
     /// Fills one block with `page`'s pattern at `generation`, or zeros for generation 0 (an untouched page).

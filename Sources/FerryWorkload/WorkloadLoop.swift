@@ -93,10 +93,10 @@ struct WorkloadLoop {
         return memory.corrupt > 0 || (disk?.tornSeen ?? 0) > 0 ? 3 : 0
     }
 
-    /// `,"disk_writes":N,"disk_torn_seen":N` with a disk, else nothing.
+    /// `,"disk_writes":N,"disk_torn_seen":N,"disk_reconnects":N` with a disk, else nothing.
     var diskCounts: String {
         guard let disk else { return "" }
-        return ",\"disk_writes\":\(disk.writes),\"disk_torn_seen\":\(disk.tornSeen)"
+        return ",\"disk_writes\":\(disk.writes),\"disk_torn_seen\":\(disk.tornSeen),\"disk_reconnects\":\(disk.reconnects)"
     }
 
     /// Verify-and-rewrites page `p` at the next generation, then (when mirrored) its disk block at that generation.

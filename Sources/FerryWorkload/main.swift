@@ -23,6 +23,18 @@ struct FerryWorkloadCommand: ParsableCommand {
         "disk_torn" and, when torn, "disk_first_torn" (a page); it completes the one
         lagging write. Reports add "disk_writes". A torn block makes 'quit' exit 3.
 
+        With --disk-reconnect S, a read, write or flush that fails because the
+        NBD connection is lost waits while the same endpoint is dialled every
+        100 ms for up to S seconds, then is redone whole and the workload goes on
+        (memory still first, the write still synchronous), after
+        {"event":"disk_reconnected","after_ms":N,"attempts":N}; reports and the
+        exit line count "disk_reconnects". Without it (or past S seconds) a lost
+        connection ends the workload with a JSON error and exit status 2.
+
+        --pidfile PATH: once ready (after the "ready" line), the PID and a newline
+        are written to PATH.tmp, renamed to PATH (as QEMU's -pidfile). A path that
+        cannot be written is refused at startup: JSON error, exit status 2.
+
         Examples:
           ferry-workload --memory 512M --dirty-rate 20M
           ferry-workload --memory 64M --dirty-rate 0 --layout-out /tmp/layout.json
@@ -32,6 +44,8 @@ struct FerryWorkloadCommand: ParsableCommand {
           truncate -s 32M /tmp/disk.img; nbdkit -U /tmp/disk.sock file /tmp/disk.img
           ferry-workload --memory 64M --dirty-rate 10M \\
             --disk-nbd unix:/tmp/disk.sock --disk-every 2
+          ferry-workload --memory 64M --dirty-rate 4M --pidfile /tmp/vm.pid \\
+            --disk-nbd unix:/tmp/disk.sock --disk-every 2 --disk-reconnect 20
           ferry-workload --resume --uffd-socket /tmp/uffd.sock \\
             --layout /tmp/layout.json --dirty-rate 10M --disk-every 2 \\
             --disk-nbd 'nbd+unix:///?socket=/tmp/dest-disk.sock'
@@ -65,6 +79,10 @@ struct FerryWorkloadCommand: ParsableCommand {
     var diskNbd: String?
     @Option(help: "Mirror every K-th page (index p % K == 0) to disk block p / K.")
     var diskEvery: Int?
+    @Option(help: "Seconds to keep reconnecting to --disk-nbd (every 100 ms) when the connection is lost; 0 fails at once.")
+    var diskReconnect: Double = 0
+    @Option(help: "Once ready, write the PID to this file (PATH.tmp, then renamed).")
+    var pidfile: String?
     @Flag(help: "KVM mode: a minimal guest whose vCPU writes guest RAM in a loop.")
     var kvm = false
     @Option(help: "Probe mode (for tests): try to inspect this PID as --as-user and print the errors as JSON.")
@@ -75,7 +93,12 @@ struct FerryWorkloadCommand: ParsableCommand {
     func run() throws {
         if let probePid { throw ExitCode(PermissionProbe.run(pid: probePid, uid: asUser)) }
         if kvm && diskNbd != nil { Output.error("--kvm has no disk: --disk-nbd works with the memory workload only") }
-        if kvm { throw ExitCode(KVMGuest.run(memory: parseSize(memory) ?? (2 << 20), seconds: seconds, reportInterval: reportInterval)) }
+        guard diskReconnect >= 0 && diskReconnect.isFinite else { Output.error("bad --disk-reconnect \(diskReconnect): must be 0 or more seconds") }
+        if diskReconnect > 0 && diskNbd == nil { Output.error("--disk-reconnect needs --disk-nbd") }
+        let pidWriter = pidfile.map { Pidfile(checking: $0) }
+        if kvm {
+            throw ExitCode(KVMGuest.run(memory: parseSize(memory) ?? (2 << 20), seconds: seconds, reportInterval: reportInterval, pidfile: pidWriter))
+        }
         guard let rate = parseSize(dirtyRate) else { Output.error("bad --dirty-rate '\(dirtyRate)'") }
         if let diskEvery, diskEvery < 1 { Output.error("bad --disk-every \(diskEvery): must be at least 1") }
         if diskEvery != nil && diskNbd == nil { Output.error("--disk-every needs --disk-nbd") }
@@ -121,6 +144,7 @@ struct FerryWorkloadCommand: ParsableCommand {
         var diskFields = ""
         if let disk { diskFields = ",\"disk_blocks\":\(disk.blocks),\"disk_every\":\(disk.every),\"disk_size\":\(disk.size)" }
         Output.line("{\"event\":\"ready\",\"pid\":\(getpid()),\"pages\":\(workload.totalPages)\(diskFields)}")
+        pidWriter?.write()
         var loop = WorkloadLoop(memory: workload, disk: disk, dirtyRate: rate, seconds: seconds, reportInterval: reportInterval)
         let status = loop.run()
         if status != 0 { throw ExitCode(status) }
@@ -132,7 +156,7 @@ extension FerryWorkloadCommand {
     func attachDisk(pages: Int) -> WorkloadDisk? {
         guard let diskNbd else { return nil }
         do {
-            return try WorkloadDisk(endpoint: diskNbd, every: diskEvery ?? 1, pages: pages)
+            return try WorkloadDisk(endpoint: diskNbd, every: diskEvery ?? 1, pages: pages, reconnectSeconds: diskReconnect)
         } catch {
             Output.error("\(error)")
         }

@@ -6,7 +6,8 @@ import XCTest
 
 /// `ferry-workload --disk-nbd`: a small VM with a disk. Every K-th page is mirrored to an NBD disk served by a real
 /// nbdkit; the tests check the consistency invariant between memory and disk at pauses, torn disks made on purpose,
-/// a miniature migration (memory and disk taken at one instant, resumed under userfaultfd), and a disk too small.
+/// a miniature migration (memory and disk taken at one instant, resumed under userfaultfd), a disk too small, and a
+/// disk server that dies: reconnected with --disk-reconnect (and the invariant kept), fatal without.
 final class WorkloadDiskTests: XCTestCase {
     static let nbdkit = "/usr/bin/nbdkit"
     static let python = "/usr/bin/python3"
@@ -221,6 +222,131 @@ final class WorkloadDiskTests: XCTestCase {
         XCTAssertEqual(exitCode(ok.stop()), 0)
     }
 
+    /// The disk server dies (SIGKILL) while the workload dirties at 4 MB/s with `--disk-reconnect 20`; 2 s later a
+    /// new nbdkit serves the same image on the same socket path. The workload, blocked in its synchronous write all
+    /// along, reconnects, redoes the write and goes on; memory and disk are still from one instant (its verify, and
+    /// this test's own read of both), the reconnect is counted, quit exits 0. With `--pidfile`: the child's PID, once
+    /// ready. Without reconnect the workload would end with an error at the first write after the kill.
+    func testDiskReconnectsWhenTheServerComesBack() throws {
+        try requireNBDKit()
+        let temp = TemporaryDirectory(prefix: "ferry-workload-disk")
+        let dir = URL(fileURLWithPath: temp.path)
+        let image = try makeImage(dir, "disk.img", size: 16 << 20)
+        let socketPath = dir.appendingPathComponent("disk.sock").path
+        var server = try NBDKitServer(image: image, socketPath: socketPath)
+        defer { server.stop() }
+        let pidfile = dir.appendingPathComponent("vm.pid").path
+
+        let w = try WorkloadProcess(["--memory", "16M", "--dirty-rate", "4M", "--report-interval", "0.2",
+                                     "--disk-nbd", "unix:" + socketPath, "--disk-every", "2",
+                                     "--disk-reconnect", "20", "--pidfile", pidfile])
+        defer { w.stop() }
+        let pages = Int(w.regionSize / 4096)
+        let blocks = pages / 2
+
+        // The pidfile, written after the ready line: the PID and a newline, renamed into place.
+        XCTAssertTrue(waitUntil(timeout: 10) { FileManager.default.fileExists(atPath: pidfile) }, "no pidfile \(pidfile)")
+        XCTAssertEqual(try String(contentsOfFile: pidfile, encoding: .utf8), "\(w.pid)\n")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: pidfile + ".tmp"))
+
+        var writesBefore = 0
+        let deadline = Date().addingTimeInterval(30)
+        while writesBefore == 0 && Date() < deadline { writesBefore = int(try w.waitFor("report", timeout: 10), "disk_writes") }
+        XCTAssertGreaterThan(writesBefore, 0)
+
+        // The server dies; its socket file stays behind (a new nbdkit would refuse it), so it goes too.
+        server.kill()
+        XCTAssertEqual(unlink(socketPath), 0)
+        sleep(2)
+        XCTAssertTrue(w.child.isRunning, "the workload waits for its disk instead of failing: \(w.child.collected.stdout)")
+        server = try NBDKitServer(image: image, socketPath: socketPath)
+
+        let reconnected = try w.waitFor("disk_reconnected", timeout: 20)
+        XCTAssertGreaterThanOrEqual(int(reconnected, "after_ms"), 1500, "\(reconnected)")
+        XCTAssertGreaterThanOrEqual(int(reconnected, "attempts"), 2, "\(reconnected)")
+        // It goes on dirtying on the new connection.
+        var report: [String: Any] = [:]
+        while int(report, "disk_writes") <= writesBefore + 100 && Date() < deadline.addingTimeInterval(30) {
+            report = try w.waitFor("report", timeout: 10)
+        }
+        XCTAssertGreaterThan(int(report, "disk_writes"), writesBefore + 100)
+        XCTAssertEqual(int(report, "disk_reconnects"), 1)
+        XCTAssertEqual(int(report, "corrupt"), 0)
+
+        // Stopped dirtying: memory and disk from one instant, read by this test and by the workload.
+        _ = try w.command("rate 0", expect: "rate")
+        let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: pages * 4096, alignment: 4096)
+        defer { memory.deallocate() }
+        let disk = UnsafeMutableRawBufferPointer.allocate(byteCount: blocks * 4096, alignment: 4096)
+        defer { disk.deallocate() }
+        XCTAssertEqual(try readRegion(ProcessMemoryReader(pid: w.pid), w.region, into: memory), pages * 4096)
+        try readFile(image, into: disk)
+        let c = DiskCheck(memory: UnsafeRawBufferPointer(memory), disk: UnsafeRawBufferPointer(disk), pages: pages, every: 2)
+        XCTAssertEqual(c.torn, [], "torn blocks after the reconnect (pages)")
+        XCTAssertLessThanOrEqual(c.lagging.count, 1, "\(c.lagging)")
+        XCTAssertGreaterThan(c.maxGeneration, 1)
+
+        let v = try w.command("verify", expect: "verified")
+        XCTAssertEqual(int(v, "corrupt"), 0)
+        XCTAssertEqual(int(v, "disk_blocks"), blocks)
+        XCTAssertEqual(int(v, "disk_torn"), 0, "first torn page: \(v["disk_first_torn"] ?? "none")")
+        XCTAssertLessThanOrEqual(int(v, "disk_lagging"), 1)
+        XCTAssertGreaterThanOrEqual(int(v, "disk_equal"), blocks - 1)
+
+        let exit = try w.command("quit", expect: "exit")
+        XCTAssertEqual(int(exit, "disk_reconnects"), 1)
+        XCTAssertEqual(int(exit, "disk_torn_seen"), 0)
+        XCTAssertEqual(exitCode(w.stop()), 0)
+    }
+
+    /// Without `--disk-reconnect`, a disk server killed while the workload dirties ends the workload at its next
+    /// mirrored write: a JSON error naming the write, exit status 2.
+    func testLostDiskWithoutReconnectEndsTheWorkload() throws {
+        try requireNBDKit()
+        let temp = TemporaryDirectory(prefix: "ferry-workload-disk")
+        let dir = URL(fileURLWithPath: temp.path)
+        let image = try makeImage(dir, "disk.img", size: 16 << 20)
+        let server = try NBDKitServer(image: image, socketPath: dir.appendingPathComponent("disk.sock").path)
+        defer { server.stop() }
+        let w = try WorkloadProcess(["--memory", "16M", "--dirty-rate", "4M", "--report-interval", "0.2",
+                                     "--disk-nbd", "unix:" + server.socketPath, "--disk-every", "2"])
+        defer { w.stop() }
+        var writes = 0
+        let deadline = Date().addingTimeInterval(30)
+        while writes == 0 && Date() < deadline { writes = int(try w.waitFor("report", timeout: 10), "disk_writes") }
+        XCTAssertGreaterThan(writes, 0)
+
+        server.kill()
+        var error: [String: Any]?
+        let until = Date().addingTimeInterval(10)
+        while error == nil && Date() < until, let line = try w.nextLine(timeout: 1) {
+            XCTAssertNotEqual(line["event"] as? String, "disk_reconnected")
+            if line["event"] as? String == "error" { error = line }
+        }
+        let message = error?["message"] as? String ?? ""
+        XCTAssertTrue(message.hasPrefix("disk write of page "), message)
+        XCTAssertFalse(message.contains("reconnect"), message)
+        XCTAssertEqual(w.child.wait(timeout: 10), 2)
+        XCTAssertEqual(exitCode(w.stop()), 2)
+    }
+
+    /// `--pidfile` in a directory that does not exist, or naming a directory, is refused before the workload starts.
+    func testUnwritablePidfileIsRefused() throws {
+        let temp = TemporaryDirectory(prefix: "ferry-workload-disk")
+        for (path, expected) in [(temp.path + "/missing/vm.pid", "cannot create " + temp.path + "/missing/vm.pid.tmp"),
+                                 (temp.path, "is a directory")] {
+            let w = try WorkloadProcess(["--memory", "1M", "--pidfile", path], waitReady: false)
+            var error: [String: Any]?
+            while error == nil, let line = try w.nextLine(timeout: 30) {
+                XCTAssertNotEqual(line["event"] as? String, "ready")
+                if line["event"] as? String == "error" { error = line }
+            }
+            let message = error?["message"] as? String ?? ""
+            XCTAssertTrue(message.hasPrefix("--pidfile \(path)") && message.contains(expected), message)
+            XCTAssertEqual(exitCode(w.stop()), 2)
+        }
+    }
+
     // MARK: - The miniature migration
 
     /// Runs source and destination and returns the destination's first verify line; `then` gets the destination.
@@ -377,10 +503,15 @@ private final class NBDKitServer {
 
     deinit { stop() }
 
-    func stop() {
+    func stop() { end(SIGTERM) }
+
+    /// Kills the server at once (SIGKILL), as a crash: connections reset, the socket file left behind.
+    func kill() { end(SIGKILL) }
+
+    private func end(_ signal: Int32) {
         guard !stopped else { return }
         stopped = true
-        kill(pid, SIGTERM)
+        Glibc.kill(pid, signal)
         var status: Int32 = 0
         waitpid(pid, &status, 0)
     }
