@@ -28,8 +28,10 @@ import ProcessMemory
 /// error, as without reconnect.
 final class WorkloadDisk {
     static let blockSize = 4096
-    /// Blocks per batched read or write (1 MiB).
-    static let batchBlocks = 256
+    /// Blocks per batched read or write (256 KiB). The workload's own buffers stay well under
+    /// 1 MiB, so that source-agent's default choice of guest memory (writable anonymous mappings of
+    /// at least 1 MiB) is the workload's memory alone, as it is a VMM's guest RAM.
+    static let batchBlocks = 64
 
     let endpoint: String
     /// Mirror pages whose index is a multiple of this.
