@@ -86,6 +86,8 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
                                                  "block_size": "\(blockSize)", "postcopy": "\(options.postcopy)"])
     }
 
+    var bulkRemaining: UInt64 { bulkDone || options.postcopy ? 0 : UInt64(chunks.blockCount - bulkNextBlock) * UInt64(blockSize) }
+
     func sendBulk(budget: Int, on link: PeerLink) throws(LinkError) -> Bool {
         if bulkDone { return true }
         let budgetBlocks = max(1, budget / blockSize)

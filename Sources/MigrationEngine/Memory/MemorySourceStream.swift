@@ -71,6 +71,7 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
     private var bulkRegion = 0, bulkPage = 0
     private var bulkDone = false
     private var touchedBytes: UInt64 = 0
+    private var bulkDataPages: UInt64 = 0
 
     // Dirty rounds.
     private var pending: [PageSet]
@@ -158,6 +159,12 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
         try link.send(.memoryLayout(GuestMemoryLayout(pageSize: UInt32(pageSize), regions: regions.map(\.wire))))
     }
 
+    var bulkRemaining: UInt64 {
+        guard !bulkDone, options.mode != .postcopy else { return 0 }
+        let position = bulkRegion < regions.count ? regions[bulkRegion].firstGlobalPage + bulkPage : totalPages
+        return UInt64(totalPages - position) * UInt64(pageSize)
+    }
+
     func sendBulk(budget: Int, on link: PeerLink) throws(LinkError) -> Bool {
         if bulkDone { return true }
         if residents.isEmpty {
@@ -185,6 +192,7 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
         try link.send(.roundEnd(RoundEnd(stream: .memory, streamID: 0, round: 0, itemsSent: UInt64(totalPages),
                                          bytesSent: builder.dataPages * UInt64(pageSize), dirtyRemaining: 0)))
         pagesPerRound.append(UInt64(totalPages))
+        bulkDataPages = builder.dataPages
         bulkDone = true
         logger.info("memory bulk copy sent", metadata: ["touched_bytes": "\(touchedBytes)", "data_pages": "\(builder.dataPages)"])
         return true
@@ -436,6 +444,7 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
         memory.total = totalBytes
         memory.touched = touchedBytes
         memory.downtimeBytes = downtimeBytes
+        memory.bulkBytes = (bulkDone ? bulkDataPages : builder.dataPages) * UInt64(pageSize)
         memory.pagesPerRound = pagesPerRound
         memory.pagesPushed = pushed
         memory.dirtySyncCount = scans

@@ -111,6 +111,8 @@ public struct MigrationReport: Codable, Sendable {
         public var normal: UInt64 = 0
         /// Data bytes sent before the pause.
         public var precopyBytes: UInt64 = 0
+        /// Data bytes of the bulk copy (round 0), what a reconnect sent again included.
+        public var bulkBytes: UInt64 = 0
         /// Data bytes sent while paused, before the destination resumed.
         public var downtimeBytes: UInt64 = 0
         /// Data bytes sent after the destination resumed (pushed and requested).

@@ -173,10 +173,15 @@ public final class SourceSession: @unchecked Sendable {
 
                 switch state.phase {
                 case .bulk:
-                    // Disk and memory share the link: each sends a slice in turn.
+                    // Disk and memory share the link in proportion to what each has left, so that
+                    // their bulk copies end together: memory sent early would only go stale while
+                    // a large disk is still copied (and be sent again in the rounds).
+                    let largest = streams.map(\.bulkRemaining).max() ?? 0
                     var allDone = true
                     for stream in streams where stream.hasPrecopy {
-                        if try !stream.sendBulk(budget: options.sliceBytes, on: active) { allDone = false }
+                        let share = largest == 0 ? 1 : Double(stream.bulkRemaining) / Double(largest)
+                        let budget = max(256 << 10, Int(Double(options.sliceBytes) * share))
+                        if try !stream.sendBulk(budget: budget, on: active) { allDone = false }
                     }
                     bandwidth = Double(sentSoFar()) / max(0.001, seconds(since: bulkStart))
                     showProgress(bandwidth: bandwidth, dirtyRate: 0, remaining: nil)

@@ -27,6 +27,8 @@ protocol SourceStream: AnyObject {
 
     /// Sends its layout frame (first thing on a new session).
     func announce(on link: PeerLink) throws(LinkError)
+    /// Bytes of the bulk copy not yet sent (holes and never-touched pages included).
+    var bulkRemaining: UInt64 { get }
     /// Sends up to about `budget` bytes of the bulk copy; returns true once the whole bulk copy
     /// (and its `roundEnd` for round 0) has been sent.
     func sendBulk(budget: Int, on link: PeerLink) throws(LinkError) -> Bool
