@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Ferry's default demo: real live migrations on this host, disk and memory.
+# Ferry's default demo: a whole "VM" live-migrated on this host, disk and memory under one pause.
 #
-# 1. Disk: a 512 MiB image is served by source-agent over NBD while fio writes to it at 5 MB/s, as a
-#    VM would; it migrates to dest-agent across an emulated WAN (200 Mbit/s, 40 ms round trip, two
-#    network namespaces). Both images are compared at the end.
-# 2. Memory: a running process (ferry-workload, 256 MiB, dirtying 5 MB/s in a verifiable pattern) is
-#    migrated across the same kind of link, pre-copy then post-copy; at the destination it resumes
-#    under dest-agent's fault service and verifies every page it touches.
-# Without root (no namespaces, ptrace or userfaultfd) only the disk part runs, over loopback.
+# The VM is ferry-workload: 256 MiB of memory dirtied at 10 MB/s in a verifiable pattern, and a
+# 512 MiB disk served by source-agent over NBD, to which it mirrors every other page it writes
+# (memory first, then the disk, so memory and disk can be checked to come from one instant). One
+# source-agent run migrates disk, memory and VM state in ONE session across an emulated WAN
+# (200 Mbit/s, 40 ms round trip, two network namespaces) with ONE pause; dest-agent starts the
+# resumed workload on the migrated disk and its page faults, and the workload verifies every page
+# and every disk block. The same VM is then migrated the old way (the disk, then the memory, with
+# two pauses) on the same link, and the figures are printed side by side (scripts/bench-vm-wan.sh).
+# Without root (no namespaces, ptrace or userfaultfd) only a disk migration runs, over loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -17,11 +19,8 @@ swift build -c release --product dest-agent >/dev/null
 bin=$(swift build -c release --show-bin-path)
 
 if [ "$(id -u)" -eq 0 ] && command -v ip >/dev/null && ip netns list >/dev/null 2>&1; then
-  echo "demo: 1/2 disk migration across an emulated WAN (200 Mbit/s, 40 ms RTT) with a 5 MB/s writer"
-  FERRY_BUILD_CONFIG=release bash scripts/bench-disk-wan.sh 512 200 40 5
-  echo
-  echo "demo: 2/2 memory migration of a running process across an emulated WAN (200 Mbit/s, 40 ms RTT)"
-  FERRY_BUILD_CONFIG=release bash scripts/bench-memory.sh 256 200 40 5
+  echo "demo: a whole VM (256 MiB of memory, 512 MiB disk) across an emulated WAN (200 Mbit/s, 40 ms RTT)"
+  FERRY_BUILD_CONFIG=release bash scripts/bench-vm-wan.sh 256 512 200 40 10
   exit $?
 fi
 
