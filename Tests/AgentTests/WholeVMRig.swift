@@ -102,6 +102,16 @@ final class WholeVMRig {
     /// The source's exit status (nil: still running after `timeout`).
     func waitForSource(timeout: Double) -> Int32? { source?.wait(timeout: timeout) }
 
+    /// The report `name` once written (the agent logs its end a moment before it writes it).
+    func waitForReport(_ name: String, timeout: Double = 30) -> [String: Any] {
+        var found: [String: Any] = [:]
+        _ = waitUntil(timeout: timeout, interval: 0.02) {
+            found = report(name)
+            return found["status"] != nil
+        }
+        return found
+    }
+
     func report(_ name: String) -> [String: Any] {
         guard let data = FileManager.default.contents(atPath: dir.file(name)),
               let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { return [:] }

@@ -63,6 +63,17 @@ final class WholeVMTests: XCTestCase {
         rig.verifyResumed()
     }
 
+    /// Nothing before the pause: memory and disk both post-copy, the VM resumes at once.
+    func testMemoryAndDiskBothPostcopy() throws {
+        try migrate(mode: "postcopy", extra: ["--disk-postcopy"])
+        // (checkCompleted and the resumed verify ran inside migrate)
+    }
+
+    /// Hybrid memory with a post-copy disk.
+    func testHybridMemoryWithDiskPostcopy() throws {
+        try migrate(mode: "hybrid", extra: ["--precopy-rounds", "1", "--disk-postcopy"])
+    }
+
     /// A 5 s outage in the bulk copy, then another in the dirty rounds: the migration completes
     /// without starting over, and everything verifies.
     func testOutagesInBulkAndRoundsAreResumed() throws {
@@ -115,7 +126,7 @@ final class WholeVMTests: XCTestCase {
         usleep(500_000)
         rig.dest?.kill(SIGKILL)
         XCTAssertTrue(rig.waitForSourceLog("migration failed", timeout: 60), rig.logs)
-        let report = rig.report("source.json")
+        let report = rig.waitForReport("source.json")
         XCTAssertEqual(report["vm_location"] as? String, "source", "\(report)")
         XCTAssertTrue(rig.source?.isRunning ?? false, "source-agent must serve on: \(rig.sourceLog)")
         // The VM was never paused and still writes memory and disk through the source's server.
@@ -194,7 +205,7 @@ final class WholeVMTests: XCTestCase {
         rig.dest = try ChildProcess(WholeVMRig.tool("dest-agent"), replaced, stdout: .discard, stderr: .file(rig.dir.file("dest-0.log")))
         try rig.startSourceAndWorkload(mode: "precopy")
         XCTAssertTrue(rig.waitForSourceLog("migration failed", timeout: 120), rig.logs)
-        let report = rig.report("source.json")
+        let report = rig.waitForReport("source.json")
         XCTAssertEqual(report["vm_location"] as? String, "source", "\(report)")
         XCTAssertTrue((report["reason"] as? String ?? "").contains("vmStartFailed"), "\(report)")
         XCTAssertTrue((report["reason"] as? String ?? "").contains("exit status 3"), "\(report)")

@@ -457,6 +457,10 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
         memory.precopyBytes = (frozen ? dataPagesAtFreeze : builder.dataPages) * UInt64(pageSize)
         memory.postcopyBytes = memory.transferred - min(memory.transferred, memory.precopyBytes + downtimeBytes)
         memory.digest = "\(hashes.digest())"
+        // Not yet at the destination: what the push has left, or the pages dirtied since they were sent.
+        memory.remaining = options.mode.isPostcopy && !needed.isEmpty
+            ? UInt64(needed.reduce(0) { $0 + $1.count }) * UInt64(pageSize)
+            : UInt64(pending.reduce(0) { $0 + $1.count }) * UInt64(pageSize)
         report.memory = memory
     }
 

@@ -123,6 +123,12 @@ public struct MigrationReport: Codable, Sendable {
         public var pagesPerRound: [UInt64] = []
         /// Dirty rate at the last round, bytes/s.
         public var dirtyRate: Double = 0
+        /// Dirty rate at the last round, pages/s (QEMU's `dirty-pages-rate`).
+        public var dirtyPagesRate: Double = 0
+        /// Bytes not yet at the destination when the report was made (QEMU's `remaining`).
+        public var remaining: UInt64 = 0
+        /// The session's measured link throughput, Mbit/s (QEMU's `mbps`).
+        public var mbps: Double = 0
         /// Urgent page requests (QEMU's `postcopy-requests`).
         public var postcopyRequests: UInt64 = 0
         /// Pages delivered in answers to requests (the faulting page and its pre-paged neighbours).

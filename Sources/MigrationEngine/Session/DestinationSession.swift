@@ -271,7 +271,16 @@ public final class DestinationSession: @unchecked Sendable {
         if !state.phase.isTerminal && state.owner != .destination, let failure { state.move(to: .failed(failure)) }
         for stream in streams { stream.fill(&report) }
         report.disk = report.disks.first
-        if let directory = workDirectory, state.owner != .destination { directory.remove() }
+        if let directory = workDirectory {
+            if state.owner != .destination {
+                directory.remove()
+            } else if state.phase == .complete {
+                // Settled: the journal is no longer needed. The VM state (it may hold secrets) stays
+                // in the private directory while the VM may still be reading it, until shutdown().
+                HandOverJournal.remove(from: directory.path)
+            }
+            keptDirectory = state.owner == .destination ? directory : nil
+        }
         report.reconnects = reconnects
         report.wireBytes = wireBytes
         report.totalTimeMs = seconds(since: start) * 1000
@@ -595,10 +604,18 @@ public final class DestinationSession: @unchecked Sendable {
         service.summarize(into: &report.memory!)
     }
 
-    /// Stops serving: the NBD servers (drained) and the fault service.
+    /// The work directory while the VM runs here (removed, or emptied of the VM state, at shutdown).
+    private var keptDirectory: PrivateDirectory?
+
+    /// Stops serving: the NBD servers (drained) and the fault service; the VM state blob is removed
+    /// (with the work directory, if this agent made it).
     public func shutdown() {
         for server in nbdServers { server.shutdown(drain: true) }
         memory?.stop()
+        if let directory = keptDirectory {
+            unlink(directory.path + "/vm-state.bin")
+            if !FileManager.default.fileExists(atPath: HandOverJournal.path(in: directory.path)) { directory.remove() }
+        }
     }
 
     private func seconds(since instant: ContinuousClock.Instant) -> Double {

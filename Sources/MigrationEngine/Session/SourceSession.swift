@@ -106,6 +106,7 @@ public final class SourceSession: @unchecked Sendable {
         var lastCollect = ContinuousClock.now
         var bandwidth: Double = 0
         var dirtyRate: Double = 0
+        var dirtyRates: [String: Double] = [:]
 
         func seconds(since instant: ContinuousClock.Instant) -> Double {
             let d = ContinuousClock.now - instant
@@ -193,8 +194,13 @@ public final class SourceSession: @unchecked Sendable {
                 case .round(let round):
                     // ONE decision over the sum of what remains in every stream.
                     var remaining: UInt64 = 0
-                    for stream in streams where stream.hasPrecopy { remaining += try stream.collectDirty() }
-                    dirtyRate = Double(remaining) / max(0.01, seconds(since: lastCollect))
+                    let interval = max(0.01, seconds(since: lastCollect))
+                    for stream in streams where stream.hasPrecopy {
+                        let dirty = try stream.collectDirty()
+                        remaining += dirty
+                        dirtyRates[stream.label] = Double(dirty) / interval
+                    }
+                    dirtyRate = Double(remaining) / interval
                     lastCollect = .now
                     bandwidth = Double(sentSoFar()) / max(0.001, seconds(since: bulkStart))
                     showProgress(bandwidth: bandwidth, dirtyRate: dirtyRate, remaining: remaining, force: true)
@@ -339,6 +345,14 @@ public final class SourceSession: @unchecked Sendable {
         report.reconnects = reconnects
         report.wireBytes = wireBytes
         for stream in streams { stream.fill(&report) }
+        // The session measures what is common: each stream's dirty rate at the last round, the link's throughput.
+        for index in report.disks.indices { report.disks[index].dirtyRate = dirtyRates["disk \(report.disks[index].diskID)"] ?? 0 }
+        if report.memory != nil {
+            report.memory!.dirtyRate = dirtyRates["memory"] ?? 0
+            report.memory!.dirtyPagesRate = report.memory!.dirtyRate / Double(report.memory!.pageSize)
+            report.memory!.mbps = report.mbps
+            if report.status == "completed" { report.memory!.remaining = 0 }
+        }
         report.disk = report.disks.first
         return report
     }
