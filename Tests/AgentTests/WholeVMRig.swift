@@ -48,6 +48,15 @@ final class WholeVMRig {
 
     deinit {
         for child in [workload, source, dest] { child?.kill(SIGKILL); _ = child?.wait(timeout: 5) }
+        // FERRY_KEEP_LOGS=DIR keeps both agents' logs and reports for a look afterwards.
+        if let keep = ProcessInfo.processInfo.environment["FERRY_KEEP_LOGS"] {
+            let target = keep + "/" + URL(fileURLWithPath: dir.path).lastPathComponent
+            try? FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: true)
+            for name in (try? FileManager.default.contentsOfDirectory(atPath: dir.path)) ?? []
+            where name.hasSuffix(".log") || name.hasSuffix(".json") || name.hasSuffix(".out") {
+                try? FileManager.default.copyItem(atPath: dir.file(name), toPath: target + "/" + name)
+            }
+        }
         killResumed()
         if fifoFD >= 0 { close(fifoFD) }
         relay.stop()

@@ -27,6 +27,10 @@ final class WholeVMTests: XCTestCase {
         XCTAssertEqual(rig.sourceLog.components(separatedBy: "VM paused").count - 1, 1, "not exactly one pause:\n\(rig.sourceLog)", file: file, line: line)
         let downtime = source["downtime_ms"] as? Double ?? -1
         XCTAssertGreaterThan(downtime, 0, file: file, line: line)
+        // Warnings in either log, for the record (a reconnect, a retried request).
+        for line in rig.logs.split(separator: "\n") where line.contains(" warning ") || line.contains(" error ") {
+            print("  log: \(line.prefix(300))")
+        }
         print("whole VM (\(mode)): total \(Int(source["total_time_ms"] as? Double ?? 0)) ms, downtime \(String(format: "%.1f", downtime)) ms, wire \(source["wire_bytes"] ?? 0) B, reconnects \(source["reconnects"] ?? 0)")
     }
 
