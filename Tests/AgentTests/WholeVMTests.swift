@@ -170,6 +170,31 @@ final class WholeVMTests: XCTestCase {
         rig.verifyResumed()
     }
 
+    /// kill -9 of dest-agent in memory post-copy while pages are still pushed, then a restart: it
+    /// takes the VM's userfaultfd back (pidfd_getfd), wakes the faults it had read, pulls again what
+    /// it lost, and the VM at the destination verifies; the source never resumes its copy.
+    func testDestRestartedDuringMemoryPostcopyTakesTheVMBack() throws {
+        let rig = try WholeVMRig(memoryMiB: 128, diskMiB: 128, linkBytesPerSecond: 8e6)
+        try rig.startDest()
+        try rig.startSourceAndWorkload(mode: "postcopy", ["--link-timeout", "5"])
+        XCTAssertTrue(rig.waitForSourceLog("the VM runs at the destination", timeout: 180), rig.logs)
+        usleep(1_500_000)
+        XCTAssertFalse(rig.sourceLog.contains("memory push done"), "the push ended before the kill")
+        rig.dest?.kill(SIGKILL)
+        _ = rig.dest?.wait(timeout: 10)
+        usleep(1_000_000)
+        try rig.startDest()
+        XCTAssertEqual(rig.waitForSource(timeout: 300), 0, rig.logs)
+        let report = rig.waitForReport("source.json")
+        XCTAssertEqual(report["status"] as? String, "completed", "\(report)\n\(rig.logs)")
+        XCTAssertEqual(report["vm_location"] as? String, "destination")
+        XCTAssertEqual(report["digests_agree"] as? Bool, true)
+        XCTAssertTrue(rig.destLog.contains("took the VM's userfaultfd back"), rig.destLog)
+        XCTAssertTrue(rig.sourceLog.contains("pushing every page again"), rig.sourceLog)
+        XCTAssertEqual(MemE2E.state(of: rig.workload!.pid), "T", "the source resumed its stale copy")
+        rig.verifyResumed()
+    }
+
     /// Stray connections to the destination's port, silent or sending garbage, before and during a
     /// migration, change nothing.
     func testStrayConnectionsChangeNothing() throws {

@@ -72,9 +72,42 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
         }
     }
 
+    /// Set when this agent restarted after hand-over and took the VM back: it holds no page, so its
+    /// push resume point says so (sequence 1) and the source pushes every page again.
+    private var restarted = false
+
     var resumePoints: [ResumePoint] {
         [ResumePoint(stream: .memory, streamID: 0, sequence: UInt64(completedRound + 1), offset: UInt64(bulkHighWater)),
-         ResumePoint(stream: .memory, streamID: PushPacer.ackStreamID, sequence: 0, offset: pushFramesApplied)]
+         ResumePoint(stream: .memory, streamID: PushPacer.ackStreamID, sequence: restarted && pushFramesApplied == 0 ? 1 : 0,
+                     offset: pushFramesApplied)]
+    }
+
+    /// Restarted after hand-over in post-copy: serves the VM `pid` again through its userfaultfd,
+    /// copied back out of the VM with `pidfd_getfd`, and wakes the faults the dead agent had read
+    /// but not answered. Missing pages are requested again as they fault; the source pushes them all.
+    func adoptVM(pid: Int32, mappings: [GuestMemoryMapping], onExit: @escaping @Sendable () -> Void) throws {
+        restarted = true
+        postcopy = true
+        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd") else {
+            throw SetupError("the VM (PID \(pid)) is gone")
+        }
+        var found: Int32? = nil
+        for entry in entries {
+            if let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(entry)"),
+               target == "anon_inode:[userfaultfd]" {
+                found = Int32(entry)
+                break
+            }
+        }
+        guard let fd = found else { throw SetupError("the VM (PID \(pid)) holds no userfaultfd any more") }
+        let uffd = Userfaultfd(adopting: try RemoteDescriptor.copy(fd, from: pid))
+        let lane = lanes.withLock { $0.current }
+        let service = try MemoryFaultService(server: FaultServer(uffd: uffd, mappings: mappings), vmPID: pid, image: image,
+                                             urgent: lane, prepagingWindow: prepagingWindow, logger: logger, onExit: onExit)
+        service.start()
+        lanes.withLock { $0.service = service }
+        service.wakeAll()
+        logger.warning("took the VM's userfaultfd back", metadata: ["pid": "\(pid)", "descriptor_in_vm": "\(fd)"])
     }
 
     func switchover(postcopy: Bool) throws(LinkError) { self.postcopy = postcopy }

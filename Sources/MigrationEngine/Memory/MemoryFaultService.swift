@@ -48,19 +48,27 @@ public final class MemoryFaultService: @unchecked Sendable {
 
     /// Serves the VM of `handshake` from `image`; missing pages are requested on `urgent` (nil: every
     /// page must already be here, as in pre-copy). `onExit` runs when the VM has gone.
-    public init(handshake: consuming UFFDHandshake, image: GuestMemoryImage, urgent: PeerLink?, prepagingWindow: Int,
+    public convenience init(handshake: consuming UFFDHandshake, image: GuestMemoryImage, urgent: PeerLink?, prepagingWindow: Int,
+                            logger: Logger, onExit: @escaping @Sendable () -> Void) throws {
+        let pid = handshake.peerPID
+        try self.init(server: FaultServer(handshake: handshake), vmPID: pid, image: image, urgent: urgent,
+                      prepagingWindow: prepagingWindow, logger: logger, onExit: onExit)
+    }
+
+    /// Serves the VM `vmPID` through `server` (its userfaultfd and mappings): from a handshake, or
+    /// taken back from the VM with `pidfd_getfd` by an agent restarted after hand-over.
+    public init(server: consuming FaultServer, vmPID: Int32, image: GuestMemoryImage, urgent: PeerLink?, prepagingWindow: Int,
                 logger: Logger, onExit: @escaping @Sendable () -> Void) throws {
-        vmPID = handshake.peerPID
-        let mappings = handshake.mappings
+        self.vmPID = vmPID
+        let mappings = server.mappings
         // Each layout region's address in the VM, through the memory-file offsets both sides share.
         var addresses: [UInt64] = []
         for region in image.layout.regions {
             guard let m = mappings.first(where: { region.fileOffset >= $0.offset && region.fileOffset + region.size <= $0.offset + $0.size }) else {
-                throw SetupError("the VM's UFFD handshake maps no range for region \(region.id) (file offset \(region.fileOffset), \(region.size) bytes): \(mappings)")
+                throw SetupError("the VM's mappings hold no range for region \(region.id) (file offset \(region.fileOffset), \(region.size) bytes): \(mappings)")
             }
             addresses.append(m.baseHostVirtAddr + (region.fileOffset - m.offset))
         }
-        let server = FaultServer(handshake: handshake)
         let fd = server.uffd.descriptor.rawValue
         box = ServerBox(server)
         self.image = image
@@ -71,6 +79,17 @@ public final class MemoryFaultService: @unchecked Sendable {
         pendingSince = .allocate(capacity: Self.pendingSlots)
         pendingSince.initialize(repeating: 0, count: Self.pendingSlots)
         image.attachVM(uffd: fd, addresses: addresses)
+    }
+
+    /// The VM's guest-memory mappings (from its handshake).
+    public var mappings: [GuestMemoryMapping] { box.server.mappings }
+
+    /// Wakes every thread of the VM waiting on a fault in its regions (UFFDIO_WAKE): after a
+    /// restart, faults the dead agent had read but not answered are raised again.
+    public func wakeAll() {
+        for mapping in box.server.mappings {
+            try? box.server.uffd.wake(AddressRange(start: mapping.baseHostVirtAddr, length: mapping.size))
+        }
     }
 
     deinit { pendingSince.deallocate() }

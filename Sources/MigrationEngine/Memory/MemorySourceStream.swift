@@ -420,9 +420,24 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
     }
 
     /// The destination's count of push frames applied, from its second resume point: frames after
-    /// it may be lost, so their pages are needed again.
-    func resumePush(applied: UInt64) {
+    /// it may be lost, so their pages are needed again. `restarted` (that point's sequence is 1):
+    /// the destination agent was restarted after hand-over and holds no page any more (the VM kept
+    /// those it had), so every page is pushed again and every request answered again.
+    func resumePush(applied: UInt64, restarted: Bool) {
         guard options.mode.isPostcopy, !needed.isEmpty else { return }
+        if restarted {
+            for set in needed { set.insertAll() }
+            for set in requestServer?.delivered ?? [] { set.removeAll() }
+            pacer.deallocate()
+            pacer = PushPacer(targetNanoseconds: options.pushDelayTarget * 1e9)
+            inFlight = PushLedger()
+            pushCursor = (0, 0)
+            lastHint = .max
+            if pushDone { pagesPerRound.removeLast() }
+            pushDone = false
+            logger.warning("the destination agent restarted: pushing every page again")
+            return
+        }
         for entry in inFlight.lost(after: applied) {
             for page in entry.first..<(entry.first + entry.count) { needed[entry.region].insert(page) }
         }

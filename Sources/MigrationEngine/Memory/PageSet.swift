@@ -42,6 +42,11 @@ public final class PageSet: @unchecked Sendable {
         if pageCount == 0 { words[0] = 0 }
     }
 
+    /// Removes every page (single-threaded, or where a racing insert may be lost harmlessly).
+    public func removeAll() {
+        words.update(repeating: 0, count: wordCount)
+    }
+
     /// Number of pages in the set (a racy snapshot while others update it).
     public var count: Int {
         var n = 0

@@ -110,7 +110,10 @@ public final class DestinationSession: @unchecked Sendable {
         do {
             let directory = try options.workDirectory.map { try PrivateDirectory(at: $0) } ?? PrivateDirectory(prefix: "ferry-dest")
             workDirectory = directory
-            if let journal = try HandOverJournal.read(from: directory.path) { try restore(journal) }
+            if let journal = try HandOverJournal.read(from: directory.path) {
+                try restore(journal)
+                vmStarted = memory != nil   // post-copy: the VM runs and still pulls its memory
+            }
             if let path = options.uffdSocket, !door.withLock({ $0.handedOver }) { uffdListener = try UFFDHandshakeListener(path: path) }
             let listener: URing.OwnedDescriptor
             do { listener = try Socket.listen(on: options.listen) } catch {
@@ -221,6 +224,17 @@ public final class DestinationSession: @unchecked Sendable {
                                 state.handOver()
                                 if streams.contains(where: { !$0.isComplete }) { state.move(to: .postcopy) }
                             }
+                            if vmStarted && !streams.allSatisfy(\.isComplete) {
+                                // The source pushed everything before this `complete`, but replies to
+                                // the last page requests travel on the urgent lane and may still be
+                                // on their way: give them a moment rather than a silent stall.
+                                let deadline = ContinuousClock.now + .seconds(10)
+                                while !streams.allSatisfy(\.isComplete) && ContinuousClock.now < deadline { usleep(1_000) }
+                                if !streams.allSatisfy(\.isComplete) {
+                                    logger.warning("complete from the source, but not every block and page is here", metadata: [
+                                        "incomplete": "\(streams.filter { !$0.isComplete }.map(\.label))"])
+                                }
+                            }
                             if streams.allSatisfy(\.isComplete) {
                                 var differing: [String] = []
                                 for stream in streams {
@@ -229,7 +243,9 @@ public final class DestinationSession: @unchecked Sendable {
                                         differing.append(stream.label)
                                     }
                                 }
-                                try link.send(.complete(Wire.Completion(digests: streams.map { $0.digest() })))
+                                let held = streams.map { $0.digest() }
+                                let restored = restoredDigests.filter { old in !held.contains { $0.stream == old.stream && $0.streamID == old.streamID } }
+                                try link.send(.complete(Wire.Completion(digests: held + restored)))
                                 report.digestsAgree = differing.isEmpty
                                 if !differing.isEmpty { failure = "digests differ after hand-over for \(differing.joined(separator: ", "))" }
                                 if let memOut = options.memOut, memory?.isComplete == true, session.mode?.contains(.memoryPostcopy) == true {
@@ -353,8 +369,19 @@ public final class DestinationSession: @unchecked Sendable {
                 && !(mode.contains(.diskPostcopy) && stream.streamType == .disk) {
                 journal.digests[stream.label] = "\(stream.digest().digest)"
             }
+            if let memory, let service = memory.faultService {
+                journal.vmPID = service.vmPID
+                journal.pageSize = memory.image.layout.pageSize
+                journal.regions = memory.image.layout.regions.map {
+                    HandOverJournal.Region(id: $0.id, guestAddress: $0.guestAddress, hostAddress: $0.hostAddress, size: $0.size, fileOffset: $0.fileOffset)
+                }
+                journal.vmMappings = service.mappings.map {
+                    HandOverJournal.Mapping(base: $0.baseHostVirtAddr, size: $0.size, offset: $0.offset, pageSize: $0.pageSize)
+                }
+            }
             journal.disks = disks.keys.sorted().map { id in
-                HandOverJournal.Disk(id: id, image: disks[id]!.target.imagePath, nbd: "\(disks[id]!.target.nbdEndpoint)")
+                HandOverJournal.Disk(id: id, image: disks[id]!.target.imagePath, nbd: "\(disks[id]!.target.nbdEndpoint)",
+                                     postcopy: mode.contains(.diskPostcopy))
             }
             try journal.write(to: directory.path)
         } catch {
@@ -544,6 +571,9 @@ public final class DestinationSession: @unchecked Sendable {
         door.withLock { $0.resumePoints = points }
     }
 
+    /// Digests verified at hand-over by an agent that restarted since, for streams it no longer holds.
+    private var restoredDigests: [StreamDigest] = []
+
     /// Streams that have an urgent lane.
     private var attachedLanes: Set<String> = []
 
@@ -578,24 +608,49 @@ public final class DestinationSession: @unchecked Sendable {
             }
         }
         for disk in journal.disks {
+            guard disk.postcopy != true else {
+                // Blocks still missing would read as zeros: better no disk than a wrong one.
+                logger.error("disk \(disk.id) was handed over in post-copy and may miss blocks: not served after the restart (recovering a post-copy disk is not supported)")
+                continue
+            }
             let store = try FileBlockStore(path: disk.image)
             let server = try NBDServer(store: store, options: NBDServer.Options(exportName: ""))
             _ = try server.listen(NBDEndpoint.parse(disk.nbd))
             server.start()
             restoredServers.append(server)
         }
+        var pulling = false
+        if journal.memoryPostcopy, let pid = journal.vmPID, let pageSize = journal.pageSize, let regions = journal.regions,
+           let mappings = journal.vmMappings {
+            // The VM still pulls its memory: take its userfaultfd back and go on with post-copy.
+            let layout = GuestMemoryLayout(pageSize: pageSize, regions: regions.map {
+                MemoryRegion(id: $0.id, guestAddress: $0.guestAddress, hostAddress: $0.hostAddress, size: $0.size, fileOffset: $0.fileOffset)
+            })
+            let stream = try MemoryDestinationStream(layout: layout, prepagingWindow: options.prepagingWindow,
+                                                     urgentPriority: options.urgentPriority, logger: logger)
+            try stream.adoptVM(pid: pid, mappings: mappings.map {
+                GuestMemoryMapping(baseHostVirtAddr: $0.base, size: $0.size, offset: $0.offset, pageSize: $0.pageSize)
+            }, onExit: vmExited)
+            memory = stream
+            pulling = true
+            digests.removeAll { $0.stream == .memory }
+        }
+        restoredDigests = digests
         door.withLock {
             $0.sessionID = id
             $0.handedOver = true
-            $0.journalDigests = digests
+            $0.journalDigests = pulling ? [] : digests
+            $0.resumePoints = memory?.resumePoints ?? []
         }
         state.move(to: .handshake); state.handOver()
+        if pulling {
+            state.move(to: .switchover)
+            state.move(to: .postcopy)
+        }
         logger.warning("restarted after hand-over: the VM runs here (from the journal)", metadata: [
             "session": "\(journal.session)", "disks": "\(journal.disks.count)",
             "memory_postcopy": "\(journal.memoryPostcopy)"])
-        if journal.memoryPostcopy {
-            logger.error("the VM was still pulling memory (post-copy) when this agent stopped: its faults on pages not yet here cannot be served by this process")
-        }
+
     }
 
     /// Fills the fault figures into a report (call again when the VM has run on).

@@ -14,14 +14,41 @@ public struct HandOverJournal: Codable, Sendable, Equatable {
     public var digests: [String: String]
     /// Each disk: its id, image and NBD endpoint, to serve again after a restart.
     public var disks: [Disk]
-    /// Whether the memory was still being pulled (post-copy): a restarted agent cannot serve those faults.
+    /// Whether the memory was still being pulled (post-copy): a restarted agent takes the VM's
+    /// userfaultfd back and pulls again what it lost.
     public var memoryPostcopy: Bool
+    /// The VM's PID (the process that handed over its userfaultfd).
+    public var vmPID: Int32? = nil
+    /// The memory layout as the source announced it: page size and regions.
+    public var pageSize: UInt32? = nil
+    public var regions: [Region]? = nil
+    /// The VM's guest-memory mappings from its UFFD handshake.
+    public var vmMappings: [Mapping]? = nil
+
+    /// One memory region of the layout.
+    public struct Region: Codable, Sendable, Equatable {
+        public var id: UInt32
+        public var guestAddress: UInt64
+        public var hostAddress: UInt64
+        public var size: UInt64
+        public var fileOffset: UInt64
+    }
+
+    /// One of the VM's mappings (Firecracker's handshake fields).
+    public struct Mapping: Codable, Sendable, Equatable {
+        public var base: UInt64
+        public var size: UInt64
+        public var offset: UInt64
+        public var pageSize: UInt64
+    }
 
     /// One disk the destination serves.
     public struct Disk: Codable, Sendable, Equatable {
         public var id: UInt32
         public var image: String
         public var nbd: String
+        /// Handed over in post-copy: the image may still miss blocks, so it is not served as it is.
+        public var postcopy: Bool? = nil
     }
 
     /// The journal's file in a work directory.

@@ -139,7 +139,7 @@ public final class SourceSession: @unchecked Sendable {
                                           phase: state.phase)
                         }
                         if let memory, let push = points.first(where: { $0.stream == .memory && $0.streamID == PushPacer.ackStreamID }) {
-                            memory.resumePush(applied: push.offset)
+                            memory.resumePush(applied: push.offset, restarted: push.sequence == 1)
                         }
                         if newLink.agreement.handedOver {
                             if resumedAt == nil { resumedAt = ferry_monotonic_ns() }
