@@ -14,6 +14,10 @@ final class Relay: @unchecked Sendable {
     private let bytesPerSecond: Double
     private let sockets = Mutex<[Int32]>([])
     private let stopped = Atomic<Bool>(false)
+    private let forwarded = Atomic<UInt64>(0)
+
+    /// Bytes relayed towards `targetPort` so far (what the target has been sent, over every connection).
+    var bytesToTarget: UInt64 { forwarded.load(ordering: .relaxed) }
 
     init(targetPort: UInt16, bytesPerSecond: Double = 0) throws {
         self.targetPort = targetPort
@@ -73,12 +77,12 @@ final class Relay: @unchecked Sendable {
             if connected != 0 { close(client); close(server); continue }
             sockets.withLock { $0.append(contentsOf: [client, server]) }
             let rate = bytesPerSecond
-            Thread { Relay.pump(from: client, to: server, bytesPerSecond: rate) }.start()
-            Thread { Relay.pump(from: server, to: client, bytesPerSecond: rate) }.start()
+            Thread { [self] in Relay.pump(from: client, to: server, bytesPerSecond: rate, counting: self) }.start()
+            Thread { Relay.pump(from: server, to: client, bytesPerSecond: rate, counting: nil) }.start()
         }
     }
 
-    private static func pump(from source: Int32, to destination: Int32, bytesPerSecond: Double) {
+    private static func pump(from source: Int32, to destination: Int32, bytesPerSecond: Double, counting relay: Relay?) {
         var buffer = [UInt8](repeating: 0, count: 64 << 10)
         let start = Date()
         var moved = 0.0
@@ -92,6 +96,7 @@ final class Relay: @unchecked Sendable {
                 written += n
             }
             moved += Double(count)
+            relay?.forwarded.add(UInt64(count), ordering: .relaxed)
             if bytesPerSecond > 0 {
                 let due = moved / bytesPerSecond - Date().timeIntervalSince(start)
                 if due > 0 { usleep(UInt32(min(due, 1) * 1e6)) }
