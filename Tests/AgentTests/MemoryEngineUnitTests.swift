@@ -119,19 +119,3 @@ final class MemoryEngineUnitTests: XCTestCase {
         XCTAssertTrue(pacer.maySend)
     }
 }
-
-/// SHA-256 by coreutils' sha256sum, independent of the code under test.
-private func sha256sum(_ bytes: [UInt8]) throws -> String {
-    let path = FileManager.default.temporaryDirectory.appendingPathComponent("ferry-sha-\(getpid()).bin").path
-    defer { unlink(path) }
-    try Data(bytes).write(to: URL(fileURLWithPath: path))
-    let pipe = Pipe()
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/sha256sum")
-    process.arguments = [path]
-    process.standardOutput = pipe
-    try process.run()
-    process.waitUntilExit()
-    let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    return String(output.prefix(64))
-}
