@@ -29,6 +29,9 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
     let layout: DiskLayout
     let target: DiskTarget
     private let logger: Logger
+    /// Runs before each ack is sent: the session publishes its resume points there, so a
+    /// reconnecting source is never offered less than what was acknowledged.
+    var beforeAck: () -> Void = {}
     private let image: DiskImage
     private var applier: DiskApplier
     /// The session's main link now: a failing urgent lane drops the main link it was opened with,
@@ -82,6 +85,7 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
             if now - lastAck > .milliseconds(500) || bytesSinceAck >= 64 << 20 {
                 lastAck = now
                 bytesSinceAck = 0
+                beforeAck()
                 try link.send(.ack(Ack(stream: .disk, streamID: layout.diskID, sequence: UInt64(completedRound + 1), offset: bulkHighWater)))
             }
         case .roundEnd(let end):
@@ -90,6 +94,7 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
             } else {
                 completedRound = max(completedRound, Int(end.round))
             }
+            beforeAck()
             try link.send(.ack(Ack(stream: .disk, streamID: layout.diskID, sequence: UInt64(completedRound + 1), offset: bulkHighWater)))
         default:
             throw .unexpected(message.type, expecting: "a disk frame")

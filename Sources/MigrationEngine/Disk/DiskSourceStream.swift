@@ -90,22 +90,29 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
 
     func sendBulk(budget: Int, on link: PeerLink) throws(LinkError) -> Bool {
         if bulkDone { return true }
-        let budgetBlocks = max(1, budget / blockSize)
-        let end = min(chunks.blockCount, bulkNextBlock + budgetBlocks)
-        var bulk = counters.bulk
-        defer { counters.bulk = bulk }
+        guard try sendWholeDisk(budget: budget, counters: &counters.bulk, dirtyRemaining: UInt64(bitmap.dirtyCount), on: link) else { return false }
+        bulkDone = true
+        logger.info("disk bulk copy sent", metadata: ["disk": "\(options.diskID)", "data_bytes": "\(counters.bulk.dataBytes)",
+                                                      "zero_bytes": "\(counters.bulk.zeroBytes)"])
+        return true
+    }
+
+    /// The whole-disk pass both the bulk copy and the post-copy push make: up to `budget` bytes
+    /// from the cursor on (holes as zero runs), then, at the end of the disk, its `roundEnd` (round 0).
+    /// Returns whether the end was reached.
+    private func sendWholeDisk(budget: Int, counters: inout DiskTransferCounters, dirtyRemaining: UInt64,
+                               on link: PeerLink) throws(LinkError) -> Bool {
+        let end = min(chunks.blockCount, bulkNextBlock + max(1, budget / blockSize))
         try link.withSender { (sender: inout FrameSender) throws(LinkError) in
-            try chunks.send(blocks: bulkNextBlock..<end, round: 0, holesFrom: store, via: &sender, counters: &bulk) { (next: Int) throws(LinkError) in
+            try chunks.send(blocks: bulkNextBlock..<end, round: 0, holesFrom: store, via: &sender, counters: &counters) { (next: Int) throws(LinkError) in
                 bulkNextBlock = next
             }
         }
         bulkNextBlock = max(bulkNextBlock, end)
         guard bulkNextBlock >= chunks.blockCount else { return false }
-        try link.send(.roundEnd(RoundEnd(stream: .disk, streamID: options.diskID, round: 0, itemsSent: bulk.blocks,
-                                         bytesSent: bulk.dataBytes, dirtyRemaining: UInt64(bitmap.dirtyCount))))
-        blocksPerRound.append(bulk.blocks)
-        bulkDone = true
-        logger.info("disk bulk copy sent", metadata: ["disk": "\(options.diskID)", "data_bytes": "\(bulk.dataBytes)", "zero_bytes": "\(bulk.zeroBytes)"])
+        try link.send(.roundEnd(RoundEnd(stream: .disk, streamID: options.diskID, round: 0, itemsSent: counters.blocks,
+                                         bytesSent: counters.dataBytes, dirtyRemaining: dirtyRemaining)))
+        blocksPerRound.append(counters.blocks)
         return true
     }
 
@@ -184,19 +191,7 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
 
     func push(budget: Int, on link: PeerLink) throws(LinkError) -> Bool {
         guard !pushDone else { return true }
-        let end = min(chunks.blockCount, bulkNextBlock + max(1, budget / blockSize))
-        var push = counters.push
-        defer { counters.push = push }
-        try link.withSender { (sender: inout FrameSender) throws(LinkError) in
-            try chunks.send(blocks: bulkNextBlock..<end, round: 0, holesFrom: store, via: &sender, counters: &push) { (next: Int) throws(LinkError) in
-                bulkNextBlock = next
-            }
-        }
-        bulkNextBlock = max(bulkNextBlock, end)
-        guard bulkNextBlock >= chunks.blockCount else { return false }
-        try link.send(.roundEnd(RoundEnd(stream: .disk, streamID: options.diskID, round: 0, itemsSent: push.blocks,
-                                         bytesSent: push.dataBytes, dirtyRemaining: 0)))
-        blocksPerRound.append(push.blocks)
+        guard try sendWholeDisk(budget: budget, counters: &counters.push, dirtyRemaining: 0, on: link) else { return false }
         pushDone = true
         return true
     }

@@ -13,6 +13,9 @@ import Wire
 final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
     let image: GuestMemoryImage
     private let logger: Logger
+    /// Runs before each ack is sent: the session publishes its resume points there, so a
+    /// reconnecting source is never offered less than what was acknowledged.
+    var beforeAck: () -> Void = {}
     private let prepagingWindow: Int
     private let urgentPriority: Int32
     private var completedRound = -1
@@ -53,6 +56,7 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
             if postcopy {
                 // Post-copy push: every frame is acknowledged, for the source's pacer and its resume.
                 pushFramesApplied += 1
+                beforeAck()
                 try link.send(.ack(Ack(stream: .memory, streamID: PushPacer.ackStreamID, sequence: 0, offset: pushFramesApplied)))
             }
         case .pageDiscard(let range):
@@ -66,6 +70,7 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
             } else {
                 completedRound = max(completedRound, Int(end.round))
             }
+            beforeAck()
             try link.send(.ack(Ack(stream: .memory, streamID: 0, sequence: UInt64(completedRound + 1), offset: UInt64(bulkHighWater))))
         default:
             throw .unexpected(message.type, expecting: "a memory frame")

@@ -169,6 +169,7 @@ public final class DestinationSession: @unchecked Sendable {
                             if memory == nil {
                                 memory = try MemoryDestinationStream(layout: layout, prepagingWindow: options.prepagingWindow,
                                                                      urgentPriority: options.urgentPriority, logger: logger)
+                                memory!.beforeAck = { [unowned self] in publishResumePoints() }
                             } else if memory!.image.layout != layout {
                                 throw LinkError.local(.layoutMismatch, reason: "a second, different memory layout")
                             }
@@ -438,8 +439,10 @@ public final class DestinationSession: @unchecked Sendable {
             throw .local(.layoutMismatch, reason: "the source migrates disk \(layout.diskID); this destination has \(options.disks.count) --disk target(s)")
         }
         let door = self.door
-        disks[layout.diskID] = try DiskDestinationStream(layout: layout, target: options.disks[Int(layout.diskID) - 1], logger: logger,
-                                                         currentMainLink: { door.withLock { $0.current } })
+        let stream = try DiskDestinationStream(layout: layout, target: options.disks[Int(layout.diskID) - 1], logger: logger,
+                                               currentMainLink: { door.withLock { $0.current } })
+        stream.beforeAck = { [unowned self] in publishResumePoints() }
+        disks[layout.diskID] = stream
     }
 
     private func disk(_ id: UInt32) throws(LinkError) -> DiskDestinationStream {
@@ -562,9 +565,9 @@ public final class DestinationSession: @unchecked Sendable {
     /// Frames handled since the resume points were last published.
     private var framesSincePublish = 0
 
-    /// Publishes where every stream got to, for the handshake of a source that reconnects. A point
-    /// a little behind is safe (the source sends a little more again); these are refreshed every
-    /// 256 frames, at every round end and when a link fails.
+    /// Publishes where every stream got to, for the handshake of a source that reconnects: before
+    /// every ack (so a point is never behind what was acknowledged), every 256 frames, at every
+    /// round end and when a link fails.
     private func publishResumePoints() {
         framesSincePublish = 0
         let points = streams.flatMap(\.resumePoints)

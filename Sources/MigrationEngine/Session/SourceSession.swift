@@ -281,11 +281,14 @@ public final class SourceSession: @unchecked Sendable {
                 default:
                     break migration
                 }
-            } catch let error as LinkError {
+            } catch var error as LinkError {
                 if let link {
                     wireBytes += link.bytesSent
                     link.close()
                     link.waitForReader()
+                    // A send that failed because the destination closed after an `error` frame: the
+                    // reader has that frame, and the destination's word is what counts, not the EPIPE.
+                    if let seen = link.failureSeen, case .peer = seen { error = seen }
                 }
                 link = nil
                 let notStarted = resumedAt == nil && state.owner == .offered
