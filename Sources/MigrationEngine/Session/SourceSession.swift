@@ -220,7 +220,12 @@ public final class SourceSession: @unchecked Sendable {
                         state.move(to: .switchover)
                         continue migration
                     case .throttle(let bytesPerSecond):
-                        for disk in disks { disk.throttle(bytesPerSecond: bytesPerSecond) }
+                        // The limit is for everything the VM dirties; only its disk writes can be
+                        // held here, so they get what the memory's dirtying leaves of it (at least
+                        // 5 % of the link), shared among the disks.
+                        let memoryRate = dirtyRates["memory"] ?? 0
+                        let diskShare = max(bandwidth * 0.05, Double(bytesPerSecond) - memoryRate) / Double(max(1, disks.count))
+                        for disk in disks { disk.throttle(bytesPerSecond: UInt64(diskShare)) }
                         logger.info("write throttle on", metadata: ["dirty_rate": "\(Int(dirtyRate))", "bandwidth": "\(Int(bandwidth))",
                                                                     "limit": "\(bytesPerSecond)"])
                     case .iterate:
