@@ -147,6 +147,7 @@ public final class DestinationSession: @unchecked Sendable {
                 if link.agreement.mode == .resume, let digests = Optional(door.withLock({ $0.journalDigests })), !digests.isEmpty {
                     // Restarted after hand-over: the VM runs here; what was agreed then is the answer.
                     try? link.send(.complete(Wire.Completion(digests: digests)))
+                    linger(on: link)
                     report.digestsAgree = true
                     if state.phase == .handshake { state.move(to: .switchover) }
                     state.move(to: .complete)
@@ -254,6 +255,7 @@ public final class DestinationSession: @unchecked Sendable {
                                 }
                                 if state.phase != .complete { state.move(to: .complete) }
                                 done = true
+                                linger(on: link)
                                 wireBytes += link.bytesSent
                                 link.close()
                                 break session
@@ -559,6 +561,15 @@ public final class DestinationSession: @unchecked Sendable {
         if !keep.isEmpty {
             door.withLock { $0.lanes.append(contentsOf: keep) }
             queuedLanes.add(keep.count, ordering: .relaxed)
+        }
+    }
+
+    /// After the closing `complete`: reads (and drops) what the source still sends until it closes,
+    /// at most 10 s, so that it reads our `complete` before the connection goes away under it.
+    private func linger(on link: PeerLink) {
+        let deadline = ContinuousClock.now + .seconds(10)
+        while ContinuousClock.now < deadline {
+            do { _ = try link.receive(during: "closing") } catch { return }
         }
     }
 

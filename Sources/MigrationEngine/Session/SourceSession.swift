@@ -296,6 +296,10 @@ public final class SourceSession: @unchecked Sendable {
                     if let seen = link.failureSeen, case .peer = seen { error = seen }
                 }
                 link = nil
+                // The destination's closing digests arrived before the link went: nothing is left to do.
+                if state.owner == .destination, let theirs = peerCompletion, !streams.contains(where: { $0.isPostcopy }) || state.phase == .postcopy {
+                    if compare(theirs, report: &report) { state.move(to: .complete); break migration }
+                }
                 let notStarted = resumedAt == nil && state.owner == .offered
                 if case .peer(let code, _) = error, notStarted, code != .timeout, code != .busy {
                     // The destination refused the offer explicitly before running the VM (its digest
@@ -387,6 +391,15 @@ public final class SourceSession: @unchecked Sendable {
     private func finish(on link: PeerLink, report: inout MigrationReport) throws {
         try link.wait(timeout: options.receiveTimeout + 60, during: "digest exchange") { peerCompletion != nil }
         let theirs = link.publish { peerCompletion! }
+        guard compare(theirs, report: &report) else {
+            state.move(to: .complete)
+            throw SetupError("digests differ after hand-over (see the report)")
+        }
+        state.move(to: .complete)
+    }
+
+    /// Whether the destination's digests equal ours for every stream (the report says which differ).
+    private func compare(_ theirs: Wire.Completion, report: inout MigrationReport) -> Bool {
         var differing: [String] = []
         for stream in streams {
             let ours = stream.digest()
@@ -395,8 +408,8 @@ public final class SourceSession: @unchecked Sendable {
             }
         }
         report.digestsAgree = differing.isEmpty
-        state.move(to: .complete)
-        if !differing.isEmpty { throw SetupError("digests differ for \(differing.joined(separator: ", ")) after hand-over") }
+        if !differing.isEmpty { report.reason = "digests differ for \(differing.joined(separator: ", ")) after hand-over" }
+        return differing.isEmpty
     }
 
     /// Opens a fresh urgent lane for each post-copy stream (a second connection of the session,
