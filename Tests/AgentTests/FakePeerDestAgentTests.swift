@@ -148,6 +148,20 @@ final class FakeSourceVersusDestAgentTests: XCTestCase {
         XCTAssertEqual(try report.string("vm_location"), "destination")
     }
 
+    /// After the closing digests the destination reads until the source closes, "at most 10 s"
+    /// (`DestinationSession.linger`): a source that stays silent without closing (stopped, or cut
+    /// off without a FIN) must not hold the destination longer than that.
+    func testDestinationLingersAtMostTenSecondsForASilentSource() throws {
+        let rig = try DestAgentRig()
+        let peer = try rig.connect()
+        try peer.run([.send(layout)] + bulk(peer) + offer(digest: rightDigest) + [.readUntil(.resumed), .readUntil(.complete)])
+        let start = monotonicSeconds()
+        XCTAssertEqual(rig.agent.waitForExit(timeout: 90), 0, rig.agent.log)
+        let waited = monotonicSeconds() - start
+        XCTAssertLessThan(waited, 20, "the destination lingered \(String(format: "%.1f", waited)) s after its closing digests for a silent source")
+        withExtendedLifetime(peer) {}
+    }
+
     // MARK: - Handshake refusals
 
     /// A `resume` hello for a session this destination never held: `unknownSession`, and the
