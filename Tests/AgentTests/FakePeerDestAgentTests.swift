@@ -21,7 +21,8 @@ final class FakeSourceVersusDestAgentTests: XCTestCase {
         var image: String { dir.file("dst.img") }
 
         init() throws {
-            key = try SharedKey(bytes: writeKeyFile(at: dir.file("key")))
+            try writeKeyFile(at: dir.file("key"))
+            key = try SharedKey(contentsOf: dir.file("key"))   // as the agent reads it (a trailing newline byte is not part of the key)
             port = try freePort()
             agent = try E2E.Agent("dest-agent", [
                 "--listen", "127.0.0.1:\(port)", "--key-file", dir.file("key"), "--disk", dir.file("dst.img"),

@@ -24,7 +24,8 @@ final class FakeDestinationVersusSourceAgentTests: XCTestCase {
         /// `diskMiB` of random data; a VM-state blob of `stateBytes` (sent after `switchover`).
         init(diskMiB: Int = 1, stateBytes: Int = 0) throws {
             try MemE2E.requireMemoryMigration()
-            key = try SharedKey(bytes: writeKeyFile(at: dir.file("key")))
+            try writeKeyFile(at: dir.file("key"))
+            key = try SharedKey(contentsOf: dir.file("key"))   // as the agent reads it (a trailing newline byte is not part of the key)
             listener = try FakeListener()
             let image = dir.file("src.img")
             guard FileManager.default.createFile(atPath: image, contents: Data(randomBytes(count: diskMiB << 20, seed: 0x5A5A))) else {
