@@ -158,6 +158,11 @@ public final class PeerLink: @unchecked Sendable {
         thread.start()
     }
 
+    /// Sets how long a receive may see no bytes before it fails (seconds).
+    public func setReceiveTimeout(_ seconds: Double) {
+        receiverBox.receiver.timeoutSeconds = seconds
+    }
+
     /// Lets the reader use the receiving half directly (for a reader that runs its own loop).
     public func receive(during phase: String) throws(LinkError) -> DecodedFrame {
         try receiverBox.receiver.receive(during: phase)

@@ -569,6 +569,8 @@ public final class DestinationSession: @unchecked Sendable {
     private func linger(on link: PeerLink) {
         let deadline = ContinuousClock.now + .seconds(10)
         while ContinuousClock.now < deadline {
+            let left = deadline - ContinuousClock.now
+            link.setReceiveTimeout(max(0.05, Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18))
             do { _ = try link.receive(during: "closing") } catch { return }
         }
     }
