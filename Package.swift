@@ -56,9 +56,11 @@ let package = Package(
                           dependencies: ["ProcessMemory", "CFerryShims", "CNBD",
                                          .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           swiftSettings: swift6),
+        // A client of QEMU's machine protocol (QMP).
+        .target(name: "QMP", dependencies: ["CFerryShims"], swiftSettings: swift6),
         // The migration engine shared by both agents: link, sessions, phases.
         .target(name: "MigrationEngine",
-                dependencies: ["Wire", "URing", "NBDBridge", "ProcessMemory", "CXXHash", "CFerryShims",
+                dependencies: ["Wire", "URing", "NBDBridge", "ProcessMemory", "QMP", "CXXHash", "CFerryShims",
                                .product(name: "SystemPackage", package: "swift-system"),
                                .product(name: "Logging", package: "swift-log"),
                                .product(name: "Crypto", package: "swift-crypto")],

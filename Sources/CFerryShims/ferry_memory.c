@@ -1,6 +1,9 @@
 // ProcessMemory's C shim: see include/ferry_memory.h.
 #define _GNU_SOURCE
 #include "ferry_memory.h"
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/vfs.h>
 
 #include <errno.h>
 #include <linux/userfaultfd.h>
@@ -244,6 +247,21 @@ int64_t ferry_mmap_memfd(const char *name, uint64_t len) {
     close(fd);
     if (p == MAP_FAILED) return -e;
     return (int64_t)(uintptr_t)p;
+}
+
+int ferry_memfd_create(const char *name) {
+    int fd = memfd_create(name, MFD_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+long ferry_filesystem_type(const char *path) {
+    struct statfs st;
+    if (statfs(path, &st) < 0) return -errno;
+    return (long)st.f_type;
+}
+
+int ferry_punch_hole(int fd, uint64_t offset, uint64_t len) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)len) < 0 ? -errno : 0;
 }
 
 // ---- a minimal KVM guest ----

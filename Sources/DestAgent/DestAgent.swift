@@ -22,6 +22,13 @@ struct DestAgent: ParsableCommand {
           dest-agent --listen 0.0.0.0:7070 --key-file ferry.key \\
             --disk vm.img --nbd unix:/run/ferry/vm.sock --work-dir /var/lib/ferry \\
             --uffd-socket /run/ferry/uffd.sock --on-switchover ./start-vm.sh
+          dest-agent --listen 0.0.0.0:7070 --key-file ferry.key --vmm qemu \\
+            --disk vm.img --nbd unix:/run/ferry/vm.sock --vm-command 'exec qemu-system-x86_64 \\
+              -accel kvm -m 4G -machine pc,memory-backend=ram -S -incoming defer \\
+              -object memory-backend-file,id=ram,size=$FERRY_RAM_SIZE,mem-path=$FERRY_RAM_FILE,share=on \\
+              -qmp unix:$FERRY_QMP_SOCKET,server=on,wait=off \\
+              -blockdev driver=nbd,server.type=unix,server.path=$FERRY_NBD_SOCKET,node-name=d0 \\
+              -device virtio-blk-pci,drive=d0 ...'
         """
     )
 
@@ -36,6 +43,9 @@ struct DestAgent: ParsableCommand {
 
     @Option(name: .long, help: ArgumentHelp("Where to serve a migrated disk over NBD: unix:PATH or tcp:HOST:PORT. One per --disk, in the same order.", valueName: "ENDPOINT"))
     var nbd: [String] = []
+
+    @Option(name: .customLong("export-name"), help: ArgumentHelp("Serve each disk only under this NBD export name (and the default, empty one); without it, under any name.", valueName: "NAME"))
+    var exportName: String = ""
 
     @OptionGroup(title: "Memory and VM start")
     var memory: MemoryOptions
@@ -64,7 +74,7 @@ struct DestAgent: ParsableCommand {
         SignalWaiter.blockAll()
         let logger = AgentLogging.make(label: "ferry.dest", level: logLevel)
         var options = DestinationOptions(listen: try SocketAddress(parsing: listen), key: try SharedKey(contentsOf: keyFile))
-        options.disks = try zip(disk, nbd).map { DiskTarget(imagePath: $0, nbdEndpoint: try NBDEndpoint.parse($1)) }
+        options.disks = try zip(disk, nbd).map { DiskTarget(imagePath: $0, nbdEndpoint: try NBDEndpoint.parse($1), exportName: exportName) }
         options.linkTimeout = linkTimeout
         options.acceptTimeout = acceptTimeout
         memory.apply(to: &options)

@@ -28,7 +28,23 @@ struct MemoryOptions: ParsableArguments {
     @Option(name: .customLong("urgent-priority"), help: "SO_PRIORITY of the urgent lane (6 = interactive band of pfifo_fast; 0: leave it).")
     var urgentPriority: Int32 = 6
 
+    @Option(name: .long, help: ArgumentHelp("The VMM: process (started by --on-switchover, memory through --uffd-socket) or qemu (started by --vm-command before switchover, its device state loaded through QMP at switchover).", valueName: "KIND"))
+    var vmm: String = "process"
+
+    @Option(name: .customLong("vm-command"), help: ArgumentHelp("With --vmm qemu: shell command starting QEMU as soon as the migration begins. It must use -incoming defer, -qmp unix:$FERRY_QMP_SOCKET,server=on,wait=off, -object memory-backend-file,id=ram,size=$FERRY_RAM_SIZE,mem-path=$FERRY_RAM_FILE,share=on -machine memory-backend=ram, and its disks on $FERRY_NBD_SOCKET ($FERRY_NBD_SOCKETS); add -S so the guest runs only on Ferry's cont. See docs/qemu.md.", valueName: "CMD"))
+    var vmCommand: String?
+
+    @Option(name: .customLong("ram-dir"), help: ArgumentHelp("With --vmm qemu: tmpfs directory for the guest RAM file.", valueName: "DIR"))
+    var ramDir: String = "/dev/shm"
+
     func validate() throws {
+        if vmm != "process" && vmm != "qemu" { throw ValidationError("--vmm must be process or qemu, not '\(vmm)'") }
+        if vmm == "qemu" {
+            guard vmCommand != nil else { throw ValidationError("--vmm qemu needs --vm-command 'qemu-system-x86_64 ... -incoming defer ...'") }
+            if onSwitchover != nil || uffdSocket != nil { throw ValidationError("--vmm qemu starts QEMU with --vm-command and serves its memory itself: leave out --on-switchover and --uffd-socket") }
+        } else if vmCommand != nil {
+            throw ValidationError("--vm-command goes with --vmm qemu")
+        }
         if prepagingWindow < 1 || prepagingWindow > 256 { throw ValidationError("--prepaging-window must be 1 ... 256") }
     }
 
@@ -41,5 +57,10 @@ struct MemoryOptions: ParsableArguments {
         options.workDirectory = workDir
         options.urgentPriority = urgentPriority
         options.vmStartTimeout = vmStartTimeout
+        if vmm == "qemu", let vmCommand {
+            var qemu = QEMUStartOptions(command: vmCommand)
+            qemu.ramDirectory = ramDir
+            options.qemu = qemu
+        }
     }
 }

@@ -125,7 +125,10 @@ struct Handshake {
         return .closed("more than \(Handshake.maxOptions) options")
     }
 
-    private func matches(_ name: String) -> Bool { name.isEmpty || name == export.name }
+    /// The default export ("") and the export's own name always match; a server whose export has
+    /// no name of its own serves it under any name, as nbdkit does with one export (QEMU's
+    /// `export=`, `nbd+unix:///NAME?socket=` then just work).
+    private func matches(_ name: String) -> Bool { name.isEmpty || export.name.isEmpty || name == export.name }
 
     /// NBD_OPT_INFO and NBD_OPT_GO: returns true when the export was accepted.
     private func infoOrGo(_ option: UInt32, _ data: [UInt8]) throws(NBDBridgeError) -> Bool {

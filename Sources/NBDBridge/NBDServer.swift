@@ -21,7 +21,8 @@ import URing
 public final class NBDServer: Sendable {
     /// How the export is offered and how connections are provisioned.
     public struct Options: Sendable {
-        /// The export's name; the empty name ("default export") is accepted too.
+        /// The export's name; the empty name ("default export") is accepted too. Left empty, the
+        /// export is served under ANY name a client asks for (one export per server, as nbdkit).
         public var exportName: String
         /// Free text sent for NBD_INFO_DESCRIPTION.
         public var description: String

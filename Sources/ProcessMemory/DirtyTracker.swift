@@ -37,7 +37,7 @@ public struct DirtyTracker: ~Copyable, DirtyPageTracker {
         let pagemapFD = try ProcFiles.open(pid: pid, "pagemap")
         let ours: Userfaultfd
         do {
-            ours = try Self.injectUserfaultfd(pid: pid)
+            ours = try Userfaultfd.inject(into: pid)
         } catch {
             try? pagemapFD.close()
             throw error
@@ -73,43 +73,6 @@ public struct DirtyTracker: ~Copyable, DirtyPageTracker {
         for r in regions { try? uffd.unregister(r.range) }
         try? pagemap.close()
         vec.deallocate()
-    }
-
-    /// Creates a userfaultfd inside `pid` and returns our copy of it; the target's copy is closed again.
-    static func injectUserfaultfd(pid: Int32) throws(ProcessMemoryError) -> Userfaultfd {
-        let session = try RemoteSyscallSession(pid: pid)
-        let remoteFD: Int64
-        do {
-            remoteFD = try session.call(SyscallNumber.userfaultfd, 0o2000000 | 0o4000) // O_CLOEXEC | O_NONBLOCK
-        } catch {
-            try? session.finish()
-            throw error
-        }
-        guard remoteFD >= 0 else {
-            try? session.finish()
-            throw ProcessMemoryError("userfaultfd() injected into process \(pid) failed", negated: remoteFD)
-        }
-        let copied: FileDescriptor
-        do {
-            copied = try RemoteDescriptor.copy(Int32(remoteFD), from: pid)
-        } catch {
-            _ = try? session.call(SyscallNumber.close, UInt64(remoteFD))
-            try? session.finish()
-            throw error
-        }
-        let closed: Int64
-        do {
-            closed = try session.call(SyscallNumber.close, UInt64(remoteFD))
-            try session.finish()
-        } catch {
-            try? copied.close()
-            throw error
-        }
-        guard closed == 0 else {
-            try? copied.close()
-            throw ProcessMemoryError("close(\(remoteFD)) injected into process \(pid) failed", negated: closed)
-        }
-        return Userfaultfd(adopting: copied)
     }
 
     /// Replaces `runs` with the pages written since the previous scan, in address order per region.

@@ -13,6 +13,8 @@ public struct Userfaultfd: ~Copyable {
         public init(rawValue: UInt64) { self.rawValue = rawValue }
         /// UFFD_FEATURE_EVENT_REMOVE (1<<3): madvise(MADV_DONTNEED/REMOVE) arrives as an event.
         public static let eventRemove = Features(rawValue: UInt64(FERRY_UFFD_FEATURE_EVENT_REMOVE))
+        /// UFFD_FEATURE_MISSING_SHMEM (1<<5): missing mode on shmem (tmpfs, memfd) mappings.
+        public static let missingShmem = Features(rawValue: 1 << 5)
         /// UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1<<12): write-protect mode on shmem and hugetlbfs.
         public static let wpHugetlbfsShmem = Features(rawValue: UInt64(FERRY_UFFD_FEATURE_WP_HUGETLBFS_SHMEM))
         /// UFFD_FEATURE_WP_UNPOPULATED (1<<13): write-protect also pages never touched.

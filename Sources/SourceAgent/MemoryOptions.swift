@@ -16,6 +16,12 @@ struct MemoryOptions: ParsableArguments {
     @Option(name: .customLong("vm-wait"), help: "Seconds to wait for --vm-pidfile.")
     var vmWait: Double = 60
 
+    @Option(name: .long, help: ArgumentHelp("The VMM: process (any process; SIGSTOP/SIGCONT or --pause-cmd/--resume-cmd/--state-cmd) or qemu (driven through --qmp: stop, cont, device state by migrate with x-ignore-shared; RAM found from QEMU's shared memory backends).", valueName: "KIND"))
+    var vmm: String = "process"
+
+    @Option(name: .long, help: ArgumentHelp("With --vmm qemu: QEMU's QMP socket (unix:PATH, from -qmp unix:PATH,server=on,wait=off). --vm may then be left out: the PID is the socket's peer.", valueName: "unix:PATH"))
+    var qmp: String?
+
     @Option(name: .long, help: "precopy, postcopy or hybrid (some pre-copy rounds, then post-copy).")
     var mode: String = "precopy"
 
@@ -44,7 +50,16 @@ struct MemoryOptions: ParsableArguments {
     var tracking: String = "auto"
 
     /// Whether a VM (its memory) is part of the migration.
-    var hasVM: Bool { vm != nil || vmPidfile != nil }
+    var hasVM: Bool { vm != nil || vmPidfile != nil || qmp != nil }
+
+    /// The QEMU behind --qmp, connected once (nil for --vmm process).
+    func qemu(pid: Int32?, logger: Logger) throws -> QEMUSourceVM? {
+        guard vmm == "qemu", let qmp else { return nil }
+        let vm = try QEMUSourceVM(qmpPath: String(qmp.dropFirst("unix:".count)), expectedPID: pid)
+        logger.info("QEMU found through QMP", metadata: ["pid": "\(vm.pid)", "version": "\(vm.version)",
+                                                         "ram": "\(vm.ram.map(\.description).joined(separator: "; "))"])
+        return vm
+    }
 
     /// The VM's PID: --vm, or read from --vm-pidfile once it appears.
     func resolvePID(logger: Logger) throws -> Int32? {
@@ -67,6 +82,14 @@ struct MemoryOptions: ParsableArguments {
 
     func validate() throws {
         if vm != nil && vmPidfile != nil { throw ValidationError("give --vm PID or --vm-pidfile PATH, not both") }
+        if vmm != "process" && vmm != "qemu" { throw ValidationError("--vmm must be process or qemu, not '\(vmm)'") }
+        if vmm == "qemu" {
+            guard let qmp, qmp.hasPrefix("unix:"), qmp.count > 5 else { throw ValidationError("--vmm qemu needs --qmp unix:PATH (QEMU's -qmp unix:PATH,server=on,wait=off)") }
+            if pauseCmd != nil || resumeCmd != nil || stateCmd != nil { throw ValidationError("--vmm qemu pauses, resumes and saves the VM through QMP: leave out --pause-cmd, --resume-cmd and --state-cmd") }
+            if !regions.isEmpty { throw ValidationError("--vmm qemu finds the guest RAM from QEMU's memory backends: leave out --region") }
+        } else if qmp != nil {
+            throw ValidationError("--qmp goes with --vmm qemu")
+        }
         guard hasVM else { return }
         if MemoryMigrationMode(rawValue: mode) == nil { throw ValidationError("--mode must be precopy, postcopy or hybrid, not '\(mode)'") }
         if tracking != "auto" && tracking != "hash" { throw ValidationError("--tracking must be auto or hash, not '\(tracking)'") }
@@ -80,11 +103,11 @@ struct MemoryOptions: ParsableArguments {
     }
 
     /// The memory stream's options, or nil without --vm.
-    func streamOptions(pid: Int32?) throws -> MemoryStreamOptions? {
-        guard let pid else { return nil }
+    func streamOptions(pid: Int32?, qemu: QEMUSourceVM?) throws -> MemoryStreamOptions? {
+        guard let pid = qemu?.pid ?? pid else { return nil }
         var options = MemoryStreamOptions(pid: pid)
         options.mode = MemoryMigrationMode(rawValue: mode)!
-        try options.setRegions(parsing: regions)
+        if let qemu { options.regions = qemu.ram.map(\.range) } else { try options.setRegions(parsing: regions) }
         options.precopyRounds = precopyRounds
         options.pushDelayTarget = pushDelayTargetMs / 1000
         options.urgentPriority = urgentPriority
@@ -93,7 +116,8 @@ struct MemoryOptions: ParsableArguments {
     }
 
     /// How the VM is paused, resumed after a failure and asked for its state; nil without --vm.
-    func vmControl(pid: Int32?) -> VMControl? {
-        pid.map { VMControl(pid: $0, pauseCommand: pauseCmd, resumeCommand: resumeCmd, stateCommand: stateCmd) }
+    func vmControl(pid: Int32?, qemu: QEMUSourceVM?) -> VMControl? {
+        if let qemu { return VMControl(qemu: qemu) }
+        return pid.map { VMControl(pid: $0, pauseCommand: pauseCmd, resumeCommand: resumeCmd, stateCommand: stateCmd) }
     }
 }

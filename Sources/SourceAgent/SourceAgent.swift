@@ -31,6 +31,9 @@ struct SourceAgent: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Where to serve a disk over NBD: unix:PATH or tcp:HOST:PORT. With several --disk, the N-th --nbd serves the N-th disk; with one disk, every --nbd serves it.", valueName: "ENDPOINT"))
     var nbd: [String] = []
 
+    @Option(name: .customLong("export-name"), help: ArgumentHelp("Serve each disk only under this NBD export name (and the default, empty one). Without it a disk is served under any name a client asks for (QEMU's export=, nbd+unix:///NAME?socket=), as nbdkit does.", valueName: "NAME"))
+    var exportName: String = ""
+
     @Option(name: .long, help: ArgumentHelp("The dest-agent to migrate to (HOST:PORT). Without it, only serve.", valueName: "HOST:PORT"))
     var dest: String?
 
@@ -77,7 +80,7 @@ struct SourceAgent: ParsableCommand {
     var memory: MemoryOptions
 
     func validate() throws {
-        if memory.hasVM && (dest == nil || keyFile == nil) { throw ValidationError("--vm needs --dest HOST:PORT and --key-file") }
+        if memory.hasVM && (dest == nil || keyFile == nil) { throw ValidationError("--vm (or --qmp) needs --dest HOST:PORT and --key-file") }
         if disk.isEmpty && !memory.hasVM { throw ValidationError("give --disk IMG (the VM's disk image), --vm PID (the VM process whose memory to migrate), or both") }
         if !disk.isEmpty && nbd.isEmpty && dest == nil { throw ValidationError("give --nbd to serve the disk, --dest to migrate it, or both") }
         if disk.count > 1 && nbd.count != disk.count { throw ValidationError("with \(disk.count) disks give one --nbd per disk (got \(nbd.count))") }
@@ -96,7 +99,7 @@ struct SourceAgent: ParsableCommand {
         var served: [(server: NBDServer, store: FileBlockStore, options: DiskStreamOptions)] = []
         for (index, image) in disk.enumerated() {
             let store = try FileBlockStore(path: image)
-            let server = try NBDServer(store: store, options: NBDServer.Options(dirtyBlockSize: UInt64(blockSize)))
+            let server = try NBDServer(store: store, options: NBDServer.Options(exportName: exportName, dirtyBlockSize: UInt64(blockSize)))
             for text in disk.count == 1 ? nbd : [nbd[index]] {
                 let bound = try server.listen(NBDEndpoint.parse(text))
                 logger.info("serving disk", metadata: ["image": "\(image)", "bytes": "\(store.size)", "nbd": "\(bound)"])
@@ -118,8 +121,9 @@ struct SourceAgent: ParsableCommand {
             options.linkTimeout = linkTimeout
             do {
                 let pid = try memory.resolvePID(logger: logger)
-                let created = try SourceSession(options: options, vm: memory.vmControl(pid: pid), disks: served,
-                                                memory: try memory.streamOptions(pid: pid), logger: logger)
+                let qemu = try memory.qemu(pid: pid, logger: logger)
+                let created = try SourceSession(options: options, vm: memory.vmControl(pid: pid, qemu: qemu), disks: served,
+                                                memory: try memory.streamOptions(pid: pid, qemu: qemu), logger: logger)
                 session = created
                 migration = BackgroundMigration(reportPath: report, logger: logger) { created.run() }
             } catch {

@@ -147,6 +147,13 @@ int64_t ferry_mmap_anonymous(uint64_t addr, uint64_t len, int fixed_noreplace);
 /// memfd_create(name, MFD_CLOEXEC), ftruncate(len), mmap(MAP_SHARED) read-write, close the memfd: shared memory
 /// that shows as `/memfd:NAME` in /proc/PID/maps (how VMMs often hold guest RAM). Address or -errno.
 int64_t ferry_mmap_memfd(const char *name, uint64_t len);
+/// memfd_create(name, MFD_CLOEXEC): the descriptor or -errno.
+int ferry_memfd_create(const char *name);
+/// statfs(path).f_type: the filesystem's magic number (TMPFS_MAGIC 0x01021994), or -errno.
+long ferry_filesystem_type(const char *path);
+/// fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len): drops the pages (a tmpfs
+/// file's pages leave the page cache, so a MISSING-mode userfaultfd sees them fault). 0 or -errno.
+int ferry_punch_hole(int fd, uint64_t offset, uint64_t len);
 
 // ---- a minimal KVM guest (ferry-workload --kvm) ----
 /// A VM with one memory slot at guest-physical 0 and one vCPU in real mode.

@@ -13,10 +13,13 @@ public struct DiskTarget: Sendable {
     public var imagePath: String
     /// Where to serve it over NBD once the VM may use it.
     public var nbdEndpoint: NBDEndpoint
+    /// The NBD export name; empty: any name a client asks for.
+    public var exportName: String
 
-    public init(imagePath: String, nbdEndpoint: NBDEndpoint) {
+    public init(imagePath: String, nbdEndpoint: NBDEndpoint, exportName: String = "") {
         self.imagePath = imagePath
         self.nbdEndpoint = nbdEndpoint
+        self.exportName = exportName
     }
 }
 
@@ -45,6 +48,8 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
     private var postcopy = false
     private var pushEnded = false
     private let serving = Mutex<(server: NBDServer?, address: SocketAddress?, store: PostcopyDiskStore?, urgent: UrgentLaneClient?)>((nil, nil, nil, nil))
+    /// Served before switchover with every request held (``serveHeld()``), for a VMM started early.
+    private var held: HeldDiskStore?
 
     init(layout: DiskLayout, target: DiskTarget, logger: Logger, currentMainLink: @escaping @Sendable () -> PeerLink?) throws(LinkError) {
         self.layout = layout
@@ -111,7 +116,28 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
         guard postcopy, !self.postcopy else { return }
         self.postcopy = true
         image.claimsEnabled.store(true, ordering: .releasing)
+        if let held {
+            let store = PostcopyDiskStore(base: held.base, presence: image.presence, blockSize: Int(layout.blockSize))
+            serving.withLock { $0.store = store }
+            held.release(to: store)
+            return
+        }
         try startServing(postcopy: true)
+    }
+
+    /// Serves the image now, for a VMM that connects while starting (QEMU with `-incoming`), but
+    /// holds every request until the disk is handed to the VM (``switchover(postcopy:)`` in
+    /// post-copy, ``serveForVM()`` in pre-copy).
+    func serveHeld() throws(LinkError) {
+        guard server == nil else { return }
+        do {
+            let file = try FileBlockStore(path: image.path)
+            let store = HeldDiskStore(base: file)
+            try startServing(store: store)
+            held = store
+        } catch let error as LinkError { throw error } catch {
+            throw .local(.vmStartFailed, reason: "cannot open disk \(layout.diskID) at \(image.path): \(error)")
+        }
     }
 
     func checkReady(theirs: StreamDigest?) throws(LinkError) {
@@ -128,6 +154,7 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
 
     /// Serves the pre-copy image (the digests agreed): the VM is about to start.
     func serveForVM() throws(LinkError) {
+        if let held, !held.isReleased { held.release(to: nil) }
         guard server == nil else { return }
         try startServing(postcopy: false)
         // Off the downtime path: the VM reads through the page cache, and its own FLUSH requests sync what it needs.
@@ -153,15 +180,22 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
     }
 
     private func startServing(postcopy: Bool) throws(LinkError) {
+        let file: FileBlockStore
+        do { file = try FileBlockStore(path: image.path) } catch {
+            throw .local(.vmStartFailed, reason: "cannot open disk \(layout.diskID) at \(image.path): \(error)")
+        }
+        let postcopyStore = postcopy ? PostcopyDiskStore(base: file, presence: image.presence, blockSize: Int(layout.blockSize)) : nil
+        try startServing(store: postcopyStore ?? file, postcopyStore: postcopyStore)
+    }
+
+    private func startServing(store: any BlockStore, postcopyStore: PostcopyDiskStore? = nil) throws(LinkError) {
         do {
-            let file = try FileBlockStore(path: image.path)
-            let postcopyStore = postcopy ? PostcopyDiskStore(base: file, presence: image.presence, blockSize: Int(layout.blockSize)) : nil
-            let store: any BlockStore = postcopyStore ?? file
-            let server = try NBDServer(store: store, options: NBDServer.Options(exportName: "", dirtyBlockSize: UInt64(layout.blockSize)))
+            let server = try NBDServer(store: store, options: NBDServer.Options(exportName: target.exportName, dirtyBlockSize: UInt64(layout.blockSize)))
             let address = try server.listen(target.nbdEndpoint)
             server.start()
             serving.withLock { $0 = (server, address, postcopyStore, nil) }
-            logger.info("serving the migrated disk", metadata: ["disk": "\(layout.diskID)", "nbd": "\(target.nbdEndpoint)", "postcopy": "\(postcopy)"])
+            logger.info("serving the migrated disk", metadata: ["disk": "\(layout.diskID)", "nbd": "\(target.nbdEndpoint)",
+                                                                "postcopy": "\(postcopyStore != nil)", "held": "\(store is HeldDiskStore)"])
         } catch {
             throw .local(.vmStartFailed, reason: "cannot serve disk \(layout.diskID) over NBD at \(target.nbdEndpoint): \(error)")
         }

@@ -8,6 +8,15 @@ import Wire
 /// zero, and which were requested. The link reader threads write pages in; the fault-service thread
 /// copies them out into the resumed VM. Once the VM runs (``attachVM(uffd:)``), pages arriving in
 /// post-copy are also installed into it at once with UFFDIO_COPY (EEXIST: the VM already has it).
+///
+/// File-backed (``init(layout:backingFile:)``, for a QEMU whose RAM backend is that tmpfs file):
+/// the local copy IS the VM's RAM. Before the VM runs, pages are written straight into it (so a
+/// pre-copy VM starts on it with nothing left to copy) and stale or zeroed pages are punched out.
+/// Once it runs, this process never writes through its own mapping again: a page written there
+/// would become visible to the VM half-copied, and a page the VM changed would be overwritten.
+/// Pages then go in only by UFFDIO_COPY / UFFDIO_ZEROPAGE, which are atomic and never replace a
+/// present page; pages never received are never read here (a read would allocate a zero page
+/// in the file and hide the page from the VM's fault).
 public final class GuestMemoryImage: @unchecked Sendable {
     public let layout: GuestMemoryLayout
     public let pageSize: Int
@@ -18,6 +27,10 @@ public final class GuestMemoryImage: @unchecked Sendable {
     /// The local copy: page g at `base + g * pageSize`.
     let base: UnsafeMutableRawPointer
     let byteCount: Int
+    /// The RAM file's descriptor (file-backed), else -1.
+    let backingFD: Int32
+    /// The RAM file's path (file-backed), else nil.
+    public let backingFile: String?
     /// Pages whose final content is here (data or zero).
     public let received: PageSet
     /// Pages known to be zero (never touched at the source, or zero content).
@@ -37,8 +50,10 @@ public final class GuestMemoryImage: @unchecked Sendable {
     /// Host address of each region in the resumed VM (from its handshake; layout's by default).
     private var vmAddress: [UInt64]
 
-    /// Maps room for every region of `layout`. The corresponding system call is `mmap`.
-    public init(layout: GuestMemoryLayout) throws {
+    /// Maps room for every region of `layout`: anonymous memory, or (with `backingFile`) a new file
+    /// of that size, shared with the VMM that uses it as its RAM (regions back to back, at their
+    /// file offsets). The corresponding system calls are `open`, `ftruncate` and `mmap`.
+    public init(layout: GuestMemoryLayout, backingFile: String? = nil) throws {
         self.layout = layout
         pageSize = Int(layout.pageSize)
         var first: [Int] = []
@@ -53,12 +68,28 @@ public final class GuestMemoryImage: @unchecked Sendable {
         firstPage = first
         totalPages = pages
         byteCount = max(pages * pageSize, pageSize)
-        let address: UInt64
-        do { address = try AnonymousMemory.map(length: UInt64(byteCount)) } catch {
-            throw SetupError("cannot map \(byteCount) bytes for the received memory: \(error)")
+        self.backingFile = backingFile
+        if let backingFile {
+            let fd = open(backingFile, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw SetupError("cannot create the RAM file \(backingFile): \(String(cString: strerror(errno)))") }
+            guard ftruncate(fd, off_t(byteCount)) == 0,
+                  let mapped = mmap(nil, byteCount, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), mapped != MAP_FAILED else {
+                let error = String(cString: strerror(errno))
+                close(fd)
+                unlink(backingFile)
+                throw SetupError("cannot size or map the \(byteCount)-byte RAM file \(backingFile): \(error)")
+            }
+            backingFD = fd
+            base = mapped
+        } else {
+            let address: UInt64
+            do { address = try AnonymousMemory.map(length: UInt64(byteCount)) } catch {
+                throw SetupError("cannot map \(byteCount) bytes for the received memory: \(error)")
+            }
+            madvise(UnsafeMutableRawPointer(bitPattern: UInt(address)), byteCount, 14) // MADV_HUGEPAGE: fewer faults here
+            base = UnsafeMutableRawPointer(bitPattern: UInt(address))!
+            backingFD = -1
         }
-        madvise(UnsafeMutableRawPointer(bitPattern: UInt(address)), byteCount, 14) // MADV_HUGEPAGE: fewer faults here
-        base = UnsafeMutableRawPointer(bitPattern: UInt(address))!
         received = PageSet(pageCount: pages)
         hashes = PageHashes(pageCount: pages, pageSize: pageSize)
         zero = PageSet(pageCount: pages)
@@ -70,7 +101,36 @@ public final class GuestMemoryImage: @unchecked Sendable {
 
     deinit {
         munmap(base, byteCount)
+        if backingFD >= 0 { close(backingFD) }
         vmUffd.deallocate()
+    }
+
+    /// Whether the local copy is the VM's RAM file.
+    public var isFileBacked: Bool { backingFD >= 0 }
+
+    /// File-backed: drops pages `first..<first+count` (global) from the RAM file, so they read as
+    /// zero before the VM runs and fault once it runs. The corresponding call is `fallocate(PUNCH_HOLE)`.
+    func punch(first: Int, count: Int) {
+        guard backingFD >= 0, count > 0 else { return }
+        _ = ferry_punch_hole(backingFD, UInt64(first * pageSize), UInt64(count * pageSize))
+    }
+
+    /// File-backed, before the VM runs: punches out every page that has not arrived (a VMM may have
+    /// touched its RAM while starting), so that each one faults and is fetched. Returns the pages punched.
+    @discardableResult
+    public func punchMissing() -> Int {
+        guard backingFD >= 0 else { return 0 }
+        var punched = 0
+        var page = 0
+        while page < totalPages {
+            guard !received.contains(page) else { page += 1; continue }
+            var end = page + 1
+            while end < totalPages && !received.contains(end) { end += 1 }
+            punch(first: page, count: end - page)
+            punched += end - page
+            page = end
+        }
+        return punched
     }
 
     /// Region index of a region id.
@@ -118,12 +178,16 @@ public final class GuestMemoryImage: @unchecked Sendable {
         var payloadOffset = 0
         let payload = batch.payload.bytes
         var fresh = 0
+        // File-backed and the VM runs: its RAM takes pages only by UFFDIO_COPY/ZEROPAGE (see the type's comment).
+        let vmOwnsFile = backingFD >= 0 && uffd >= 0
         for run in batch.runs {
             let n = Int(run.count)
             if run.isZero {
                 for page in g..<(g + n) {
                     if !zero.contains(page) {
-                        if received.contains(page) { memset(pointer(page), 0, pageSize) }
+                        if received.contains(page) && !vmOwnsFile {
+                            if backingFD >= 0 { punch(first: page, count: 1) } else { memset(pointer(page), 0, pageSize) }
+                        }
                         zero.insert(page)
                     }
                     if !received.insert(page) { fresh += 1 }
@@ -133,6 +197,16 @@ public final class GuestMemoryImage: @unchecked Sendable {
                     }
                 }
                 zeroPagesApplied.add(UInt64(n))
+            } else if vmOwnsFile {
+                for page in g..<(g + n) {
+                    let contents = UnsafeRawBufferPointer(start: payload.baseAddress! + payloadOffset + (page - g) * pageSize, count: pageSize)
+                    if !removed.contains(page) { install(copying: contents, at: vmAddress(ofGlobal: page, region: index), uffd: uffd) }
+                    zero.remove(page)
+                    if !received.insert(page) { fresh += 1 }
+                    hashes.record(page: page, contents: contents)
+                }
+                payloadOffset += n * pageSize
+                dataPagesApplied.add(UInt64(n))
             } else {
                 pointer(g).copyMemory(from: payload.baseAddress! + payloadOffset, byteCount: n * pageSize)
                 for page in g..<(g + n) {
@@ -163,21 +237,29 @@ public final class GuestMemoryImage: @unchecked Sendable {
             throw LinkError.peer(.protocolViolation, reason: "pageDiscard \(range.pageIndex)+\(range.count) beyond region \(range.regionID)")
         }
         let first = firstPage[index] + Int(range.pageIndex)
+        let vmOwnsFile = backingFD >= 0 && ferry_load_i32_acquire(vmUffd) >= 0
         for page in first..<(first + Int(range.count)) {
             received.remove(page)
             requested.remove(page)
             // The local copy must not keep the stale bytes: a later zero push only zeroes pages
-            // it knows hold data, and the digest is taken over this copy.
-            if !zero.contains(page) { memset(pointer(page), 0, pageSize) }
+            // it knows hold data, and the digest is taken over this copy. A RAM file drops them, so
+            // the VM faults on them.
+            if !zero.contains(page) && backingFD < 0 { memset(pointer(page), 0, pageSize) }
         }
+        if backingFD >= 0 && !vmOwnsFile { punch(first: first, count: Int(range.count)) }
     }
 
     /// UFFDIO_COPY of a received page into the VM. EEXIST: the VM has it already. EAGAIN (a REMOVE
     /// event is queued for the fault thread): retried briefly, else left for the fault path.
     @inline(__always) func install(copyOf page: Int, at address: UInt64, uffd: Int32) {
+        install(copying: UnsafeRawBufferPointer(start: pointer(page), count: pageSize), at: address, uffd: uffd)
+    }
+
+    /// UFFDIO_COPY of one page's `contents` into the VM (same rules as ``install(copyOf:at:uffd:)``).
+    @inline(__always) func install(copying contents: UnsafeRawBufferPointer, at address: UInt64, uffd: Int32) {
         var copied: Int64 = 0
         for _ in 0..<100 {
-            let r = ferry_uffdio_copy(uffd, address, pointer(page), UInt64(pageSize), 0, &copied)
+            let r = ferry_uffdio_copy(uffd, address, UnsafeMutableRawPointer(mutating: contents.baseAddress!), UInt64(pageSize), 0, &copied)
             if r != -EAGAIN { return }
             usleep(20)
         }
@@ -206,6 +288,8 @@ public final class GuestMemoryImage: @unchecked Sendable {
             for page in first..<(first + Int(region.size) / pageSize) {
                 if page & 1023 == 0 && stop() { return done }
                 guard received.contains(page), !removed.contains(page) else { continue }
+                // A RAM file holds every data page already; only its zero pages are holes.
+                if backingFD >= 0 && !zero.contains(page) { continue }
                 let address = vmAddress(ofGlobal: page, region: index)
                 if zero.contains(page) { install(zeroAt: address, uffd: uffd) } else { install(copyOf: page, at: address, uffd: uffd) }
                 done += 1

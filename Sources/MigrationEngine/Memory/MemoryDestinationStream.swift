@@ -27,8 +27,9 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
     private let lanes = Mutex<(current: PeerLink?, service: MemoryFaultService?)>((nil, nil))
     private var lastKeepalive = ContinuousClock.now
 
-    init(layout: GuestMemoryLayout, prepagingWindow: Int, urgentPriority: Int32, logger: Logger) throws(LinkError) {
-        do { image = try GuestMemoryImage(layout: layout) } catch {
+    /// `backingFile`: keep the memory in this new file, the RAM file of a VMM started here (QEMU).
+    init(layout: GuestMemoryLayout, prepagingWindow: Int, urgentPriority: Int32, logger: Logger, backingFile: String? = nil) throws(LinkError) {
+        do { image = try GuestMemoryImage(layout: layout, backingFile: backingFile) } catch {
             throw .local(.storageFailure, reason: "cannot hold the migrating memory: \(error)")
         }
         self.prepagingWindow = prepagingWindow
@@ -168,6 +169,30 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
         service.start()
         lanes.withLock { $0.service = service }
         service.populate()   // every page already here goes into the VM now, not on its first fault
+    }
+
+    /// Serves the faults of a VMM that knows nothing of Ferry (QEMU waiting for its state), whose RAM
+    /// is this image's file mapped at `address` in process `pid`: a userfaultfd is injected into it
+    /// (ptrace), registered in missing mode over that mapping, every page not here is punched out
+    /// of the file, and the fault service starts. From then on every page the VM reads is the
+    /// migrated one or faults. Call before the VMM loads its state (that load reads guest RAM too).
+    func attachInjected(pid: Int32, address: UInt64, onExit: @escaping @Sendable () -> Void) throws {
+        guard image.isFileBacked else { throw SetupError("an injected fault service needs the memory in the VM's RAM file") }
+        let uffd = try Userfaultfd.inject(into: pid, keepInTarget: true)   // a restarted agent adopts it
+        try uffd.handshake(requesting: [.missingShmem, .eventRemove], required: [.missingShmem])
+        let size = UInt64(image.totalPages) * UInt64(image.pageSize)
+        try uffd.register(AddressRange(start: address, length: size), mode: .missing)
+        // After registering: a page punched now faults on its next touch.
+        let punched = image.punchMissing()
+        let mappings = [GuestMemoryMapping(baseHostVirtAddr: address, size: size, offset: 0, pageSize: UInt64(image.pageSize))]
+        let lane = lanes.withLock { $0.current }
+        let service = try MemoryFaultService(server: FaultServer(uffd: uffd, mappings: mappings), vmPID: pid, image: image,
+                                             urgent: lane, prepagingWindow: prepagingWindow, logger: logger, onExit: onExit)
+        service.start()
+        lanes.withLock { $0.service = service }
+        service.populate()
+        logger.info("serving the VM's faults through an injected userfaultfd", metadata: [
+            "pid": "\(pid)", "address": "0x\(String(address, radix: 16))", "pages_missing": "\(punched)"])
     }
 
     /// The Firecracker mapping list of the regions (the layout file the VM maps).

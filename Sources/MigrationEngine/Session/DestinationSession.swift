@@ -38,6 +38,9 @@ public struct DestinationOptions: Sendable {
     public var acceptTimeout: Double = 0
     /// How long the started VM may take to hand over its userfaultfd (seconds).
     public var vmStartTimeout: Double = 30
+    /// Start a QEMU before switchover and load its device state at switchover (instead of
+    /// `onSwitchover` and `uffdSocket`).
+    public var qemu: QEMUStartOptions?
 
     public init(listen: SocketAddress, key: SharedKey) {
         self.listen = listen
@@ -67,6 +70,10 @@ public final class DestinationSession: @unchecked Sendable {
     private var restoredServers: [NBDServer] = []
     /// The PID of the `--on-switchover` command, to reap.
     public private(set) var startedPID: pid_t?
+    /// The QEMU started here before switchover (`--vmm qemu`).
+    private var qemu: QEMUDestinationVM?
+    /// Its RAM file (in a tmpfs), removed when this agent ends.
+    private var ramFile: String?
 
     /// What the acceptor's threads need to know and hand over.
     private struct Door {
@@ -166,11 +173,14 @@ public final class DestinationSession: @unchecked Sendable {
                         switch frame.message {
                         case .diskLayout(let layout):
                             try addDisk(layout)
+                            try startQEMUWhenReady(directory: directory)
                         case .memoryLayout(let layout):
                             if memory == nil {
                                 memory = try MemoryDestinationStream(layout: layout, prepagingWindow: options.prepagingWindow,
-                                                                     urgentPriority: options.urgentPriority, logger: logger)
+                                                                     urgentPriority: options.urgentPriority, logger: logger,
+                                                                     backingFile: try makeRAMFile(for: layout))
                                 memory!.beforeAck = { [unowned self] in publishResumePoints() }
+                                try startQEMUWhenReady(directory: directory)
                             } else if memory!.image.layout != layout {
                                 throw LinkError.local(.layoutMismatch, reason: "a second, different memory layout")
                             }
@@ -209,6 +219,8 @@ public final class DestinationSession: @unchecked Sendable {
                                 sourceDigests.removeAll { $0.stream == digest.stream && $0.streamID == digest.streamID }
                                 sourceDigests.append(digest)
                             }
+                            // The offer's `complete` starts the VM; a later one closes post-copy.
+                            let closing = vmStarted
                             if !vmStarted {
                                 guard let mode = session.mode else { throw LinkError.unexpected(.complete, expecting: "switchover first") }
                                 guard session.stateReceived == UInt64(session.state.count) else {
@@ -226,7 +238,7 @@ public final class DestinationSession: @unchecked Sendable {
                                 state.handOver()
                                 if streams.contains(where: { !$0.isComplete }) { state.move(to: .postcopy) }
                             }
-                            if vmStarted && !streams.allSatisfy(\.isComplete) {
+                            if closing && !streams.allSatisfy(\.isComplete) {
                                 // The source pushed everything before this `complete`, but replies to
                                 // the last page requests travel on the urgent lane and may still be
                                 // on their way: give them a moment rather than a silent stall.
@@ -287,6 +299,11 @@ public final class DestinationSession: @unchecked Sendable {
         }
         acceptor?.stop()
         _ = uffdListener.take()
+        if state.owner != .destination, let qemu {
+            qemu.kill()   // it must not run here: the VM runs on at the source
+            self.qemu = nil
+        }
+        if state.owner != .destination, let ramFile { unlink(ramFile) }
         if !state.phase.isTerminal && state.owner != .destination, let failure { state.move(to: .failed(failure)) }
         for stream in streams { stream.fill(&report) }
         report.disk = report.disks.first
@@ -359,12 +376,21 @@ public final class DestinationSession: @unchecked Sendable {
             let sockets = disks.keys.sorted().compactMap { disks[$0]?.servingAddress.map { $0.unixPath ?? "\($0)" } }
             environment["FERRY_NBD_SOCKET"] = sockets.first ?? ""
             environment["FERRY_NBD_SOCKETS"] = sockets.joined(separator: " ")
-            if let command = options.onSwitchover {
-                startedPID = try ShellCommand.start(command, environment: environment)
-            }
-            if let memory, let listener = uffdListener.take() {
-                let handshake = try awaitVM(listener)
-                try memory.startFaultService(handshake, onExit: vmExited)
+            if options.qemu != nil {
+                if qemu == nil { try startQEMU(directory: directory) }
+                guard let qemu, qemu.isAlive else { throw SetupError("the QEMU started for this migration has exited") }
+                if let memory, mode.contains(.memoryPostcopy) {
+                    try memory.attachInjected(pid: qemu.pid, address: qemu.ramAddress, onExit: vmExited)
+                }
+                try qemu.loadStateAndRun(statePath: statePath)
+            } else {
+                if let command = options.onSwitchover {
+                    startedPID = try ShellCommand.start(command, environment: environment)
+                }
+                if let memory, let listener = uffdListener.take() {
+                    let handshake = try awaitVM(listener)
+                    try memory.startFaultService(handshake, onExit: vmExited)
+                }
             }
             var journal = HandOverJournal(session: "\(link.agreement.sessionID)", digests: [:], disks: [],
                                           memoryPostcopy: mode.contains(.memoryPostcopy))
@@ -389,6 +415,8 @@ public final class DestinationSession: @unchecked Sendable {
             try journal.write(to: directory.path)
         } catch {
             if let pid = startedPID { kill(pid, SIGKILL) }
+            qemu?.kill()
+            qemu = nil
             let reason = "the VM did not start here: \(error)"
             try? link.send(.error(.truncating(code: .vmStartFailed, reason: reason)))
             throw .peer(.vmStartFailed, reason: reason)
@@ -428,6 +456,46 @@ public final class DestinationSession: @unchecked Sendable {
             }
         }
         throw SetupError("no VM handed over its userfaultfd on \(options.uffdSocket ?? "") within \(Int(options.vmStartTimeout)) s")
+    }
+
+    // MARK: - QEMU
+
+    /// `--vmm qemu`: the RAM file for `layout` in the tmpfs RAM directory (nil otherwise).
+    private func makeRAMFile(for layout: GuestMemoryLayout) throws(LinkError) -> String? {
+        guard let qemu = options.qemu else { return nil }
+        guard layout.regions.count == 1 else {
+            throw .local(.vmStartFailed, reason: "the source's QEMU has \(layout.regions.count) RAM backends; --vmm qemu here takes one")
+        }
+        guard ferry_filesystem_type(qemu.ramDirectory) == 0x0102_1994 else {
+            throw .local(.vmStartFailed, reason: "--ram-dir \(qemu.ramDirectory) is not a tmpfs (QEMU's RAM must be shared memory)")
+        }
+        let path = "\(qemu.ramDirectory)/ferry-ram-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        ramFile = path
+        return path
+    }
+
+    /// `--vmm qemu`: starts QEMU as soon as the memory and every disk are announced, so that its
+    /// start-up overlaps the migration and is not downtime.
+    private func startQEMUWhenReady(directory: PrivateDirectory) throws(LinkError) {
+        guard options.qemu != nil, qemu == nil, memory != nil, disks.count == options.disks.count else { return }
+        do { try startQEMU(directory: directory) } catch let error as LinkError { throw error } catch {
+            throw .local(.vmStartFailed, reason: "cannot start QEMU here: \(error)")
+        }
+    }
+
+    private func startQEMU(directory: PrivateDirectory) throws {
+        guard let start = options.qemu, let memory, let ramFile else { throw SetupError("--vmm qemu needs the VM's memory") }
+        for disk in disks.values { try disk.serveHeld() }
+        let qmpPath = directory.path + "/qmp.sock"
+        unlink(qmpPath)
+        let sockets = disks.keys.sorted().compactMap { disks[$0]?.servingAddress.map { $0.unixPath ?? "\($0)" } }
+        let size = UInt64(memory.image.totalPages) * UInt64(memory.image.pageSize)
+        let environment = ["FERRY_RAM_FILE": ramFile, "FERRY_RAM_SIZE": "\(size)", "FERRY_QMP_SOCKET": qmpPath,
+                           "FERRY_NBD_SOCKET": sockets.first ?? "", "FERRY_NBD_SOCKETS": sockets.joined(separator: " "),
+                           "FERRY_WORK_DIR": directory.path]
+        qemu = try QEMUDestinationVM(command: start.command, environment: environment, qmpPath: qmpPath, ramFile: ramFile,
+                                     ramSize: size, timeout: options.vmStartTimeout, logger: logger)
+        startedPID = qemu!.shellPID
     }
 
     // MARK: - Streams
@@ -682,10 +750,12 @@ public final class DestinationSession: @unchecked Sendable {
     /// (with the work directory, if this agent made it).
     public func shutdown() {
         for server in nbdServers { server.shutdown(drain: true) }
+        if let ramFile { unlink(ramFile) }   // a running QEMU keeps its mapping
         memory?.stop()
         if let directory = keptDirectory {
             unlink(directory.path + "/vm-state.bin")
-            if !FileManager.default.fileExists(atPath: HandOverJournal.path(in: directory.path)) { directory.remove() }
+            // A QEMU started here keeps its monitor socket in the directory: the operator's handle on the VM.
+            if !FileManager.default.fileExists(atPath: HandOverJournal.path(in: directory.path)) && qemu?.isAlive != true { directory.remove() }
         }
     }
 

@@ -249,8 +249,9 @@ public final class SourceSession: @unchecked Sendable {
                         pausedAt = ferry_monotonic_ns()
                         try vm?.pause()
                         vmPaused = true
-                        for stream in streams { try stream.freeze() }
+                        // The state before the last scan: whatever the VMM writes while saving it is caught.
                         vmState = try vm?.state() ?? []
+                        for stream in streams { try stream.freeze() }
                         logger.info("VM paused", metadata: ["pid": "\(vm?.pid ?? 0)", "state_bytes": "\(vmState.count)"])
                     }
                     if !offerSent {
@@ -333,7 +334,7 @@ public final class SourceSession: @unchecked Sendable {
             case .source:
                 if vmPaused {
                     do { try vm?.resume() } catch { logger.error("could not resume the VM here", metadata: ["error": "\(error)"]) }
-                } else if let vm, vm.resumeCommand == nil {
+                } else if let vm, vm.usesSignals {
                     kill(vm.pid, SIGCONT)   // harmless when it was never stopped
                 }
                 for stream in streams { stream.thaw() }

@@ -2,8 +2,9 @@ import Foundation
 import Glibc
 
 /// The source's hold on the VM process: pause, resume after a failure, and the opaque VM-state
-/// blob made at pause. SIGSTOP / SIGCONT by default (`kill`), or the operator's `--pause-cmd` /
-/// `--resume-cmd` for a VMM with its own API (QMP `stop` / `cont`). After SIGSTOP it waits until
+/// blob made at pause. SIGSTOP / SIGCONT by default (`kill`), the operator's `--pause-cmd` /
+/// `--resume-cmd` for a VMM with its own API, or QEMU's QMP (``QEMUSourceVM``: `stop`, `cont`,
+/// the device state by `migrate` with `x-ignore-shared`). After SIGSTOP it waits until
 /// every thread of the process is really stopped (state `T` in /proc/PID/task/TID/stat), since a
 /// signal is delivered asynchronously and a final dirty scan must not race a running thread.
 public struct VMControl: Sendable {
@@ -12,18 +13,34 @@ public struct VMControl: Sendable {
     public let resumeCommand: String?
     /// Run at pause to make the VM-state blob (see ``state()``).
     public let stateCommand: String?
+    /// A QEMU driven through QMP: pause, resume and state go there.
+    public let qemu: QEMUSourceVM?
 
     public init(pid: Int32, pauseCommand: String? = nil, resumeCommand: String? = nil, stateCommand: String? = nil) {
         self.pid = pid
         self.pauseCommand = pauseCommand
         self.resumeCommand = resumeCommand
         self.stateCommand = stateCommand
+        qemu = nil
     }
+
+    /// A QEMU VM controlled through its monitor.
+    public init(qemu: QEMUSourceVM) {
+        pid = qemu.pid
+        pauseCommand = nil
+        resumeCommand = nil
+        stateCommand = nil
+        self.qemu = qemu
+    }
+
+    /// Whether pause and resume are SIGSTOP and SIGCONT.
+    public var usesSignals: Bool { qemu == nil && pauseCommand == nil }
 
     /// Runs the state command (if any) and returns the blob. The command gets FERRY_STATE_FILE (a
     /// path it may write, in a private directory) and FERRY_PID; if the last line it prints names
     /// an existing file, that file is the blob instead.
     public func state() throws -> [UInt8] {
+        if let qemu { return try qemu.deviceState() }
         guard let command = stateCommand else { return [] }
         let directory = try PrivateDirectory(prefix: "ferry-state")
         defer { directory.remove() }
@@ -42,6 +59,10 @@ public struct VMControl: Sendable {
 
     /// Pauses the process. The corresponding system call is `kill(pid, SIGSTOP)`.
     public func pause() throws(ShellCommand.Failure) {
+        if let qemu {
+            do { try qemu.pause() } catch { throw ShellCommand.Failure(description: "QMP stop: \(error)") }
+            return
+        }
         if let pauseCommand {
             try ShellCommand.run(pauseCommand, environment: ["FERRY_PID": "\(pid)"])
             return
@@ -60,6 +81,10 @@ public struct VMControl: Sendable {
 
     /// Resumes the process at the source. The corresponding system call is `kill(pid, SIGCONT)`.
     public func resume() throws(ShellCommand.Failure) {
+        if let qemu {
+            do { try qemu.resume() } catch { throw ShellCommand.Failure(description: "QMP cont: \(error)") }
+            return
+        }
         if let resumeCommand {
             try ShellCommand.run(resumeCommand, environment: ["FERRY_PID": "\(pid)"])
             return
