@@ -96,6 +96,8 @@ struct DestAgent: ParsableCommand {
 
         while true {
             switch SignalWaiter.wait() {
+            case .go:
+                continue
             case .stop(let signal):
                 logger.info("stopping", metadata: ["signal": "\(signal)"])
                 return try finish()

@@ -55,7 +55,7 @@ struct MemoryOptions: ParsableArguments {
     /// The QEMU behind --qmp, connected once (nil for --vmm process).
     func qemu(pid: Int32?, logger: Logger) throws -> QEMUSourceVM? {
         guard vmm == "qemu", let qmp else { return nil }
-        let vm = try QEMUSourceVM(qmpPath: String(qmp.dropFirst("unix:".count)), expectedPID: pid)
+        let vm = try QEMUSourceVM(qmpPath: String(qmp.dropFirst("unix:".count)), expectedPID: pid, timeout: vmWait)
         logger.info("QEMU found through QMP", metadata: ["pid": "\(vm.pid)", "version": "\(vm.version)",
                                                          "ram": "\(vm.ram.map(\.description).joined(separator: "; "))"])
         return vm

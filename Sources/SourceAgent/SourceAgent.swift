@@ -70,6 +70,9 @@ struct SourceAgent: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Write the JSON migration report here.", valueName: "PATH"))
     var report: String?
 
+    @Flag(name: .customLong("migrate-on-signal"), help: "Serve the disks and wait for SIGUSR2 before migrating (the agent runs beside the VM for its whole life; the operator or a drill says when to move it).")
+    var migrateOnSignal = false
+
     @Flag(name: .customLong("exit-after-migration"), help: "Exit when the migration ends (status 0 if it completed) instead of serving on.")
     var exitAfterMigration = false
 
@@ -114,6 +117,20 @@ struct SourceAgent: ParsableCommand {
 
         var migration: BackgroundMigration? = nil
         var session: SourceSession? = nil
+        var sourceQEMU: QEMUSourceVM? = nil
+        if dest != nil && migrateOnSignal {
+            logger.info("serving; the migration starts on SIGUSR2", metadata: ["pid": "\(getpid())"])
+            waiting: while true {
+                switch SignalWaiter.wait() {
+                case .go: break waiting
+                case .stop(let signal):
+                    logger.info("stopping before any migration: draining in-flight requests", metadata: ["signal": "\(signal)"])
+                    shutdownDisks(drain: true)
+                    return
+                case .workFinished: continue
+                }
+            }
+        }
         if let dest {
             var options = SessionOptions(destination: try SocketAddress(parsing: dest), key: try SharedKey(contentsOf: keyFile!))
             options.policy = ConvergencePolicy(maxDowntime: maxDowntime, maxRounds: maxRounds, maxSeconds: maxTime,
@@ -122,6 +139,7 @@ struct SourceAgent: ParsableCommand {
             do {
                 let pid = try memory.resolvePID(logger: logger)
                 let qemu = try memory.qemu(pid: pid, logger: logger)
+                sourceQEMU = qemu
                 let created = try SourceSession(options: options, vm: memory.vmControl(pid: pid, qemu: qemu), disks: served,
                                                 memory: try memory.streamOptions(pid: pid, qemu: qemu), logger: logger)
                 session = created
@@ -144,11 +162,18 @@ struct SourceAgent: ParsableCommand {
                 logger.info("stopping: draining in-flight requests", metadata: ["signal": "\(signal)"])
                 shutdownDisks(drain: true)
                 return
+            case .go:
+                continue   // one migration per run
             case .workFinished:
                 guard let migration, let result = migration.report else { continue }
                 if result.status == "completed" {
                     // The VM now runs at the destination: nothing may write here any more.
                     logger.info("migration completed; the VM runs at the destination")
+                    if let sourceQEMU {
+                        // Its copy is stale: ended, as libvirt does, so that nobody can `cont` it.
+                        sourceQEMU.quit()
+                        logger.info("the source QEMU was told to quit", metadata: ["pid": "\(sourceQEMU.pid)"])
+                    }
                     shutdownDisks(drain: false)
                     return
                 }

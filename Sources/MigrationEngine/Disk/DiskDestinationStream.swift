@@ -120,13 +120,14 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
             let store = PostcopyDiskStore(base: held.base, presence: image.presence, blockSize: Int(layout.blockSize))
             serving.withLock { $0.store = store }
             held.release(to: store)
+            server?.resume()
             return
         }
         try startServing(postcopy: true)
     }
 
     /// Serves the image now, for a VMM that connects while starting (QEMU with `-incoming`), but
-    /// holds every request until the disk is handed to the VM (``switchover(postcopy:)`` in
+    /// holds every write (and, in post-copy, every read of a block not here) until the disk is handed to the VM (``switchover(postcopy:)`` in
     /// post-copy, ``serveForVM()`` in pre-copy).
     func serveHeld() throws(LinkError) {
         guard server == nil else { return }
@@ -134,6 +135,7 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
             let file = try FileBlockStore(path: image.path)
             let store = HeldDiskStore(base: file)
             try startServing(store: store)
+            server?.quiesce(timeoutNanoseconds: 0)   // no write until the disk is the VM's
             held = store
         } catch let error as LinkError { throw error } catch {
             throw .local(.vmStartFailed, reason: "cannot open disk \(layout.diskID) at \(image.path): \(error)")
@@ -154,7 +156,10 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
 
     /// Serves the pre-copy image (the digests agreed): the VM is about to start.
     func serveForVM() throws(LinkError) {
-        if let held, !held.isReleased { held.release(to: nil) }
+        if let held, !held.isReleased {
+            held.release(to: nil)
+            server?.resume()
+        }
         guard server == nil else { return }
         try startServing(postcopy: false)
         // Off the downtime path: the VM reads through the page cache, and its own FLUSH requests sync what it needs.

@@ -2,10 +2,12 @@ import NBDBridge
 import Synchronization
 
 /// The destination's NBD store for a VMM started before switchover (QEMU waiting in `-incoming`):
-/// its NBD client connects at start-up, but no request may touch the image until the disk is
-/// handed to the VM. Until ``release(to:)`` every read and write is held (parked by the NBD
-/// connection and retried); then they go to the image as it is (pre-copy: the digests agreed) or
-/// through a ``PostcopyDiskStore`` that fetches what has not arrived (post-copy).
+/// its NBD client connects at start-up and may read while the VMM sets up its devices (QEMU reads
+/// sector 0 to guess a disk's geometry, synchronously, before its monitor even answers), but the
+/// guest runs only after hand-over. So until ``release(to:)`` reads see the image as it is, and
+/// writes are held by the server's write gate (the session quiesces it; QEMU writes nothing while
+/// its disks are inactive anyway). Afterwards requests go to the image (pre-copy: the digests
+/// agreed) or through a ``PostcopyDiskStore`` that fetches what has not arrived (post-copy).
 final class HeldDiskStore: BlockStore, @unchecked Sendable {
     /// The image file.
     let base: FileBlockStore
@@ -30,11 +32,7 @@ final class HeldDiskStore: BlockStore, @unchecked Sendable {
     var memoryBacked: Bool { base.memoryBacked }
 
     func isReadable(offset: UInt64, length: UInt64) -> Bool {
-        switch target.load(ordering: .acquiring) {
-        case 0: return false
-        case 1: return true
-        default: return postcopy!.isReadable(offset: offset, length: length)
-        }
+        target.load(ordering: .acquiring) == 2 ? postcopy!.isReadable(offset: offset, length: length) : true
     }
 
     func extents(offset: UInt64, length: UInt64, maxCount: Int, into extents: UnsafeMutableBufferPointer<BlockExtent>) -> Int {

@@ -37,8 +37,8 @@ public final class QEMUSourceVM: @unchecked Sendable {
 
     /// Connects to QEMU's monitor at `qmpPath` and finds its RAM. `expectedPID` (from `--vm`), if
     /// given, must be the QEMU behind the socket.
-    public init(qmpPath: String, expectedPID: Int32? = nil) throws {
-        qmp = try QMPClient(path: qmpPath)
+    public init(qmpPath: String, expectedPID: Int32? = nil, timeout: Double = 10) throws {
+        qmp = try QMPClient(path: qmpPath, timeout: timeout)
         guard qmp.peerPID > 0 else { throw SetupError("cannot tell which process serves QMP at \(qmpPath) (SO_PEERCRED)") }
         if let expectedPID, expectedPID != qmp.peerPID {
             throw SetupError("--vm \(expectedPID) is not the QEMU behind \(qmpPath) (that is PID \(qmp.peerPID))")

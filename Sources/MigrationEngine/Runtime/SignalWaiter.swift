@@ -10,6 +10,8 @@ public enum SignalWaiter {
         case stop(Int32)
         /// ``wake()`` was called: background work has finished.
         case workFinished
+        /// SIGUSR2: the operator says "migrate now" (`source-agent --migrate-on-signal`).
+        case go
     }
 
     private static func set() -> sigset_t {
@@ -18,6 +20,7 @@ public enum SignalWaiter {
         sigaddset(&signals, SIGTERM)
         sigaddset(&signals, SIGINT)
         sigaddset(&signals, SIGUSR1)
+        sigaddset(&signals, SIGUSR2)
         return signals
     }
 
@@ -37,7 +40,11 @@ public enum SignalWaiter {
         var signals = set()
         var received: Int32 = 0
         sigwait(&signals, &received)
-        return received == SIGUSR1 ? .workFinished : .stop(received)
+        switch received {
+        case SIGUSR1: return .workFinished
+        case SIGUSR2: return .go
+        default: return .stop(received)
+        }
     }
 
     /// Wakes the thread in ``wait()`` from any thread.

@@ -70,8 +70,12 @@ public final class DestinationSession: @unchecked Sendable {
     private var restoredServers: [NBDServer] = []
     /// The PID of the `--on-switchover` command, to reap.
     public private(set) var startedPID: pid_t?
-    /// The QEMU started here before switchover (`--vmm qemu`).
-    private var qemu: QEMUDestinationVM?
+    /// The QEMU started here before switchover (`--vmm qemu`), on a thread of its own so that its
+    /// start-up never stalls the link.
+    private let qemuStart = Locked<QEMUStart>(.notStarted)
+    private enum QEMUStart { case notStarted, starting, ready(QEMUDestinationVM), failed(String) }
+    /// The started QEMU, once up.
+    private var qemu: QEMUDestinationVM? { qemuStart.withLock { if case .ready(let vm) = $0 { return vm }; return nil } }
     /// Its RAM file (in a tmpfs), removed when this agent ends.
     private var ramFile: String?
 
@@ -168,6 +172,7 @@ public final class DestinationSession: @unchecked Sendable {
                     while true {
                         let frame = try link.receive(during: vmStarted ? "post-copy" : "migration")
                         if queuedLanes.load(ordering: .relaxed) > 0 { attachLanes() }
+                        try checkQEMU()
                         framesSincePublish += 1
                         if framesSincePublish >= 256 { publishResumePoints() }
                         switch frame.message {
@@ -299,9 +304,12 @@ public final class DestinationSession: @unchecked Sendable {
         }
         acceptor?.stop()
         _ = uffdListener.take()
-        if state.owner != .destination, let qemu {
-            qemu.kill()   // it must not run here: the VM runs on at the source
-            self.qemu = nil
+        if state.owner != .destination, options.qemu != nil {
+            // It must not run here: the VM runs on at the source. A start still under way ends first.
+            let deadline = ContinuousClock.now + .seconds(Int64(options.vmStartTimeout) + 5)
+            while qemuStart.withLock({ if case .starting = $0 { return true }; return false }) && ContinuousClock.now < deadline { usleep(10_000) }
+            qemu?.kill()
+            qemuStart.withLock { $0 = .notStarted }
         }
         if state.owner != .destination, let ramFile { unlink(ramFile) }
         if !state.phase.isTerminal && state.owner != .destination, let failure { state.move(to: .failed(failure)) }
@@ -377,8 +385,8 @@ public final class DestinationSession: @unchecked Sendable {
             environment["FERRY_NBD_SOCKET"] = sockets.first ?? ""
             environment["FERRY_NBD_SOCKETS"] = sockets.joined(separator: " ")
             if options.qemu != nil {
-                if qemu == nil { try startQEMU(directory: directory) }
-                guard let qemu, qemu.isAlive else { throw SetupError("the QEMU started for this migration has exited") }
+                let qemu = try awaitQEMU(directory: directory)
+                guard qemu.isAlive else { throw SetupError("the QEMU started for this migration has exited") }
                 if let memory, mode.contains(.memoryPostcopy) {
                     try memory.attachInjected(pid: qemu.pid, address: qemu.ramAddress, onExit: vmExited)
                 }
@@ -416,7 +424,7 @@ public final class DestinationSession: @unchecked Sendable {
         } catch {
             if let pid = startedPID { kill(pid, SIGKILL) }
             qemu?.kill()
-            qemu = nil
+            qemuStart.withLock { $0 = .notStarted }
             let reason = "the VM did not start here: \(error)"
             try? link.send(.error(.truncating(code: .vmStartFailed, reason: reason)))
             throw .peer(.vmStartFailed, reason: reason)
@@ -477,9 +485,29 @@ public final class DestinationSession: @unchecked Sendable {
     /// `--vmm qemu`: starts QEMU as soon as the memory and every disk are announced, so that its
     /// start-up overlaps the migration and is not downtime.
     private func startQEMUWhenReady(directory: PrivateDirectory) throws(LinkError) {
-        guard options.qemu != nil, qemu == nil, memory != nil, disks.count == options.disks.count else { return }
+        guard options.qemu != nil, memory != nil, disks.count == options.disks.count,
+              qemuStart.withLock({ if case .notStarted = $0 { return true }; return false }) else { return }
         do { try startQEMU(directory: directory) } catch let error as LinkError { throw error } catch {
             throw .local(.vmStartFailed, reason: "cannot start QEMU here: \(error)")
+        }
+    }
+
+    /// Fails the migration (before hand-over: the VM runs on at the source) if the early QEMU did not start.
+    private func checkQEMU() throws(LinkError) {
+        guard options.qemu != nil, let reason = qemuStart.withLock({ state -> String? in if case .failed(let reason) = state { return reason }; return nil }) else { return }
+        throw .local(.vmStartFailed, reason: "cannot start QEMU here: \(reason)")
+    }
+
+    /// The started QEMU, waiting for a start under way (started now if it never was).
+    private func awaitQEMU(directory: PrivateDirectory) throws -> QEMUDestinationVM {
+        if qemuStart.withLock({ if case .notStarted = $0 { return true }; return false }) { try startQEMU(directory: directory) }
+        while true {
+            switch qemuStart.withLock({ $0 }) {
+            case .ready(let vm): return vm
+            case .failed(let reason): throw SetupError("cannot start QEMU here: \(reason)")
+            case .notStarted: throw SetupError("QEMU was not started")
+            case .starting: usleep(2_000)   // bounded by its own start timeout
+            }
         }
     }
 
@@ -493,9 +521,20 @@ public final class DestinationSession: @unchecked Sendable {
         let environment = ["FERRY_RAM_FILE": ramFile, "FERRY_RAM_SIZE": "\(size)", "FERRY_QMP_SOCKET": qmpPath,
                            "FERRY_NBD_SOCKET": sockets.first ?? "", "FERRY_NBD_SOCKETS": sockets.joined(separator: " "),
                            "FERRY_WORK_DIR": directory.path]
-        qemu = try QEMUDestinationVM(command: start.command, environment: environment, qmpPath: qmpPath, ramFile: ramFile,
-                                     ramSize: size, timeout: options.vmStartTimeout, logger: logger)
-        startedPID = qemu!.shellPID
+        qemuStart.withLock { $0 = .starting }
+        let (timeout, logger, state) = (options.vmStartTimeout, logger, qemuStart)
+        let thread = Thread {
+            do {
+                let vm = try QEMUDestinationVM(command: start.command, environment: environment, qmpPath: qmpPath, ramFile: ramFile,
+                                               ramSize: size, timeout: timeout, logger: logger)
+                state.withLock { $0 = .ready(vm) }
+            } catch {
+                logger.error("QEMU did not start", metadata: ["error": "\(error)"])
+                state.withLock { $0 = .failed("\(error)") }
+            }
+        }
+        thread.name = "ferry-qemu-start"
+        thread.start()
     }
 
     // MARK: - Streams

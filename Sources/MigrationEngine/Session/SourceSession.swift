@@ -364,6 +364,7 @@ public final class SourceSession: @unchecked Sendable {
             report.memory!.dirtyRate = dirtyRates["memory"] ?? 0
             report.memory!.dirtyPagesRate = report.memory!.dirtyRate / Double(report.memory!.pageSize)
             report.memory!.mbps = report.mbps
+            report.memory!.vmStateBytes = UInt64(vmState.count)
             if report.status == "completed" { report.memory!.remaining = 0 }
         }
         report.disk = report.disks.first

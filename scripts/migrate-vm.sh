@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# Migrates a real Linux VM live across an emulated WAN and checks it with its own eyes.
+#
+#   scripts/migrate-vm.sh [--mode precopy|postcopy|hybrid] [--rate MBIT] [--rtt MS] [--mem MIB]
+#                         [--dirty MBS] [--disk-rate MBS] [--kill-dest-before-switchover] [--quiet]
+#
+# The VM: QEMU (TCG) running Debian's kernel and Ferry's test guest (scripts/guest/build.sh), with
+# --mem MiB of RAM (default 256) in a shared memory backend and a 256 MiB disk that source-agent
+# serves over NBD (QEMU's own NBD client, export name "vda"). Inside, ferry-guest dirties 64 MiB of
+# memory at --dirty MB/s (default 8) and writes its disk at --disk-rate MB/s (default 2), checking
+# every page and block it wrote and printing its verdict on the serial console.
+#
+# The link: scripts/wan/wan-link.sh (two network namespaces, --rate Mbit/s, default 200, and --rtt
+# ms, default 40). source-agent runs in the source namespace beside the source QEMU; dest-agent in
+# the destination namespace starts the destination QEMU at once (-incoming defer) and, at
+# switchover, loads its device state and runs it. The migration starts once the guest has swept its
+# memory once; afterwards the destination's console must show the same boot, counters that went on,
+# a full memory sweep and a full disk sweep checked there, and no FAIL.
+#
+# With --kill-dest-before-switchover, dest-agent (and its QEMU) is killed during the bulk copy: the
+# source must report the failure, keep the VM running, and the guest must go on, intact.
+#
+# Prints one line `result key=value ...` (and the same as JSON in $FERRY_RESULT_JSON if set); exits 0
+# only if the guest's verdict holds. Needs root. FERRY_BIN=DIR takes the agents from DIR (default:
+# the debug build, built if needed); FERRY_KEEP_LOGS=DIR keeps logs and consoles there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+mode=precopy rate=200 rtt=40 mem=256 dirty=8 disk_rate=2 kill_dest=0 quiet=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --mode) mode=$2; shift 2 ;;
+    --rate) rate=$2; shift 2 ;;
+    --rtt) rtt=$2; shift 2 ;;
+    --mem) mem=$2; shift 2 ;;
+    --dirty) dirty=$2; shift 2 ;;
+    --disk-rate) disk_rate=$2; shift 2 ;;
+    --kill-dest-before-switchover) kill_dest=1; shift ;;
+    --quiet) quiet=1; shift ;;
+    *) echo "migrate-vm: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+say() { [ "$quiet" = 1 ] || echo "migrate-vm: $*"; }
+
+if [ -z "${FERRY_BIN:-}" ]; then
+  swift build --product source-agent >/dev/null && swift build --product dest-agent >/dev/null
+  FERRY_BIN=$(swift build --show-bin-path)
+fi
+mapfile -t guest < <(bash scripts/guest/build.sh)
+vmlinuz=${guest[0]} initrd=${guest[1]}
+
+tmp=$(mktemp -d /tmp/ferry-vm.XXXXXX)
+chmod 755 "$tmp"
+link="fv$$"
+src_ram=/dev/shm/ferry-vm-$$-src
+pids=()
+cleanup() {
+  set +e
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null; done
+  pkill -9 -f -- "-name ferry-vm-$$ " 2>/dev/null
+  bash scripts/wan/wan-link.sh down "$link" >/dev/null 2>&1
+  rm -f "$src_ram" /dev/shm/ferry-ram-*-"$$"-* 2>/dev/null
+  if [ -n "${FERRY_KEEP_LOGS:-}" ]; then mkdir -p "$FERRY_KEEP_LOGS/$link"; cp "$tmp"/*.log "$tmp"/*.json "$FERRY_KEEP_LOGS/$link/" 2>/dev/null; fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+head -c 32 /dev/urandom > "$tmp/key"; chmod 600 "$tmp/key"
+truncate -s 256M "$tmp/src.img"
+dest_port=$((20000 + $$ % 20000)); relay_port=$((dest_port + 1))
+relay=$(bash scripts/wan/wan-link.sh up "$link" "$rate" "$rtt" "$dest_port" "$relay_port" | tail -n 1)
+say "link $rate Mbit/s, $rtt ms RTT; relay $relay"
+
+guest_args="console=ttyS0 panic=-1 ferry.mem=64 ferry.dirty=$dirty ferry.disk=$disk_rate ferry.diskset=16"
+# Both QEMUs share everything but RAM file, monitor, disk socket, console and the incoming flag.
+qemu_common="qemu-system-x86_64 -name ferry-vm-$$ -accel tcg -machine pc,memory-backend=ram -m $mem -smp 1 \
+  -nodefaults -no-user-config -display none -kernel $vmlinuz -initrd $initrd -append '$guest_args' \
+  -device virtio-blk-pci,drive=d0"
+
+# Source: source-agent serves the disk, QEMU runs on it; the migration waits for SIGUSR2.
+ip netns exec "$link-src" "$FERRY_BIN/source-agent" --disk "$tmp/src.img" --nbd "unix:$tmp/src.sock" \
+  --vmm qemu --qmp "unix:$tmp/qmp-src.sock" --dest "$relay" --key-file "$tmp/key" --mode "$mode" \
+  --migrate-on-signal --exit-after-migration --report "$tmp/src.json" --link-timeout 20 > "$tmp/source.log" 2>&1 &
+source_pid=$!; pids+=("$source_pid")
+for _ in $(seq 100); do [ -S "$tmp/src.sock" ] && break; sleep 0.05; done
+eval "ip netns exec $link-src $qemu_common \
+  -object memory-backend-file,id=ram,size=${mem}M,mem-path=$src_ram,share=on \
+  -blockdev driver=nbd,server.type=unix,server.path=$tmp/src.sock,export=vda,node-name=d0 \
+  -qmp unix:$tmp/qmp-src.sock,server=on,wait=off -serial file:$tmp/console-src.log \
+  -daemonize -pidfile $tmp/src.qemu.pid"
+
+wait_for() {   # wait_for SECONDS FILE PATTERN
+  local deadline=$((SECONDS + $1))
+  while [ $SECONDS -lt $deadline ]; do grep -q -- "$3" "$2" 2>/dev/null && return 0; sleep 0.2; done
+  return 1
+}
+for _ in $(seq 100); do [ -s "$tmp/src.qemu.pid" ] && break; sleep 0.05; done
+src_qemu_pid=$(cat "$tmp/src.qemu.pid")   # QEMU removes the file when it exits
+wait_for 180 "$tmp/console-src.log" "ferry-guest: verdict" || { echo "migrate-vm: the guest never finished a memory sweep at the source" >&2; tail -n 20 "$tmp/console-src.log" >&2; exit 1; }
+boot=$(grep -m1 -o 'status boot=[0-9a-f]*' "$tmp/console-src.log" | cut -d= -f2)
+say "guest boot=$boot is running at the source: $(grep 'status boot' "$tmp/console-src.log" | tail -n 1 | cut -c14-)"
+
+# Destination: dest-agent starts QEMU as soon as the migration begins.
+dest_qemu="exec $qemu_common -S -incoming defer \
+  -object memory-backend-file,id=ram,size=\$FERRY_RAM_SIZE,mem-path=\$FERRY_RAM_FILE,share=on \
+  -blockdev driver=nbd,server.type=unix,server.path=\$FERRY_NBD_SOCKET,export=vda,node-name=d0 \
+  -qmp unix:\$FERRY_QMP_SOCKET,server=on,wait=off -serial file:$tmp/console-dst.log"
+ip netns exec "$link-dst" "$FERRY_BIN/dest-agent" --listen "127.0.0.1:$dest_port" --key-file "$tmp/key" \
+  --disk "$tmp/dst.img" --nbd "unix:$tmp/dst.sock" --vmm qemu --vm-command "$dest_qemu" \
+  --work-dir "$tmp/dest-work" --report "$tmp/dst.json" --accept-timeout 120 > "$tmp/dest.log" 2>&1 &
+dest_pid=$!; pids+=("$dest_pid")
+sleep 0.3
+started=$(date +%s.%N)
+kill -USR2 "$source_pid"
+say "migrating ($mode)"
+
+if [ "$kill_dest" = 1 ]; then
+  wait_for 60 "$tmp/dest.log" "QEMU waits for the migration" || { echo "migrate-vm: the destination QEMU never started" >&2; exit 1; }
+  sleep 0.5
+  grep -q "switchover" "$tmp/dest.log" && { echo "migrate-vm: switchover came before the kill; use a slower --rate" >&2; exit 1; }
+  dest_qemu_pid=$(grep -o 'pid=[0-9]*' "$tmp/dest.log" | grep -m1 -o '[0-9]*' || true)
+  kill -9 "$dest_pid"; [ -n "$dest_qemu_pid" ] && kill -9 "$dest_qemu_pid" 2>/dev/null || true
+  say "killed dest-agent (and its QEMU $dest_qemu_pid) during the bulk copy"
+fi
+
+# The source-agent exits when the migration ends.
+for _ in $(seq 1200); do kill -0 "$source_pid" 2>/dev/null || break; sleep 0.25; done
+if kill -0 "$source_pid" 2>/dev/null; then echo "migrate-vm: the migration did not end within 300 s" >&2; tail -n 20 "$tmp/source.log" >&2; exit 1; fi
+source_status=0; wait "$source_pid" || source_status=$?
+ended=$(date +%s.%N)
+field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); v=r; 
+for k in sys.argv[2].split('.'): v=v.get(k) if isinstance(v,dict) else None
+print(v if v is not None else '')" "$1" "$2"; }
+status=$(field "$tmp/src.json" status); where=$(field "$tmp/src.json" vm_location)
+downtime=$(field "$tmp/src.json" downtime_ms); total=$(field "$tmp/src.json" total_time_ms); wire=$(field "$tmp/src.json" wire_bytes)
+rounds=$(field "$tmp/src.json" memory.dirty_sync_count); state_bytes=$(field "$tmp/src.json" memory.vm_state_bytes)
+
+# The guest's own verdict where the VM now runs: a full memory sweep and a full disk sweep after
+# the migration, the same boot, no FAIL.
+if [ "$kill_dest" = 1 ]; then console=$tmp/console-src.log; else console=$tmp/console-dst.log; fi
+before=$(grep -c "ferry-guest: verdict" "$console" 2>/dev/null || true)
+sweeps_before=$(grep 'status boot' "$console" 2>/dev/null | tail -n 1 | grep -o 'disk_sweeps=[0-9]*' | cut -d= -f2 || true)
+verdict=ok; why=""
+if [ "$kill_dest" = 1 ]; then
+  [ "$status" != completed ] && [ "$where" = source ] || { verdict=FAIL; why="source reports status=$status vm=$where after the destination died"; }
+else
+  [ "$status" = completed ] || { verdict=FAIL; why="migration $status: $(field "$tmp/src.json" reason)"; }
+fi
+if [ "$verdict" = ok ]; then
+  deadline=$((SECONDS + 90))
+  while [ $SECONDS -lt $deadline ]; do
+    now=$(grep -c "ferry-guest: verdict" "$console" 2>/dev/null || true)
+    sweeps=$(grep 'status boot' "$console" 2>/dev/null | tail -n 1 | grep -o 'disk_sweeps=[0-9]*' | cut -d= -f2 || true)
+    [ "$now" -gt "$before" ] && [ -n "$sweeps" ] && [ "${sweeps:-0}" -gt "${sweeps_before:-0}" ] && break
+    grep -q "FAIL" "$console" 2>/dev/null && break
+    sleep 0.5
+  done
+  if grep -q "FAIL" "$console"; then verdict=FAIL; why=$(grep -m3 "FAIL" "$console" | tr '\n' ' ')
+  elif ! grep -q "status boot=$boot" "$console"; then verdict=FAIL; why="no status line of boot $boot where the VM runs (rebooted or never ran)"
+  elif grep 'status boot' "$console" | grep -vq "boot=$boot"; then verdict=FAIL; why="another boot id appeared: the guest rebooted"
+  elif [ "$(grep -c "ferry-guest: verdict" "$console")" -le "$before" ]; then verdict=FAIL; why="no full memory sweep checked after the migration within 90 s"
+  elif [ "$(grep 'status boot' "$console" | tail -n 1 | grep -o 'disk_sweeps=[0-9]*' | cut -d= -f2)" -le "${sweeps_before:-0}" ]; then verdict=FAIL; why="no full disk sweep checked after the migration within 90 s"
+  fi
+  if [ "$kill_dest" = 0 ] && [ "$verdict" = ok ]; then
+    src_pass=$(grep 'status boot' "$tmp/console-src.log" | tail -n 1 | grep -o 'mem_pass=[0-9]*' | cut -d= -f2)
+    dst_first=$(grep -m1 'status boot' "$console" | grep -o 'mem_pass=[0-9]*' | cut -d= -f2)
+    [ "${dst_first:-0}" -ge "${src_pass:-0}" ] || { verdict=FAIL; why="the destination's first pass $dst_first is behind the source's last $src_pass"; }
+    if kill -0 "$src_qemu_pid" 2>/dev/null; then verdict=FAIL; why="the source QEMU still runs after the hand-over"; fi
+  fi
+fi
+last=$(grep 'status boot' "$console" 2>/dev/null | tail -n 1 | sed 's/.*ferry-guest: status //')
+result="engine=ferry mode=$mode rate_mbit=$rate rtt_ms=$rtt status=${status:-none} vm=$where downtime_ms=$downtime total_ms=$total wire_bytes=$wire rounds=$rounds state_bytes=$state_bytes verdict=$verdict"
+echo "result $result"
+say "guest: $last"
+[ "$verdict" = ok ] || echo "migrate-vm: FAIL: $why" >&2
+if [ -n "${FERRY_RESULT_JSON:-}" ]; then
+  python3 -c "import json,sys; print(json.dumps(dict(kv.split('=',1) for kv in sys.argv[1].split()) | {'why': sys.argv[2], 'guest': sys.argv[3]}))" "$result" "$why" "$last" >> "$FERRY_RESULT_JSON"
+fi
+# dest-agent serves the destination QEMU's disk until told to stop.
+kill -TERM "$dest_pid" 2>/dev/null || true
+[ "$verdict" = ok ]
