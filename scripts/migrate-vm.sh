@@ -81,7 +81,7 @@ qemu_common="qemu-system-x86_64 -name ferry-vm-$$ -accel tcg -machine pc,memory-
 # Source: source-agent serves the disk, QEMU runs on it; the migration waits for SIGUSR2.
 ip netns exec "$link-src" "$FERRY_BIN/source-agent" --disk "$tmp/src.img" --nbd "unix:$tmp/src.sock" \
   --vmm qemu --qmp "unix:$tmp/qmp-src.sock" --dest "$relay" --key-file "$tmp/key" --mode "$mode" \
-  --migrate-on-signal --exit-after-migration --report "$tmp/src.json" --link-timeout 20 > "$tmp/source.log" 2>&1 &
+  --migrate-on-signal --report "$tmp/src.json" --link-timeout 20 > "$tmp/source.log" 2>&1 &
 source_pid=$!; pids+=("$source_pid")
 for _ in $(seq 100); do [ -S "$tmp/src.sock" ] && break; sleep 0.05; done
 eval "ip netns exec $link-src $qemu_common \
@@ -124,11 +124,10 @@ if [ "$kill_dest" = 1 ]; then
   say "killed dest-agent (and its QEMU $dest_qemu_pid) during the bulk copy"
 fi
 
-# The source-agent exits when the migration ends.
-for _ in $(seq 1200); do kill -0 "$source_pid" 2>/dev/null || break; sleep 0.25; done
-if kill -0 "$source_pid" 2>/dev/null; then echo "migrate-vm: the migration did not end within 300 s" >&2; tail -n 20 "$tmp/source.log" >&2; exit 1; fi
-source_status=0; wait "$source_pid" || source_status=$?
-ended=$(date +%s.%N)
+# The source-agent writes its report when the migration ends; after a completed one it exits, after
+# a failed one it serves on (the VM still runs here, on its disk).
+for _ in $(seq 1200); do [ -s "$tmp/src.json" ] && break; kill -0 "$source_pid" 2>/dev/null || break; sleep 0.25; done
+if [ ! -s "$tmp/src.json" ]; then echo "migrate-vm: the migration did not end within 300 s" >&2; tail -n 20 "$tmp/source.log" >&2; exit 1; fi
 field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); v=r; 
 for k in sys.argv[2].split('.'): v=v.get(k) if isinstance(v,dict) else None
 print(v if v is not None else '')" "$1" "$2"; }

@@ -6,6 +6,7 @@ packages=(
   libnbd-bin python3-libnbd nbdkit qemu-utils fio nbd-server   # real NBD peers and clients
   iperf3 iproute2 coreutils procps                 # link benchmarks, network namespaces
   valgrind                                         # scripts/fuzz.sh: the Wire hot path's allocation check
+  qemu-system-x86 busybox-static gcc cpio xz-utils # scripts/guest/build.sh: the test guest (QEMU, its initramfs, vmlinux)
 )
 missing=()
 for package in "${packages[@]}"; do

@@ -73,7 +73,7 @@ struct SourceAgent: ParsableCommand {
     @Flag(name: .customLong("migrate-on-signal"), help: "Serve the disks and wait for SIGUSR2 before migrating (the agent runs beside the VM for its whole life; the operator or a drill says when to move it).")
     var migrateOnSignal = false
 
-    @Flag(name: .customLong("exit-after-migration"), help: "Exit when the migration ends (status 0 if it completed) instead of serving on.")
+    @Flag(name: .customLong("exit-after-migration"), help: "Exit when the migration ends (status 0 if it completed) instead of serving on. After a FAILED migration that also stops serving the disks the VM still runs on here: for tests and scripted disk copies, not beside a live VM (there, leave it out and watch --report).")
     var exitAfterMigration = false
 
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")

@@ -154,7 +154,7 @@ public struct MigrationReport: Codable, Sendable {
 
     /// Writes the report as pretty JSON with snake_case keys.
     public func write(to path: String) throws {
-        try jsonData().write(to: URL(fileURLWithPath: path))
+        try jsonData().write(to: URL(fileURLWithPath: path), options: .atomic)   // readers never see half a report
     }
 
     /// The report as JSON.
