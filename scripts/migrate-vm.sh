@@ -46,8 +46,8 @@ if [ -z "${FERRY_BIN:-}" ]; then
   swift build --product source-agent >/dev/null && swift build --product dest-agent >/dev/null
   FERRY_BIN=$(swift build --show-bin-path)
 fi
-mapfile -t guest < <(bash scripts/guest/build.sh)
-vmlinuz=${guest[0]} initrd=${guest[1]}
+source scripts/vm/common.sh
+vm_guest
 
 tmp=$(mktemp -d /tmp/ferry-vm.XXXXXX)
 chmod 755 "$tmp"
@@ -72,11 +72,8 @@ dest_port=$((20000 + $$ % 20000)); relay_port=$((dest_port + 1))
 relay=$(bash scripts/wan/wan-link.sh up "$link" "$rate" "$rtt" "$dest_port" "$relay_port" | tail -n 1)
 say "link $rate Mbit/s, $rtt ms RTT; relay $relay"
 
-guest_args="console=ttyS0 panic=-1 ferry.mem=64 ferry.dirty=$dirty ferry.disk=$disk_rate ferry.diskset=16"
 # Both QEMUs share everything but RAM file, monitor, disk socket, console and the incoming flag.
-qemu_common="qemu-system-x86_64 -name ferry-vm-$$ -accel tcg -machine pc,memory-backend=ram -m $mem -smp 1 \
-  -nodefaults -no-user-config -display none -kernel $vmlinuz -initrd $initrd -append '$guest_args' \
-  -device virtio-blk-pci,drive=d0"
+qemu_common="$(vm_qemu_base "ferry-vm-$$" "$mem" "$dirty" "$disk_rate") -machine pc,memory-backend=ram"
 
 # Source: source-agent serves the disk, QEMU runs on it; the migration waits for SIGUSR2.
 ip netns exec "$link-src" "$FERRY_BIN/source-agent" --disk "$tmp/src.img" --nbd "unix:$tmp/src.sock" \
@@ -90,14 +87,9 @@ eval "ip netns exec $link-src $qemu_common \
   -qmp unix:$tmp/qmp-src.sock,server=on,wait=off -serial file:$tmp/console-src.log \
   -daemonize -pidfile $tmp/src.qemu.pid"
 
-wait_for() {   # wait_for SECONDS FILE PATTERN
-  local deadline=$((SECONDS + $1))
-  while [ $SECONDS -lt $deadline ]; do grep -q -- "$3" "$2" 2>/dev/null && return 0; sleep 0.2; done
-  return 1
-}
 for _ in $(seq 100); do [ -s "$tmp/src.qemu.pid" ] && break; sleep 0.05; done
 src_qemu_pid=$(cat "$tmp/src.qemu.pid")   # QEMU removes the file when it exits
-wait_for 180 "$tmp/console-src.log" "ferry-guest: verdict" || { echo "migrate-vm: the guest never finished a memory sweep at the source" >&2; tail -n 20 "$tmp/console-src.log" >&2; exit 1; }
+vm_wait_for 180 "$tmp/console-src.log" "ferry-guest: verdict" || { echo "migrate-vm: the guest never finished a memory sweep at the source" >&2; tail -n 20 "$tmp/console-src.log" >&2; exit 1; }
 boot=$(grep -m1 -o 'status boot=[0-9a-f]*' "$tmp/console-src.log" | cut -d= -f2)
 say "guest boot=$boot is running at the source: $(grep 'status boot' "$tmp/console-src.log" | tail -n 1 | cut -c14-)"
 
@@ -111,12 +103,12 @@ ip netns exec "$link-dst" "$FERRY_BIN/dest-agent" --listen "127.0.0.1:$dest_port
   --work-dir "$tmp/dest-work" --report "$tmp/dst.json" --accept-timeout 120 > "$tmp/dest.log" 2>&1 &
 dest_pid=$!; pids+=("$dest_pid")
 sleep 0.3
-started=$(date +%s.%N)
+link_before=$(vm_link_bytes "$link-src" "$link-a")
 kill -USR2 "$source_pid"
 say "migrating ($mode)"
 
 if [ "$kill_dest" = 1 ]; then
-  wait_for 60 "$tmp/dest.log" "QEMU waits for the migration" || { echo "migrate-vm: the destination QEMU never started" >&2; exit 1; }
+  vm_wait_for 60 "$tmp/dest.log" "QEMU waits for the migration" || { echo "migrate-vm: the destination QEMU never started" >&2; exit 1; }
   sleep 0.5
   grep -q "switchover" "$tmp/dest.log" && { echo "migrate-vm: switchover came before the kill; use a slower --rate" >&2; exit 1; }
   dest_qemu_pid=$(grep -o 'pid=[0-9]*' "$tmp/dest.log" | grep -m1 -o '[0-9]*' || true)
@@ -128,54 +120,36 @@ fi
 # a failed one it serves on (the VM still runs here, on its disk).
 for _ in $(seq 1200); do [ -s "$tmp/src.json" ] && break; kill -0 "$source_pid" 2>/dev/null || break; sleep 0.25; done
 if [ ! -s "$tmp/src.json" ]; then echo "migrate-vm: the migration did not end within 300 s" >&2; tail -n 20 "$tmp/source.log" >&2; exit 1; fi
-field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); v=r; 
-for k in sys.argv[2].split('.'): v=v.get(k) if isinstance(v,dict) else None
-print(v if v is not None else '')" "$1" "$2"; }
-status=$(field "$tmp/src.json" status); where=$(field "$tmp/src.json" vm_location)
-downtime=$(field "$tmp/src.json" downtime_ms); total=$(field "$tmp/src.json" total_time_ms); wire=$(field "$tmp/src.json" wire_bytes)
-rounds=$(field "$tmp/src.json" memory.dirty_sync_count); state_bytes=$(field "$tmp/src.json" memory.vm_state_bytes)
+status=$(vm_field "$tmp/src.json" status); where=$(vm_field "$tmp/src.json" vm_location)
+downtime=$(vm_field "$tmp/src.json" downtime_ms); total=$(vm_field "$tmp/src.json" total_time_ms); wire=$(vm_field "$tmp/src.json" wire_bytes)
+rounds=$(vm_field "$tmp/src.json" memory.dirty_sync_count); state_bytes=$(vm_field "$tmp/src.json" memory.vm_state_bytes)
 
-# The guest's own verdict where the VM now runs: a full memory sweep and a full disk sweep after
-# the migration, the same boot, no FAIL.
+link_bytes=$(( $(vm_link_bytes "$link-src" "$link-a") - link_before ))
+
+# The guest's own verdict where the VM now runs: a full memory sweep and a full disk sweep checked
+# after the migration, the same boot, no FAIL.
 if [ "$kill_dest" = 1 ]; then console=$tmp/console-src.log; else console=$tmp/console-dst.log; fi
-before=$(grep -c "ferry-guest: verdict" "$console" 2>/dev/null || true)
-sweeps_before=$(grep 'status boot' "$console" 2>/dev/null | tail -n 1 | grep -o 'disk_sweeps=[0-9]*' | cut -d= -f2 || true)
-verdict=ok; why=""
-if [ "$kill_dest" = 1 ]; then
-  [ "$status" != completed ] && [ "$where" = source ] || { verdict=FAIL; why="source reports status=$status vm=$where after the destination died"; }
+vm_mark "$console"
+if [ "$kill_dest" = 1 ] && { [ "$status" = completed ] || [ "$where" != source ]; }; then
+  vm_verdict=FAIL vm_why="source reports status=$status vm=$where after the destination died"
+elif [ "$kill_dest" = 0 ] && [ "$status" != completed ]; then
+  vm_verdict=FAIL vm_why="migration $status: $(vm_field "$tmp/src.json" reason)"
 else
-  [ "$status" = completed ] || { verdict=FAIL; why="migration $status: $(field "$tmp/src.json" reason)"; }
-fi
-if [ "$verdict" = ok ]; then
-  deadline=$((SECONDS + 90))
-  while [ $SECONDS -lt $deadline ]; do
-    now=$(grep -c "ferry-guest: verdict" "$console" 2>/dev/null || true)
-    sweeps=$(grep 'status boot' "$console" 2>/dev/null | tail -n 1 | grep -o 'disk_sweeps=[0-9]*' | cut -d= -f2 || true)
-    [ "$now" -gt "$before" ] && [ -n "$sweeps" ] && [ "${sweeps:-0}" -gt "${sweeps_before:-0}" ] && break
-    grep -q "FAIL" "$console" 2>/dev/null && break
-    sleep 0.5
-  done
-  if grep -q "FAIL" "$console"; then verdict=FAIL; why=$(grep -m3 "FAIL" "$console" | tr '\n' ' ')
-  elif ! grep -q "status boot=$boot" "$console"; then verdict=FAIL; why="no status line of boot $boot where the VM runs (rebooted or never ran)"
-  elif grep 'status boot' "$console" | grep -vq "boot=$boot"; then verdict=FAIL; why="another boot id appeared: the guest rebooted"
-  elif [ "$(grep -c "ferry-guest: verdict" "$console")" -le "$before" ]; then verdict=FAIL; why="no full memory sweep checked after the migration within 90 s"
-  elif [ "$(grep 'status boot' "$console" | tail -n 1 | grep -o 'disk_sweeps=[0-9]*' | cut -d= -f2)" -le "${sweeps_before:-0}" ]; then verdict=FAIL; why="no full disk sweep checked after the migration within 90 s"
-  fi
-  if [ "$kill_dest" = 0 ] && [ "$verdict" = ok ]; then
-    src_pass=$(grep 'status boot' "$tmp/console-src.log" | tail -n 1 | grep -o 'mem_pass=[0-9]*' | cut -d= -f2)
-    dst_first=$(grep -m1 'status boot' "$console" | grep -o 'mem_pass=[0-9]*' | cut -d= -f2)
-    [ "${dst_first:-0}" -ge "${src_pass:-0}" ] || { verdict=FAIL; why="the destination's first pass $dst_first is behind the source's last $src_pass"; }
-    if kill -0 "$src_qemu_pid" 2>/dev/null; then verdict=FAIL; why="the source QEMU still runs after the hand-over"; fi
+  vm_check_guest "$console" "$boot" 90
+  if [ "$kill_dest" = 0 ] && [ "$vm_verdict" = ok ]; then
+    src_pass=$(vm_status_value "$tmp/console-src.log" mem_pass)
+    dst_first=$(grep -m1 'ferry-guest: status' "$console" | grep -o 'mem_pass=[0-9]*' | cut -d= -f2)
+    [ "${dst_first:-0}" -ge "${src_pass:-0}" ] || { vm_verdict=FAIL vm_why="the destination's first pass $dst_first is behind the source's last $src_pass"; }
+    if kill -0 "$src_qemu_pid" 2>/dev/null; then vm_verdict=FAIL vm_why="the source QEMU still runs after the hand-over"; fi
   fi
 fi
-last=$(grep 'status boot' "$console" 2>/dev/null | tail -n 1 | sed 's/.*ferry-guest: status //')
-result="engine=ferry mode=$mode rate_mbit=$rate rtt_ms=$rtt status=${status:-none} vm=$where downtime_ms=$downtime total_ms=$total wire_bytes=$wire rounds=$rounds state_bytes=$state_bytes verdict=$verdict"
+result="engine=ferry mode=$mode rate_mbit=$rate rtt_ms=$rtt status=${status:-none} vm=$where downtime_ms=$downtime total_ms=$total wire_bytes=$wire link_bytes=$link_bytes rounds=$rounds state_bytes=$state_bytes verdict=$vm_verdict"
 echo "result $result"
-say "guest: $last"
-[ "$verdict" = ok ] || echo "migrate-vm: FAIL: $why" >&2
+say "guest: $vm_last"
+[ "$vm_verdict" = ok ] || echo "migrate-vm: FAIL: $vm_why" >&2
 if [ -n "${FERRY_RESULT_JSON:-}" ]; then
-  python3 -c "import json,sys; print(json.dumps(dict(kv.split('=',1) for kv in sys.argv[1].split()) | {'why': sys.argv[2], 'guest': sys.argv[3]}))" "$result" "$why" "$last" >> "$FERRY_RESULT_JSON"
+  python3 -c "import json,sys; print(json.dumps(dict(kv.split('=',1) for kv in sys.argv[1].split()) | {'why': sys.argv[2], 'guest': sys.argv[3]}))" "$result" "$vm_why" "$vm_last" >> "$FERRY_RESULT_JSON"
 fi
 # dest-agent serves the destination QEMU's disk until told to stop.
 kill -TERM "$dest_pid" 2>/dev/null || true
-[ "$verdict" = ok ]
+[ "$vm_verdict" = ok ]

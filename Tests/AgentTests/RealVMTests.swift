@@ -1,0 +1,80 @@
+import FerryTestSupport
+import Foundation
+import Glibc
+import XCTest
+
+/// A real Linux VM (QEMU under TCG: Debian's kernel and ferry-guest, which checks every page and
+/// disk block it wrote and prints its verdict on the serial console) migrated whole by the agents
+/// across the emulated WAN (scripts/wan/wan-link.sh, 40 ms RTT): QEMU's own NBD client on
+/// source-agent's disk, RAM in a shared backend moved by the agents, the device state by QMP, the
+/// destination QEMU started before switchover by dest-agent (`--vmm qemu`). scripts/migrate-vm.sh
+/// does one migration and judges it by the guest's own verdict at the destination (same boot, a
+/// full memory sweep and a full disk sweep checked there, no FAIL); these tests run it across the
+/// matrix the real-VM issue asks for and read its result line.
+///
+/// What each proves:
+/// - pre-copy at 1 Gbit/s, 300 Mbit/s and 100 Mbit/s with several dirty rounds (rounds >= 2 is
+///   asserted: a single round would not exercise the dirty tracking below QEMU);
+/// - post-copy and hybrid at the same speeds (the destination QEMU knows nothing of Ferry: its
+///   missing pages fault into an injected userfaultfd);
+/// - dest-agent killed during the bulk copy: the source reports the failure and the guest runs on
+///   at the source, intact (its disk still served).
+/// The guest's checks are shown able to fail by scripts/guest/smoke.sh (run by testGuestChecksCanFail).
+final class RealVMTests: XCTestCase {
+    private var repositoryRoot: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+    }
+
+    /// Runs scripts/migrate-vm.sh with `arguments`; returns its `result` line's fields.
+    private func migrate(_ arguments: [String]) throws -> [String: String] {
+        try require(tool: "/usr/bin/qemu-system-x86_64", package: "qemu-system-x86")
+        try require(tool: "/usr/sbin/ip", package: "iproute2")
+        try require(root: "network namespaces, ptrace and userfaultfd of QEMU")
+        var environment = ProcessInfo.processInfo.environment
+        environment["FERRY_BIN"] = E2E.Agent.productsDirectory.path
+        let run = try runTool("/bin/bash", [repositoryRoot + "/scripts/migrate-vm.sh", "--quiet"] + arguments,
+                              environment: environment, timeout: 600)
+        let line = run.stdout.split(separator: "\n").last { $0.hasPrefix("result ") } ?? ""
+        print("real VM \(arguments.joined(separator: " ")): \(line)")
+        XCTAssertEqual(run.status, 0, "migrate-vm.sh \(arguments) failed:\n\(run.stdout)\n\(run.stderr.suffix(4000))")
+        var fields: [String: String] = [:]
+        for pair in line.dropFirst("result ".count).split(separator: " ") {
+            let parts = pair.split(separator: "=", maxSplits: 1)
+            if parts.count == 2 { fields[String(parts[0])] = String(parts[1]) }
+        }
+        XCTAssertEqual(fields["verdict"], "ok", "the guest's verdict: \(line)\n\(run.stderr.suffix(2000))")
+        return fields
+    }
+
+    private func precopy(rate: Int) throws {
+        let result = try migrate(["--mode", "precopy", "--rate", "\(rate)", "--rtt", "40"])
+        XCTAssertEqual(result["status"], "completed")
+        XCTAssertGreaterThanOrEqual(Int(result["rounds"] ?? "") ?? 0, 2, "pre-copy must need several dirty rounds: \(result)")
+    }
+
+    func testPrecopyAt1Gbit() throws { try precopy(rate: 1000) }
+    func testPrecopyAt300Mbit() throws { try precopy(rate: 300) }
+    func testPrecopyAt100Mbit() throws { try precopy(rate: 100) }
+
+    func testPostcopyAt1Gbit() throws { XCTAssertEqual(try migrate(["--mode", "postcopy", "--rate", "1000"])["status"], "completed") }
+    func testPostcopyAt300Mbit() throws { XCTAssertEqual(try migrate(["--mode", "postcopy", "--rate", "300"])["status"], "completed") }
+    func testPostcopyAt100Mbit() throws { XCTAssertEqual(try migrate(["--mode", "postcopy", "--rate", "100"])["status"], "completed") }
+
+    func testHybridAt1Gbit() throws { XCTAssertEqual(try migrate(["--mode", "hybrid", "--rate", "1000"])["status"], "completed") }
+    func testHybridAt300Mbit() throws { XCTAssertEqual(try migrate(["--mode", "hybrid", "--rate", "300"])["status"], "completed") }
+    func testHybridAt100Mbit() throws { XCTAssertEqual(try migrate(["--mode", "hybrid", "--rate", "100"])["status"], "completed") }
+
+    func testDestinationKilledBeforeSwitchoverLeavesTheGuestRunningAtTheSource() throws {
+        let result = try migrate(["--mode", "precopy", "--rate", "100", "--kill-dest-before-switchover"])
+        XCTAssertEqual(result["status"], "failed")
+        XCTAssertEqual(result["vm"], "source")
+    }
+
+    /// The verdict these tests rely on can fail: stale, partly stale, lost, torn, future and
+    /// misplaced pages and blocks planted from the host are each reported, exactly once.
+    func testGuestChecksCanFail() throws {
+        try require(tool: "/usr/bin/qemu-system-x86_64", package: "qemu-system-x86")
+        let run = try runTool("/bin/bash", [repositoryRoot + "/scripts/guest/smoke.sh"], timeout: 600)
+        XCTAssertEqual(run.status, 0, "scripts/guest/smoke.sh:\n\(run.stdout)\n\(run.stderr.suffix(3000))")
+    }
+}
