@@ -145,7 +145,8 @@ else
 fi
 result="engine=ferry mode=$mode rate_mbit=$rate rtt_ms=$rtt status=${status:-none} vm=$where downtime_ms=$downtime total_ms=$total wire_bytes=$wire link_bytes=$link_bytes rounds=$rounds state_bytes=$state_bytes verdict=$vm_verdict"
 echo "result $result"
-say "guest: $vm_last"
+say "guest where it runs now: $vm_last"
+[ "$vm_verdict" = ok ] && say "$mode migration $status: downtime ${downtime%.*} ms, total ${total%.*} ms, $((link_bytes / 1000000)) MB on the link, $rounds dirty rounds; the guest's own verdict: ok"
 [ "$vm_verdict" = ok ] || echo "migrate-vm: FAIL: $vm_why" >&2
 if [ -n "${FERRY_RESULT_JSON:-}" ]; then
   python3 -c "import json,sys; print(json.dumps(dict(kv.split('=',1) for kv in sys.argv[1].split()) | {'why': sys.argv[2], 'guest': sys.argv[3]}))" "$result" "$vm_why" "$vm_last" >> "$FERRY_RESULT_JSON"

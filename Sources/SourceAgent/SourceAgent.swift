@@ -22,6 +22,8 @@ struct SourceAgent: ParsableCommand {
             --dest 10.0.0.2:7070 --key-file ferry.key --report vm.json
           source-agent --vm 4242 --mode hybrid \\
             --dest 10.0.0.2:7070 --key-file ferry.key --report mem.json
+          source-agent --vmm qemu --qmp unix:/run/vm/qmp.sock --disk vm.img --nbd unix:/run/ferry/vm.sock \\
+            --dest 10.0.0.2:7070 --key-file ferry.key --mode postcopy   # see docs/qemu.md
         """
     )
 
