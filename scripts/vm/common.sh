@@ -40,7 +40,7 @@ print('' if v is None else v)" "$1" "$2"
 vm_link_bytes() { ip netns exec "$1" cat "/sys/class/net/$2/statistics/tx_bytes"; }
 
 # vm_status_value CONSOLE KEY: KEY's value in the console's last status line.
-vm_status_value() { grep 'ferry-guest: status' "$1" 2>/dev/null | tail -n 1 | grep -o "$2=[0-9]*" | cut -d= -f2; }
+vm_status_value() { { grep 'ferry-guest: status' "$1" 2>/dev/null | tail -n 1 | grep -o "$2=[0-9]*" | cut -d= -f2; } || true; }
 
 # vm_mark CONSOLE: sets $vm_verdicts_before and $vm_sweeps_before (what the guest had checked so far).
 vm_mark() {
@@ -68,6 +68,6 @@ vm_check_guest() {
   elif ! grep -q "status boot=$boot" "$console" 2>/dev/null; then vm_verdict=FAIL vm_why="no status of boot $boot where the VM runs (it rebooted or never ran)"
   elif grep 'ferry-guest: status' "$console" | grep -vq "boot=$boot"; then vm_verdict=FAIL vm_why="another boot id appeared: the guest rebooted"
   elif [ "$(grep -c "ferry-guest: verdict" "$console")" -le "$vm_verdicts_before" ]; then vm_verdict=FAIL vm_why="no full memory sweep checked within $3 s"
-  elif [ "$(vm_status_value "$console" disk_sweeps)" -le "$vm_sweeps_before" ]; then vm_verdict=FAIL vm_why="no full disk sweep checked within $3 s"
+  elif [ "$(vm_status_value "$console" disk_sweeps)" -le "$vm_sweeps_before" ] 2>/dev/null; then vm_verdict=FAIL vm_why="no full disk sweep checked within $3 s"
   fi
 }

@@ -17,6 +17,11 @@ public struct MigrationReport: Codable, Sendable {
     public var downtimeMs: Double = 0
     /// Dirty bytes at the last round ÷ bandwidth, as QEMU's `expected-downtime`.
     public var expectedDowntimeMs: Double = 0
+    /// Where the downtime went, at the source: pause (the VMM's stop), state (its device state),
+    /// final_scan (last dirty scan and disk quiesce), offer_sent (final deltas, pages, state and
+    /// `complete` written to the link), until_resumed (the rest: the link, the destination's checks
+    /// and VM start, the `resumed` reply). Milliseconds.
+    public var downtimeSteps: [String: Double] = [:]
     /// Bytes on the wire in both directions, frame headers included.
     public var wireBytes: UInt64 = 0
     /// Link bandwidth the source measured, in Mbit/s.

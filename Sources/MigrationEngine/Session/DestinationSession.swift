@@ -78,6 +78,8 @@ public final class DestinationSession: @unchecked Sendable {
     private var qemu: QEMUDestinationVM? { qemuStart.withLock { if case .ready(let vm) = $0 { return vm }; return nil } }
     /// Its RAM file (in a tmpfs), removed when this agent ends.
     private var ramFile: String?
+    /// How long the VM start's steps took (ms), for the report.
+    private var startSteps: [String: Double] = [:]
 
     /// What the acceptor's threads need to know and hand over.
     private struct Door {
@@ -329,6 +331,7 @@ public final class DestinationSession: @unchecked Sendable {
         report.wireBytes = wireBytes
         report.totalTimeMs = seconds(since: start) * 1000
         report.downtimeMs = Double(session.sinceSwitchover) / 1e6
+        report.downtimeSteps = startSteps
         report.vmLocation = state.owner == .destination ? "destination" : "source"
         report.phase = "\(state.phase)"
         if let failure {
@@ -385,12 +388,17 @@ public final class DestinationSession: @unchecked Sendable {
             environment["FERRY_NBD_SOCKET"] = sockets.first ?? ""
             environment["FERRY_NBD_SOCKETS"] = sockets.joined(separator: " ")
             if options.qemu != nil {
+                let t0 = ferry_monotonic_ns()
                 let qemu = try awaitQEMU(directory: directory)
                 guard qemu.isAlive else { throw SetupError("the QEMU started for this migration has exited") }
+                let t1 = ferry_monotonic_ns()
                 if let memory, mode.contains(.memoryPostcopy) {
                     try memory.attachInjected(pid: qemu.pid, address: qemu.ramAddress, onExit: vmExited)
                 }
+                let t2 = ferry_monotonic_ns()
                 try qemu.loadStateAndRun(statePath: statePath)
+                startSteps = ["qemu_wait_ms": Double(t1 &- t0) / 1e6, "uffd_attach_ms": Double(t2 &- t1) / 1e6,
+                              "state_load_and_cont_ms": Double(ferry_monotonic_ns() &- t2) / 1e6]
             } else {
                 if let command = options.onSwitchover {
                     startedPID = try ShellCommand.start(command, environment: environment)
@@ -432,7 +440,8 @@ public final class DestinationSession: @unchecked Sendable {
         door.withLock { $0.handedOver = true }
         let since = ferry_monotonic_ns() &- session.at
         try link.send(.resumed(VMResumed(sinceSwitchoverNanoseconds: since)))
-        logger.info("the VM runs here", metadata: ["since_switchover_ms": "\(String(format: "%.1f", Double(since) / 1e6))"])
+        logger.info("the VM runs here", metadata: ["since_switchover_ms": "\(String(format: "%.1f", Double(since) / 1e6))",
+                                                   "steps_ms": "\(startSteps.mapValues { (($0 * 10).rounded() / 10) })"])
         // Fault injection for the tests of a dest-agent killed right after hand-over (the window
         // between `resumed` and the closing digests is otherwise microseconds long).
         if let text = ProcessInfo.processInfo.environment["FERRY_TEST_STALL_AFTER_HANDOVER_MS"], let ms = Double(text) {

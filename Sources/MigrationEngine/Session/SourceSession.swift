@@ -249,20 +249,30 @@ public final class SourceSession: @unchecked Sendable {
                         pausedAt = ferry_monotonic_ns()
                         try vm?.pause()
                         vmPaused = true
+                        let stoppedAt = ferry_monotonic_ns()
                         // The state before the last scan: whatever the VMM writes while saving it is caught.
                         vmState = try vm?.state() ?? []
+                        let savedAt = ferry_monotonic_ns()
                         for stream in streams { try stream.freeze() }
-                        logger.info("VM paused", metadata: ["pid": "\(vm?.pid ?? 0)", "state_bytes": "\(vmState.count)"])
+                        let frozenAt = ferry_monotonic_ns()
+                        report.downtimeSteps["pause_ms"] = Double(stoppedAt &- pausedAt) / 1e6
+                        report.downtimeSteps["state_ms"] = Double(savedAt &- stoppedAt) / 1e6
+                        report.downtimeSteps["final_scan_ms"] = Double(frozenAt &- savedAt) / 1e6
+                        logger.info("VM paused", metadata: ["pid": "\(vm?.pid ?? 0)", "state_bytes": "\(vmState.count)",
+                                                            "steps_ms": "\(report.downtimeSteps.mapValues { (($0 * 10).rounded() / 10) })"])
                     }
                     if !offerSent {
+                        let offerAt = ferry_monotonic_ns()
                         try offer(on: active, round: max(finalRound, 1), state: vmState)
                         offerSent = true
+                        report.downtimeSteps["offer_sent_ms"] = Double(ferry_monotonic_ns() &- offerAt) / 1e6
                     }
                     try active.wait(timeout: options.receiveTimeout + options.vmStartTimeout, during: "waiting for the destination to start the VM") {
                         resumedAt != nil
                     }
                     if state.owner != .destination { state.handOver() }
                     report.downtimeMs = Double(active.publish { resumedAt! } &- pausedAt) / 1e6
+                    report.downtimeSteps["until_resumed_ms"] = report.downtimeMs - report.downtimeSteps.values.reduce(0, +)
                     logger.info("the VM runs at the destination", metadata: ["downtime_ms": "\(String(format: "%.1f", report.downtimeMs))"])
                     if hasPostcopy {
                         state.move(to: .postcopy)
