@@ -21,7 +21,7 @@
 # source must report the failure, keep the VM running, and the guest must go on, intact.
 #
 # Prints one line `result key=value ...` (and the same as JSON in $FERRY_RESULT_JSON if set); exits 0
-# only if the guest's verdict holds. Needs root. FERRY_BIN=DIR takes the agents from DIR (default:
+# only if the guest's verdict holds. FERRY_SOURCE_ARGS adds source-agent options. Needs root. FERRY_BIN=DIR takes the agents from DIR (default:
 # the debug build, built if needed); FERRY_KEEP_LOGS=DIR keeps logs and consoles there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,7 +78,7 @@ qemu_common="$(vm_qemu_base "ferry-vm-$$" "$mem" "$dirty" "$disk_rate") -machine
 # Source: source-agent serves the disk, QEMU runs on it; the migration waits for SIGUSR2.
 ip netns exec "$link-src" "$FERRY_BIN/source-agent" --disk "$tmp/src.img" --nbd "unix:$tmp/src.sock" \
   --vmm qemu --qmp "unix:$tmp/qmp-src.sock" --dest "$relay" --key-file "$tmp/key" --mode "$mode" \
-  --migrate-on-signal --report "$tmp/src.json" --link-timeout 20 > "$tmp/source.log" 2>&1 &
+  --migrate-on-signal --report "$tmp/src.json" --link-timeout 20 ${FERRY_SOURCE_ARGS:-} > "$tmp/source.log" 2>&1 &
 source_pid=$!; pids+=("$source_pid")
 for _ in $(seq 100); do [ -S "$tmp/src.sock" ] && break; sleep 0.05; done
 eval "ip netns exec $link-src $qemu_common \

@@ -19,7 +19,7 @@ public struct MemoryStreamOptions: Sendable {
     public var precopyRounds: Int = 2
     /// Post-copy push pacing: the queueing delay (seconds) the push may add at the bottleneck
     /// (``PushPacer``); 0 pushes as fast as the link takes it.
-    public var pushDelayTarget: Double = 0.002
+    public var pushDelayTarget: Double = 0.010
     /// SO_PRIORITY of the urgent lane's socket (6, TC_PRIO_INTERACTIVE; 0 leaves it alone).
     public var urgentPriority: Int32 = PeerLink.interactivePriority
     /// Track dirty pages by content hashing even where the kernel method works (`--tracking hash`).
