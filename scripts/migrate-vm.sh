@@ -21,7 +21,7 @@
 # source must report the failure, keep the VM running, and the guest must go on, intact.
 #
 # Prints one line `result key=value ...` (and the same as JSON in $FERRY_RESULT_JSON if set); exits 0
-# only if the guest's verdict holds. FERRY_SOURCE_ARGS adds source-agent options. Needs root. FERRY_BIN=DIR takes the agents from DIR (default:
+# only if the guest's verdict holds. FERRY_SOURCE_ARGS and FERRY_DEST_ARGS add agent options. Needs root. FERRY_BIN=DIR takes the agents from DIR (default:
 # the debug build, built if needed); FERRY_KEEP_LOGS=DIR keeps logs and consoles there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -100,7 +100,7 @@ dest_qemu="exec $qemu_common -S -incoming defer \
   -qmp unix:\$FERRY_QMP_SOCKET,server=on,wait=off -serial file:$tmp/console-dst.log"
 ip netns exec "$link-dst" "$FERRY_BIN/dest-agent" --listen "127.0.0.1:$dest_port" --key-file "$tmp/key" \
   --disk "$tmp/dst.img" --nbd "unix:$tmp/dst.sock" --vmm qemu --vm-command "$dest_qemu" \
-  --work-dir "$tmp/dest-work" --report "$tmp/dst.json" --accept-timeout 120 > "$tmp/dest.log" 2>&1 &
+  --work-dir "$tmp/dest-work" --report "$tmp/dst.json" --accept-timeout 120 ${FERRY_DEST_ARGS:-} > "$tmp/dest.log" 2>&1 &
 dest_pid=$!; pids+=("$dest_pid")
 sleep 0.3
 link_before=$(vm_link_bytes "$link-src" "$link-a")

@@ -219,6 +219,7 @@ public final class MemoryFaultService: @unchecked Sendable {
                         receivedLatency.record(nanoseconds: ferry_monotonic_ns() &- t0)
                     } else {
                         faultsOnMissing.add(1)
+                        logger.trace("fault on a missing page", metadata: ["page": "\(page)", "address": "0x\(String(address, radix: 16))"])
                         try request(page: page, region: region, since: t0)
                     }
                 case .remove:

@@ -100,6 +100,9 @@ public final class SourceSession: @unchecked Sendable {
         var pausedAt: UInt64 = 0
         var vmState: [UInt8] = []
         var offerSent = false
+        /// The urgent lanes of the current link are open (opened before the pause: their handshakes
+        /// cost round trips that must not count as downtime).
+        var lanesOpen = false
         var resendCompletion = false
         var finalRound = 0
         var bulkStart = ContinuousClock.now
@@ -165,8 +168,10 @@ public final class SourceSession: @unchecked Sendable {
                     }
                     startReader(on: newLink)
                     newLink.startKeepalive()
+                    lanesOpen = false
                     if state.owner != .source && hasPostcopy {
                         try openUrgentLanes()   // the VM may run there and wait for data: new lanes
+                        lanesOpen = true
                     }
                     linkDownSince = nil
                 }
@@ -245,6 +250,10 @@ public final class SourceSession: @unchecked Sendable {
                             streams.allSatisfy { $0.roundsAcknowledged }
                         }
                         if let seen = active.failureSeen { throw seen }
+                        if hasPostcopy && !lanesOpen {
+                            try openUrgentLanes()
+                            lanesOpen = true
+                        }
                         // ONE pause: the VM first, then every disk.
                         pausedAt = ferry_monotonic_ns()
                         try vm?.pause()
@@ -263,6 +272,10 @@ public final class SourceSession: @unchecked Sendable {
                     }
                     if !offerSent {
                         let offerAt = ferry_monotonic_ns()
+                        if hasPostcopy && !lanesOpen {
+                            try openUrgentLanes()
+                            lanesOpen = true
+                        }
                         try offer(on: active, round: max(finalRound, 1), state: vmState)
                         offerSent = true
                         report.downtimeSteps["offer_sent_ms"] = Double(ferry_monotonic_ns() &- offerAt) / 1e6
@@ -385,7 +398,6 @@ public final class SourceSession: @unchecked Sendable {
     /// the final data of pre-copy streams, the VM state, and `complete` with the digests the
     /// destination must find equal before it starts the VM.
     private func offer(on link: PeerLink, round: Int, state vmState: [UInt8]) throws {
-        if hasPostcopy { try openUrgentLanes() }
         for stream in streams { try stream.beforeSwitchover(on: link) }
         var mode: SwitchoverMode = []
         if memory?.isPostcopy == true { mode.insert(.memoryPostcopy) }
