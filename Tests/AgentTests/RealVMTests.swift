@@ -70,6 +70,29 @@ final class RealVMTests: XCTestCase {
         XCTAssertEqual(result["vm"], "source")
     }
 
+    /// A QEMU whose RAM Ferry cannot move below it is refused before anything moves, with the
+    /// options to use: plain `-m` (RAM in no backend) and a backend with share=off.
+    func testQEMUWithoutSharedRAMIsRefusedWithTheOptionsToUse() throws {
+        try require(tool: "/usr/bin/qemu-system-x86_64", package: "qemu-system-x86")
+        try require(root: "ptrace of QEMU")
+        let dir = TemporaryDirectory(prefix: "ferry-qemu-refuse")
+        try writeKeyFile(at: dir.file("key"))
+        for (name, ram) in [("no backend", ["-m", "64"]),
+                            ("share=off", ["-m", "64", "-object", "memory-backend-memfd,id=ram,size=64M,share=off", "-machine", "pc,memory-backend=ram"])] {
+            let qmp = dir.file("qmp-\(name.hashValue & 0xffff).sock")
+            let qemu = try ChildProcess("/usr/bin/qemu-system-x86_64", ["-S", "-accel", "tcg", "-nodefaults", "-display", "none",
+                                                                         "-qmp", "unix:\(qmp),server=on,wait=off"] + ram,
+                                        stdout: .discard, stderr: .discard)
+            defer { qemu.kill(SIGKILL); _ = qemu.wait(timeout: 10) }
+            let run = try runTool(E2E.Agent.productsDirectory.appendingPathComponent("source-agent").path,
+                                  ["--vmm", "qemu", "--qmp", "unix:\(qmp)", "--dest", "127.0.0.1:9", "--key-file", dir.file("key"), "--vm-wait", "20"],
+                                  timeout: 60)
+            XCTAssertNotEqual(run.status, 0, "\(name): source-agent accepted a QEMU whose RAM it cannot move: \(run)")
+            XCTAssertTrue(run.stderr.contains("memory-backend-memfd,id=ram,size=<RAM>,share=on"), "\(name): the refusal does not name the options: \(run.stderr)")
+            XCTAssertTrue(qemu.isRunning, "\(name): the refused QEMU must be left alone")
+        }
+    }
+
     /// The verdict these tests rely on can fail: stale, partly stale, lost, torn, future and
     /// misplaced pages and blocks planted from the host are each reported, exactly once.
     func testGuestChecksCanFail() throws {

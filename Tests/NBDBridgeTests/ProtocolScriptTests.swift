@@ -164,6 +164,31 @@ print("ok")
         XCTAssertTrue(r.stdout.contains("ok"), r.stdout + r.stderr)
     }
 
+    /// A server given no export name serves its one export under any name a client asks for (as
+    /// nbdkit does), in NBD_OPT_GO and NBD_OPT_EXPORT_NAME alike: QEMU's `export=vda` and
+    /// `nbd+unix:///NAME?socket=` just work. (With a name, others are refused: the test above.)
+    func testUnnamedExportAnswersToAnyName() throws {
+        let f = try ServerFixture(size: 8 << 20, options: .init(exportName: ""))
+        defer { f.stop() }
+        let r = try PythonNBD.run(Self.prelude + #"""
+for name in ["vda", "disk0", "any/thing"]:
+    h = nbd.NBD()
+    h.set_export_name(name)
+    h.connect_unix(uri)
+    h.pwrite(name.encode().ljust(512, b"."), 0)
+    assert h.pread(512, 0) == name.encode().ljust(512, b".")
+    h.shutdown()
+h = nbd.NBD()
+h.set_handshake_flags(0)   # old NBD_OPT_EXPORT_NAME
+h.set_export_name("vda")
+h.connect_unix(uri)
+assert h.get_size() == 8 << 20
+h.shutdown()
+print("ok")
+"""#, uri: f.socketPath)
+        XCTAssertTrue(r.stdout.contains("ok"), r.stdout + r.stderr)
+    }
+
     func testReadOnlyExportRefusesWritesWithEPERM() throws {
         let f = try ServerFixture(size: 8 << 20, readOnly: true) { try fillPattern($0, offset: 0, count: 4096, seed: 5) }
         defer { f.stop() }
