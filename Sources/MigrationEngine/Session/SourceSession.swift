@@ -199,19 +199,32 @@ public final class SourceSession: @unchecked Sendable {
                 case .round(let round):
                     // ONE decision over the sum of what remains in every stream.
                     var remaining: UInt64 = 0
+                    var memoryRemaining: UInt64 = 0
                     let interval = max(0.01, seconds(since: lastCollect))
                     for stream in streams where stream.hasPrecopy {
                         let dirty = try stream.collectDirty()
                         remaining += dirty
+                        if stream.streamType == .memory { memoryRemaining = dirty }
                         dirtyRates[stream.label] = Double(dirty) / interval
                     }
                     dirtyRate = Double(remaining) / interval
                     lastCollect = .now
                     bandwidth = Double(sentSoFar()) / max(0.001, seconds(since: bulkStart))
                     showProgress(bandwidth: bandwidth, dirtyRate: dirtyRate, remaining: remaining, force: true)
-                    let decision: ConvergencePolicy.Decision
+                    var decision: ConvergencePolicy.Decision
                     if let memory, memory.options.mode == .hybrid, round > memory.options.precopyRounds {
-                        decision = .switchover(reason: "hybrid: \(memory.options.precopyRounds) pre-copy rounds done")
+                        // Hybrid memory has had its rounds: what it still has goes after switchover.
+                        // What goes during the pause is the pre-copy disks' rest, so they decide.
+                        let diskRemaining = remaining - memoryRemaining
+                        let diskRate = max(0, dirtyRate - Double(memoryRemaining) / interval)
+                        decision = disks.contains(where: \.hasPrecopy)
+                            ? options.policy.decide(remainingBytes: diskRemaining, bandwidth: bandwidth, dirtyRate: diskRate,
+                                                    round: round - 1, elapsed: seconds(since: start),
+                                                    throttled: disks.contains { $0.isThrottled })
+                            : .switchover(reason: "")
+                        if case .switchover(let why) = decision {
+                            decision = .switchover(reason: "hybrid: \(memory.options.precopyRounds) pre-copy rounds done" + (why.isEmpty ? "" : "; disks: \(why)"))
+                        }
                     } else {
                         decision = options.policy.decide(remainingBytes: remaining, bandwidth: bandwidth, dirtyRate: dirtyRate,
                                                          round: round - 1, elapsed: seconds(since: start),
