@@ -79,7 +79,7 @@ qemu_common="$(vm_qemu_base "ferry-vm-$$" "$mem" "$dirty" "$disk_rate") -machine
 ip netns exec "$link-src" "$FERRY_BIN/source-agent" --disk "$tmp/src.img" --nbd "unix:$tmp/src.sock" \
   --vmm qemu --qmp "unix:$tmp/qmp-src.sock" --dest "$relay" --key-file "$tmp/key" --mode "$mode" \
   --migrate-on-signal --report "$tmp/src.json" --link-timeout 20 ${FERRY_SOURCE_ARGS:-} > "$tmp/source.log" 2>&1 &
-source_pid=$!; pids+=("$source_pid")
+source_pid=$!; pids+=("$source_pid"); disown "$source_pid"   # killed at cleanup, without a "Killed" line
 for _ in $(seq 100); do [ -S "$tmp/src.sock" ] && break; sleep 0.05; done
 eval "ip netns exec $link-src $qemu_common \
   -object memory-backend-file,id=ram,size=${mem}M,mem-path=$src_ram,share=on \
@@ -101,7 +101,7 @@ dest_qemu="exec $qemu_common -S -incoming defer \
 ip netns exec "$link-dst" "$FERRY_BIN/dest-agent" --listen "127.0.0.1:$dest_port" --key-file "$tmp/key" \
   --disk "$tmp/dst.img" --nbd "unix:$tmp/dst.sock" --vmm qemu --vm-command "$dest_qemu" \
   --work-dir "$tmp/dest-work" --report "$tmp/dst.json" --accept-timeout 120 ${FERRY_DEST_ARGS:-} > "$tmp/dest.log" 2>&1 &
-dest_pid=$!; pids+=("$dest_pid")
+dest_pid=$!; pids+=("$dest_pid"); disown "$dest_pid"
 sleep 0.3
 link_before=$(vm_link_bytes "$link-src" "$link-a")
 kill -USR2 "$source_pid"
