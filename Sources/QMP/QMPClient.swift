@@ -126,6 +126,26 @@ public final class QMPClient: @unchecked Sendable {
         }
     }
 
+    /// Polls `query-migrate` every `interval` seconds until QEMU's migration (outgoing or incoming)
+    /// is `completed`; throws its `error-desc` if it `failed` or was `cancelled`, and after
+    /// `timeout` seconds (then, with `cancelOnTimeout`, sends `migrate_cancel`).
+    public func waitForMigration(timeout: Double, interval: Double = 0.001, cancelOnTimeout: Bool = false) throws(QMPError) {
+        let deadline = Self.now() + timeout
+        while true {
+            let info = (try execute("query-migrate")) as? [String: Any] ?? [:]
+            let status = info["status"] as? String ?? "none"
+            if status == "completed" { return }
+            if status == "failed" || status == "cancelled" {
+                throw QMPError("migration \(status)\((info["error-desc"] as? String).map { ": \($0)" } ?? "")")
+            }
+            guard Self.now() < deadline else {
+                if cancelOnTimeout { _ = try? execute("migrate_cancel") }
+                throw QMPError("migration not completed within \(Int(timeout)) s (status \(status))")
+            }
+            usleep(UInt32(interval * 1e6))
+        }
+    }
+
     // MARK: - Bytes
 
     private func send(_ bytes: [UInt8], descriptor: Int32?, command: String) throws(QMPError) {

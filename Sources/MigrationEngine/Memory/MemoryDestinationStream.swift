@@ -106,12 +106,8 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
             }
         }
         guard let fd = found else { throw SetupError("the VM (PID \(pid)) holds no userfaultfd any more") }
-        let uffd = Userfaultfd(adopting: try RemoteDescriptor.copy(fd, from: pid))
-        let lane = lanes.withLock { $0.current }
-        let service = try MemoryFaultService(server: FaultServer(uffd: uffd, mappings: mappings), vmPID: pid, image: image,
-                                             urgent: lane, prepagingWindow: prepagingWindow, logger: logger, onExit: onExit)
-        service.start()
-        lanes.withLock { $0.service = service }
+        let service = try startService(FaultServer(uffd: Userfaultfd(adopting: try RemoteDescriptor.copy(fd, from: pid)), mappings: mappings),
+                                       vmPID: pid, onExit: onExit)
         service.wakeAll()
         logger.warning("took the VM's userfaultfd back", metadata: ["pid": "\(pid)", "descriptor_in_vm": "\(fd)"])
     }
@@ -185,14 +181,19 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
         // After registering: a page punched now faults on its next touch.
         let punched = image.punchMissing()
         let mappings = [GuestMemoryMapping(baseHostVirtAddr: address, size: size, offset: 0, pageSize: UInt64(image.pageSize))]
-        let lane = lanes.withLock { $0.current }
-        let service = try MemoryFaultService(server: FaultServer(uffd: uffd, mappings: mappings), vmPID: pid, image: image,
-                                             urgent: lane, prepagingWindow: prepagingWindow, logger: logger, onExit: onExit)
-        service.start()
-        lanes.withLock { $0.service = service }
+        let service = try startService(FaultServer(uffd: uffd, mappings: mappings), vmPID: pid, onExit: onExit)
         service.populate()
         logger.info("serving the VM's faults through an injected userfaultfd", metadata: [
             "pid": "\(pid)", "address": "0x\(String(address, radix: 16))", "pages_missing": "\(punched)"])
+    }
+
+    /// Starts the fault service of the VM `vmPID` on `server`, answering missing pages over the current urgent lane.
+    private func startService(_ server: consuming FaultServer, vmPID: Int32, onExit: @escaping @Sendable () -> Void) throws -> MemoryFaultService {
+        let service = try MemoryFaultService(server: server, vmPID: vmPID, image: image, urgent: lanes.withLock { $0.current },
+                                             prepagingWindow: prepagingWindow, logger: logger, onExit: onExit)
+        service.start()
+        lanes.withLock { $0.service = service }
+        return service
     }
 
     /// The Firecracker mapping list of the regions (the layout file the VM maps).

@@ -93,17 +93,8 @@ public final class QEMUDestinationVM: @unchecked Sendable {
         defer { close(fd) }
         _ = try qmp.execute("getfd", ["fdname": "ferry-state"], passing: fd)
         _ = try qmp.execute("migrate-incoming", ["uri": "fd:ferry-state"])
-        let deadline = ferry_monotonic_ns() + UInt64(timeout * 1e9)
-        while true {
-            let info = (try qmp.execute("query-migrate")) as? [String: Any] ?? [:]
-            let status = info["status"] as? String ?? "none"
-            if status == "completed" { break }
-            if status == "failed" || status == "cancelled" {
-                throw SetupError("QEMU could not load the device state: \(status)\((info["error-desc"] as? String).map { ": \($0)" } ?? "")")
-            }
-            if Glibc.kill(pid, 0) != 0 { throw SetupError("QEMU exited while loading the device state") }
-            guard ferry_monotonic_ns() < deadline else { throw SetupError("QEMU did not load the device state within \(Int(timeout)) s (\(status))") }
-            usleep(500)
+        do { try qmp.waitForMigration(timeout: timeout, interval: 0.0005) } catch {
+            throw SetupError("QEMU could not load the device state: \(error)")
         }
         _ = try qmp.execute("cont")
     }

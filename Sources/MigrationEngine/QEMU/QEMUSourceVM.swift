@@ -75,19 +75,8 @@ public final class QEMUSourceVM: @unchecked Sendable {
             _ = try? qmp.execute("closefd", ["fdname": "ferry-state"])   // left over by an earlier, failed attempt
             _ = try qmp.execute("getfd", ["fdname": "ferry-state"], passing: memfd)
             _ = try qmp.execute("migrate", ["uri": "fd:ferry-state"])
-            let deadline = ferry_monotonic_ns() + UInt64(timeout * 1e9)
-            while true {
-                let info = (try qmp.execute("query-migrate")) as? [String: Any] ?? [:]
-                let status = info["status"] as? String ?? "none"
-                if status == "completed" { break }
-                if status == "failed" || status == "cancelled" {
-                    throw SetupError("QEMU could not save its device state: migration \(status)\((info["error-desc"] as? String).map { ": \($0)" } ?? "")")
-                }
-                guard ferry_monotonic_ns() < deadline else {
-                    _ = try? qmp.execute("migrate_cancel")
-                    throw SetupError("QEMU did not save its device state within \(Int(timeout)) s (status \(status))")
-                }
-                usleep(1_000)
+            do { try qmp.waitForMigration(timeout: timeout, cancelOnTimeout: true) } catch {
+                throw SetupError("QEMU could not save its device state: \(error)")
             }
             let size = lseek(memfd, 0, SEEK_END)
             guard size > 0 else { throw SetupError("QEMU's device state is empty") }
