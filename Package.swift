@@ -28,6 +28,8 @@ let package = Package(
                        providers: [.apt(["libnbd-dev"])]),
         .systemLibrary(name: "CXXHash", pkgConfig: "libxxhash",
                        providers: [.apt(["libxxhash-dev"])]),
+        .systemLibrary(name: "CLibCrypto", pkgConfig: "libcrypto",
+                       providers: [.apt(["libssl-dev"])]),
         .target(name: "CFerryShims"),
 
         // io_uring: an owned ring, typed operations, completions by tag.
@@ -60,7 +62,7 @@ let package = Package(
         .target(name: "QMP", dependencies: ["CFerryShims"], swiftSettings: swift6),
         // The migration engine shared by both agents: link, sessions, phases.
         .target(name: "MigrationEngine",
-                dependencies: ["Wire", "URing", "NBDBridge", "ProcessMemory", "QMP", "CXXHash", "CFerryShims",
+                dependencies: ["Wire", "URing", "NBDBridge", "ProcessMemory", "QMP", "CXXHash", "CFerryShims", "CLibCrypto",
                                .product(name: "SystemPackage", package: "swift-system"),
                                .product(name: "Logging", package: "swift-log"),
                                .product(name: "Crypto", package: "swift-crypto")],
@@ -77,7 +79,8 @@ let package = Package(
                           swiftSettings: swift6),
         // Benchmarks: figures side by side with a peer, never timed unit tests.
         .executableTarget(name: "FerryBench",
-                          dependencies: ["URing", "Wire",
+                          dependencies: ["URing", "Wire", "MigrationEngine", "CLibCrypto",
+                                         .product(name: "Crypto", package: "swift-crypto"),
                                          .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           swiftSettings: swift6),
 

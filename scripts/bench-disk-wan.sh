@@ -23,7 +23,7 @@ work=$(mktemp -d /tmp/ferry-bench-disk.XXXXXX)
 cleanup() { kill "${fio_pid:-}" 2>/dev/null || true; bash "$wan" down "$name" >/dev/null 2>&1 || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-head -c 32 /dev/urandom > "$work/key"
+head -c 32 /dev/urandom > "$work/key"; chmod 600 "$work/key"
 echo "bench: writing a ${image_mib} MiB image of random data"
 head -c $((image_mib << 20)) /dev/urandom > "$work/src.img"
 

@@ -33,7 +33,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-head -c 32 /dev/urandom > "$work/key"
+head -c 32 /dev/urandom > "$work/key"; chmod 600 "$work/key"
 
 # The emulated link's own round trip (small messages through the relay, idle link), so the
 # missing-page goal can be read against what the emulator really adds (its relay's timers and

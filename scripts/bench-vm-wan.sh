@@ -47,7 +47,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-head -c 32 /dev/urandom > "$work/key"
+head -c 32 /dev/urandom > "$work/key"; chmod 600 "$work/key"
 echo "bench: writing a ${disk_mib} MiB disk image of random data"
 head -c $((disk_mib << 20)) /dev/urandom > "$work/base.img"
 # The VM-state blob both ways carry (a few bytes: the pause is what is measured, not the blob).

@@ -30,7 +30,7 @@ fi
 echo "demo: not root (no network namespaces): disk migration over loopback with a 5 MB/s writer"
 work=$(mktemp -d /tmp/ferry-demo.XXXXXX)
 trap 'kill ${fio_pid:-} ${dest_pid:-} 2>/dev/null || true; rm -rf "$work"' EXIT
-head -c 32 /dev/urandom > "$work/key"
+head -c 32 /dev/urandom > "$work/key"; chmod 600 "$work/key"
 truncate -s 512M "$work/src.img"
 head -c $((256 << 20)) /dev/urandom | dd of="$work/src.img" conv=notrunc status=none
 "$bin/dest-agent" --listen 127.0.0.1:17071 --key-file "$work/key" --disk "$work/dst.img" --nbd "unix:$work/dst.sock" \

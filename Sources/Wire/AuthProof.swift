@@ -1,57 +1,60 @@
 import Crypto
 
-/// Mutual authentication with a pre-shared key: each side proves it holds the key by an
-/// HMAC-SHA256 over both nonces, the session id and its own role.
+/// Mutual authentication with a pre-shared key, and the per-direction sealing keys it yields
+/// (docs/wire.md, "Authentication and sealing").
 ///
-/// The proof of the side with role R is
-/// `HMAC-SHA256(key, "ferry-auth-v1\0" ‖ R ‖ nonce of R ‖ nonce of the peer ‖ sessionID)`.
-/// The role byte stops a proof from being reflected back to its sender, the two fresh nonces stop
-/// replay, and the session id binds the proof to the session being opened or resumed.
-/// The only module file that uses Crypto (the fuzz harness builds without it).
+/// The exchange is `hello` (connector, nonce Nc) → `challenge` (listener, nonce Nl) → `auth`
+/// (connector) → `helloAck` (listener). Each proof is an HMAC-SHA256 under the shared key over a
+/// label naming the prover's side and the SHA-256 of the transcript so far:
+///
+///     T1 = hello ‖ Nl                       proof(connector) = HMAC(K, "ferry-auth-v2 connector\0" ‖ SHA256(T1))
+///     T2 = hello ‖ Nl ‖ helloAck's hello    proof(listener)  = HMAC(K, "ferry-auth-v2 listener\0"  ‖ SHA256(T2))
+///
+/// where `hello` stands for the canonical encoding of a ``Hello`` (its 64 + 24·n metadata bytes), so
+/// every field (version, mode, cipher suite, features, session, resume points) is covered: a
+/// downgrade or an altered resume point fails the proof. The connector proves first: the listener
+/// reveals nothing that depends on the key to anyone who has not proved it (no offline oracle).
+/// The labels stop reflection; the fresh nonces stop replay.
+///
+/// With the module's other file that uses Crypto (``SessionKeys``), the only place Wire touches
+/// cryptography (the fuzz harness builds without them).
 public enum AuthProof {
     /// Size of a proof in bytes.
     public static let size = 32
-    /// Shortest key accepted by ``isAcceptableKey(_:)``: 16 bytes (128 bits).
-    public static let minimumKeyLength = 16
+    /// Shortest key accepted by ``isAcceptableKey(_:)``: 32 bytes (256 bits), as made by
+    /// `head -c 32 /dev/urandom`.
+    public static let minimumKeyLength = 32
 
-    static let label: [UInt8] = Array("ferry-auth-v1".utf8) + [0]
+    static let connectorLabel: [UInt8] = Array("ferry-auth-v2 connector".utf8) + [0]
+    static let listenerLabel: [UInt8] = Array("ferry-auth-v2 listener".utf8) + [0]
 
     /// Whether `key` is long enough to be used.
     public static func isAcceptableKey(_ key: [UInt8]) -> Bool { key.count >= minimumKeyLength }
 
-    /// The proof that the side with `role`, whose own nonce is `localNonce`, holds `key`.
-    /// Returns 32 bytes.
-    public static func compute(key: [UInt8], localNonce: Nonce, peerNonce: Nonce,
-                               sessionID: SessionID, role: Role) -> [UInt8] {
+    /// SHA-256 of the transcript `hello ‖ challenge [‖ answer]`.
+    static func transcriptHash(hello: Hello, challenge: Nonce, answer: Hello?) -> [UInt8] {
+        var hash = SHA256()
+        hash.update(data: hello.canonicalBytes())
+        hash.update(data: challenge.bytes)
+        if let answer { hash.update(data: answer.canonicalBytes()) }
+        return Array(hash.finalize())
+    }
+
+    static func mac(key: [UInt8], label: [UInt8], transcript: [UInt8]) -> [UInt8] {
         var mac = HMAC<SHA256>(key: SymmetricKey(data: key))
         mac.update(data: label)
-        mac.update(data: [role.rawValue])
-        mac.update(data: localNonce.bytes)
-        mac.update(data: peerNonce.bytes)
-        mac.update(data: sessionID.bytes)
+        mac.update(data: transcript)
         return Array(mac.finalize())
     }
 
-    /// The proof as the 32-byte value carried by `helloAck` and `auth`.
-    public static func computeBytes(key: [UInt8], localNonce: Nonce, peerNonce: Nonce,
-                                    sessionID: SessionID, role: Role) -> Bytes32 {
-        Bytes32(compute(key: key, localNonce: localNonce, peerNonce: peerNonce, sessionID: sessionID, role: role))!
+    /// The connector's proof: over its `hello` and the listener's `challenge`.
+    public static func connectorProof(key: [UInt8], hello: Hello, challenge: Nonce) -> Bytes32 {
+        Bytes32(mac(key: key, label: connectorLabel, transcript: transcriptHash(hello: hello, challenge: challenge, answer: nil)))!
     }
 
-    /// Checks a peer's proof in constant time. `peerRole` and `peerNonce` are the prover's;
-    /// `localNonce` is the verifier's own nonce (the prover's "peer nonce").
-    public static func verify(_ proof: some Collection<UInt8>, key: [UInt8], peerNonce: Nonce,
-                              localNonce: Nonce, sessionID: SessionID, peerRole: Role) -> Bool {
-        let expected = compute(key: key, localNonce: peerNonce, peerNonce: localNonce,
-                               sessionID: sessionID, role: peerRole)
-        return constantTimeEqual(expected, proof)
-    }
-
-    /// ``verify(_:key:peerNonce:localNonce:sessionID:peerRole:)`` for a proof taken from a frame.
-    public static func verify(_ proof: Bytes32, key: [UInt8], peerNonce: Nonce,
-                              localNonce: Nonce, sessionID: SessionID, peerRole: Role) -> Bool {
-        verify(proof.bytes, key: key, peerNonce: peerNonce, localNonce: localNonce,
-               sessionID: sessionID, peerRole: peerRole)
+    /// The listener's proof: over the connector's `hello`, the `challenge` and the listener's `answer`.
+    public static func listenerProof(key: [UInt8], hello: Hello, challenge: Nonce, answer: Hello) -> Bytes32 {
+        Bytes32(mac(key: key, label: listenerLabel, transcript: transcriptHash(hello: hello, challenge: challenge, answer: answer)))!
     }
 
     /// Compares two byte sequences in time that depends only on their lengths.
@@ -60,5 +63,37 @@ public enum AuthProof {
         var diff: UInt8 = 0
         for (x, y) in zip(a, b) { diff |= x ^ y }
         return diff == 0
+    }
+}
+
+/// The two keys that seal a connection's frames, one per direction, derived once both proofs
+/// verified:
+///
+///     PRK  = HKDF-Extract(salt: Nc ‖ Nl, IKM: K)
+///     keys = HKDF-Expand(PRK, info: "ferry-v2 frame keys\0" ‖ suite ‖ SHA256(hello ‖ Nl ‖ helloAck's hello), 64)
+///     connectorToListener = keys[0..<32], listenerToConnector = keys[32..<64]
+///
+/// Both nonces are fresh for every connection, so every connection (first, resumed, urgent lane)
+/// has keys of its own, and a frame's AEAD nonce can be its sequence number in its direction.
+public struct SessionKeys: Sendable, Equatable {
+    /// The suite the keys are for.
+    public let suite: CipherSuite
+    /// Seals what the connector sends.
+    public let connectorToListener: [UInt8]
+    /// Seals what the listener sends.
+    public let listenerToConnector: [UInt8]
+
+    static let label: [UInt8] = Array("ferry-v2 frame keys".utf8) + [0]
+
+    /// Derives the keys of the exchange `hello` → `challenge` → `answer` under shared key `key`.
+    public static func derive(key: [UInt8], hello: Hello, challenge: Nonce, answer: Hello) -> SessionKeys {
+        var info = label
+        info.append(answer.cipherSuite.rawValue)
+        info.append(contentsOf: AuthProof.transcriptHash(hello: hello, challenge: challenge, answer: answer))
+        let derived = HKDF<SHA256>.deriveKey(inputKeyMaterial: SymmetricKey(data: key),
+                                             salt: hello.nonce.bytes + challenge.bytes, info: info, outputByteCount: 64)
+        let bytes = derived.withUnsafeBytes { Array($0) }
+        return SessionKeys(suite: answer.cipherSuite, connectorToListener: Array(bytes[0..<32]),
+                           listenerToConnector: Array(bytes[32..<64]))
     }
 }

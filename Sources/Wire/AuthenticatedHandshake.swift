@@ -6,29 +6,46 @@ public struct HandshakeError: Error, Equatable, Sendable, CustomStringConvertibl
     public var description: String { "\(message.code): \(message.reason)" }
 }
 
-/// The connecting side of the authenticated hello exchange (docs/wire.md, "Authentication"), pure:
-/// it builds the frames and checks the answers; the caller moves the bytes.
+/// The connecting side of the authenticated hello exchange (docs/wire.md, "Authentication and
+/// sealing"), pure: it builds the frames and checks the answers; the caller moves the bytes.
 ///
-/// `hello` → (peer) `helloAck` → ``accept(_:proof:)`` → `auth`.
+/// `hello` → (peer) `challenge` → ``prove(challenge:)`` → `auth` → (peer) `helloAck` →
+/// ``accept(_:proof:)`` → the keys that seal the rest of the connection.
 public struct ConnectorHandshake: Sendable {
     /// The hello this side sends (its nonce is fresh for every connection).
     public let hello: Hello
     let key: [UInt8]
+    private var challenge: Nonce?
 
-    /// Prepares a hello with a fresh random nonce. `resumePoints` non-empty or `mode == .resume` for a reconnect.
+    /// Prepares a hello with a fresh random nonce, proposing `suite`. `mode == .resume` for a reconnect.
     public init(key: [UInt8], role: Role = .source, mode: HelloMode = .new, features: Features,
-                sessionID: SessionID, resumePoints: [ResumePoint] = [], nonce: Nonce = .random()) {
+                sessionID: SessionID, resumePoints: [ResumePoint] = [], suite: CipherSuite = .aes256gcm,
+                nonce: Nonce = .random()) {
         self.key = key
-        hello = Hello(role: role, mode: mode, features: features, sessionID: sessionID, nonce: nonce,
-                      resumePoints: resumePoints)
+        hello = Hello(role: role, mode: mode, cipherSuite: suite, features: features, sessionID: sessionID,
+                      nonce: nonce, resumePoints: resumePoints)
     }
 
     /// The first frame to send.
     public var helloMessage: Message { .hello(hello) }
 
-    /// Checks the listener's `helloAck` (version, role, session, cipher suite, features, proof) and
-    /// returns the `auth` frame to send and the listener's hello (accepted features, its resume points).
-    public func accept(_ ack: Hello, proof: Bytes32) throws(HandshakeError) -> (auth: Message, peer: Hello) {
+    /// Answers the listener's challenge with this side's proof (the `auth` frame to send).
+    public mutating func prove(challenge nonce: Nonce) throws(HandshakeError) -> Message {
+        if challenge != nil { throw HandshakeError(.protocolViolation, "a second challenge") }
+        if nonce == hello.nonce { throw HandshakeError(.authenticationFailed, "peer echoed this side's nonce") }
+        challenge = nonce
+        return .auth(proof: AuthProof.connectorProof(key: key, hello: hello, challenge: nonce))
+    }
+
+    /// Checks the listener's `helloAck` (its proof over the whole exchange, then version, role,
+    /// session, nonce, suite, features) and returns the listener's hello (accepted features, its
+    /// resume points) and the keys that seal the rest of the connection.
+    public func accept(_ ack: Hello, proof: Bytes32) throws(HandshakeError) -> (peer: Hello, keys: SessionKeys) {
+        guard let challenge else { throw HandshakeError(.protocolViolation, "helloAck before challenge") }
+        let expected = AuthProof.listenerProof(key: key, hello: hello, challenge: challenge, answer: ack)
+        guard AuthProof.constantTimeEqual(expected.bytes, proof.bytes) else {
+            throw HandshakeError(.authenticationFailed, "the listener's proof for session \(hello.sessionID) does not verify")
+        }
         if ack.protocolVersion != hello.protocolVersion {
             throw HandshakeError(.unsupportedVersion, "peer speaks protocol \(ack.protocolVersion), this side \(hello.protocolVersion)")
         }
@@ -36,32 +53,26 @@ public struct ConnectorHandshake: Sendable {
         if ack.sessionID != hello.sessionID {
             throw HandshakeError(.protocolViolation, "helloAck names session \(ack.sessionID), expected \(hello.sessionID)")
         }
-        if ack.nonce == hello.nonce { throw HandshakeError(.authenticationFailed, "peer echoed this side's nonce") }
-        guard AuthProof.verify(proof, key: key, peerNonce: ack.nonce, localNonce: hello.nonce,
-                               sessionID: hello.sessionID, peerRole: ack.role) else {
-            throw HandshakeError(.authenticationFailed, "the \(ack.role) agent's proof for session \(hello.sessionID) does not verify")
-        }
-        if ack.cipherSuite != .none {
-            throw HandshakeError(.featureMismatch, "peer chose cipher suite \(ack.cipherSuite.rawValue); v1 supports none")
+        if ack.nonce != challenge { throw HandshakeError(.protocolViolation, "helloAck's nonce is not the challenge") }
+        if ack.cipherSuite != hello.cipherSuite {
+            throw HandshakeError(.featureMismatch, "peer confirmed cipher suite \(ack.cipherSuite), this side proposed \(hello.cipherSuite)")
         }
         if !hello.features.isSuperset(of: ack.features) {
             throw HandshakeError(.featureMismatch, "peer accepted features 0x\(String(ack.features.rawValue, radix: 16)) "
                                  + "beyond the offer 0x\(String(hello.features.rawValue, radix: 16))")
         }
-        let mine = AuthProof.computeBytes(key: key, localNonce: hello.nonce, peerNonce: ack.nonce,
-                                          sessionID: hello.sessionID, role: hello.role)
-        return (.auth(proof: mine), ack)
+        return (ack, SessionKeys.derive(key: key, hello: hello, challenge: challenge, answer: ack))
     }
 }
 
-/// The listening side of the authenticated hello exchange, pure: answers a `hello` with a `helloAck`
-/// and checks the `auth` that follows. No frame other than `auth` may be processed before
-/// ``verify(auth:)`` succeeds.
+/// The listening side of the authenticated hello exchange, pure: answers a `hello` with a
+/// `challenge` (nothing that depends on the key), checks the `auth` that follows, and only then
+/// answers with its `helloAck` and derives the keys. No frame other than `auth` may be processed
+/// before ``verify(auth:)`` succeeds.
 public struct ListenerHandshake: Sendable {
-    /// The listener's answer, once ``respond(to:supported:resumePoints:)`` succeeded.
-    public private(set) var reply: Hello?
-    /// The connector's hello.
+    /// The connector's hello, once ``challenge(for:suites:)`` accepted it.
     public private(set) var peer: Hello?
+    private var verified = false
     let key: [UInt8]
     let role: Role
     let nonce: Nonce
@@ -71,33 +82,40 @@ public struct ListenerHandshake: Sendable {
         self.key = key; self.role = role; self.nonce = nonce
     }
 
-    /// Checks a `hello` and returns the `helloAck` to send: the accepted features are the offer
-    /// intersected with `supported`, the cipher suite is none, and `resumePoints` are this side's
-    /// (what it has applied, for a resume).
-    public mutating func respond(to hello: Hello, supported: Features,
-                                 resumePoints: [ResumePoint] = []) throws(HandshakeError) -> Message {
-        if hello.protocolVersion != 1 {
-            throw HandshakeError(.unsupportedVersion, "peer speaks protocol \(hello.protocolVersion), this side 1")
+    /// Checks a `hello` (version, role, nonce, a suite in `suites`) and returns the `challenge` to send.
+    public mutating func challenge(for hello: Hello, suites: Set<CipherSuite>) throws(HandshakeError) -> Message {
+        if peer != nil { throw HandshakeError(.protocolViolation, "a second hello") }
+        if hello.protocolVersion != Hello.currentProtocolVersion {
+            throw HandshakeError(.unsupportedVersion, "peer speaks protocol \(hello.protocolVersion), this side \(Hello.currentProtocolVersion)")
         }
         if hello.role == role { throw HandshakeError(.protocolViolation, "peer claims the same role \(role)") }
         if hello.nonce == nonce { throw HandshakeError(.authenticationFailed, "peer echoed this side's nonce") }
-        var answer = Hello(role: role, mode: hello.mode, features: hello.features.intersection(supported),
-                           sessionID: hello.sessionID, nonce: nonce, resumePoints: resumePoints)
-        answer.cipherSuite = .none
-        let proof = AuthProof.computeBytes(key: key, localNonce: nonce, peerNonce: hello.nonce,
-                                           sessionID: hello.sessionID, role: role)
+        if !suites.contains(hello.cipherSuite) {
+            throw HandshakeError(.featureMismatch, "peer proposed cipher suite \(hello.cipherSuite); this side accepts \(suites.map(\.description).sorted().joined(separator: ", "))")
+        }
         peer = hello
-        reply = answer
-        return .helloAck(answer, proof: proof)
+        return .challenge(nonce: nonce)
     }
 
     /// Checks the connector's `auth` proof (constant time). Throws `authenticationFailed` if it does
-    /// not verify, or `protocolViolation` if no hello was answered yet.
-    public func verify(auth proof: Bytes32) throws(HandshakeError) {
+    /// not verify, or `protocolViolation` if no hello was challenged yet.
+    public mutating func verify(auth proof: Bytes32) throws(HandshakeError) {
         guard let peer else { throw HandshakeError(.protocolViolation, "auth before hello") }
-        guard AuthProof.verify(proof, key: key, peerNonce: peer.nonce, localNonce: nonce,
-                               sessionID: peer.sessionID, peerRole: peer.role) else {
+        let expected = AuthProof.connectorProof(key: key, hello: peer, challenge: nonce)
+        guard AuthProof.constantTimeEqual(expected.bytes, proof.bytes) else {
             throw HandshakeError(.authenticationFailed, "the \(peer.role) agent's proof for session \(peer.sessionID) does not verify")
         }
+        verified = true
+    }
+
+    /// Once `auth` verified: the `helloAck` to send (the accepted features are the offer
+    /// intersected with `supported`; `resumePoints` are this side's, for a resume) and the keys
+    /// that seal the rest of the connection.
+    public func respond(supported: Features, resumePoints: [ResumePoint] = []) throws(HandshakeError) -> (message: Message, keys: SessionKeys) {
+        guard let peer, verified else { throw HandshakeError(.protocolViolation, "helloAck before a verified auth") }
+        let answer = Hello(role: role, mode: peer.mode, cipherSuite: peer.cipherSuite, features: peer.features.intersection(supported),
+                           sessionID: peer.sessionID, nonce: nonce, resumePoints: resumePoints)
+        let proof = AuthProof.listenerProof(key: key, hello: peer, challenge: nonce, answer: answer)
+        return (.helloAck(answer, proof: proof), SessionKeys.derive(key: key, hello: peer, challenge: nonce, answer: answer))
     }
 }

@@ -63,6 +63,8 @@ public struct FrameDecoder: Sendable {
             message = .helloAck(try Hello.decode(from: &r), proof: proof)
         case .auth:
             message = .auth(proof: try r.bytes32("proof"))
+        case .challenge:
+            message = .challenge(nonce: try r.bytes32("nonce"))
         case .diskLayout:
             message = .diskLayout(try DiskLayout.decode(from: &r))
         case .diskExtents:
@@ -116,4 +118,10 @@ public struct DecodedFrame: Equatable, Sendable {
     public var message: Message
     /// Bytes of the input this frame occupied: drop them before decoding the next frame.
     public var consumed: Int { header.frameSize }
+
+    /// A frame from its parts (a receiver that opens sealed frames decodes header and body apart).
+    public init(header: FrameHeader, message: Message) {
+        self.header = header
+        self.message = message
+    }
 }

@@ -19,7 +19,7 @@ public enum FrameEncoder {
         switch message {
         case .hello(let m): metadata = try m.metadataSize(as: type)
         case .helloAck(let m, _): metadata = Bytes32.size + (try m.metadataSize(as: type))
-        case .auth: metadata = Bytes32.size
+        case .auth, .challenge: metadata = Bytes32.size
         case .diskLayout(let m): metadata = try m.metadataSize(as: type)
         case .diskExtents(let m): metadata = try m.metadataSize(as: type)
         case .diskFetch(let m): metadata = try m.metadataSize(as: type)
@@ -59,11 +59,17 @@ public enum FrameEncoder {
     /// - Parameters:
     ///   - sequence: the header's sequence number (0 when the frame is not sequenced).
     ///   - urgent: lane override; nil uses ``MessageType/isUrgentByDefault``.
-    public static func encodePrefix(_ message: Message, sequence: UInt32 = 0, urgent: Bool? = nil,
+    ///   - trailer: bytes the caller sends after the payload that the header's length must count
+    ///     (a sealed frame's tag, ``CipherSuite/tagSize``).
+    public static func encodePrefix(_ message: Message, sequence: UInt32 = 0, urgent: Bool? = nil, trailer: Int = 0,
                                     into output: UnsafeMutableRawBufferPointer) throws(WireError) -> Int {
         let (prefix, payload) = try sizes(of: message)
         if output.count < prefix { throw .outputTooSmall(needed: prefix, available: output.count) }
-        writePrefix(message, prefix: prefix, payload: payload, sequence: sequence, urgent: urgent, into: output)
+        if prefix - FrameHeader.size + payload + trailer > Int(UInt32.max) {
+            throw .limitExceeded(type: message.type, field: "payloadLength", value: prefix - FrameHeader.size + payload + trailer,
+                                 max: Int(UInt32.max))
+        }
+        writePrefix(message, prefix: prefix, payload: payload + trailer, sequence: sequence, urgent: urgent, into: output)
         return prefix
     }
 
@@ -110,6 +116,7 @@ public enum FrameEncoder {
         case .hello(let m): m.write(to: &w)
         case .helloAck(let m, let proof): w.bytes32(proof); m.write(to: &w)
         case .auth(let proof): w.bytes32(proof)
+        case .challenge(let nonce): w.bytes32(nonce)
         case .diskLayout(let m): m.write(to: &w)
         case .diskExtents(let m): m.write(to: &w)
         case .diskFetch(let m): m.write(to: &w)

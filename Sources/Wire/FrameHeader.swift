@@ -2,8 +2,8 @@
 ///
 /// | offset | size | field          | meaning                                                        |
 /// |-------:|-----:|----------------|----------------------------------------------------------------|
-/// | 0      | 4    | payloadLength  | bytes that follow the header (metadata + payload)              |
-/// | 4      | 1    | version        | frame format version, ``FrameHeader/currentVersion`` (1)       |
+/// | 0      | 4    | payloadLength  | bytes that follow the header (metadata + payload [+ AEAD tag]) |
+/// | 4      | 1    | version        | frame format version, ``FrameHeader/currentVersion`` (2)       |
 /// | 5      | 1    | type           | ``MessageType``                                                |
 /// | 6      | 2    | flags          | ``FrameFlags``: bit 0 urgent lane, bits 1-15 reserved (zero)   |
 /// | 8      | 4    | sequence       | sender's frame sequence number for acks and resume (0 = none)  |
@@ -11,7 +11,7 @@ public struct FrameHeader: Equatable, Hashable, Sendable {
     /// Size of the encoded header in bytes.
     public static let size = 12
     /// The only frame format version this module reads and writes.
-    public static let currentVersion: UInt8 = 1
+    public static let currentVersion: UInt8 = 2
 
     /// Bytes that follow the header: the message's metadata and its bulk payload.
     public var payloadLength: UInt32

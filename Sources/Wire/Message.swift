@@ -6,10 +6,12 @@
 public enum Message: Equatable, Sendable {
     /// The connecting side's opening (normally the source): versions, features, session, nonce.
     case hello(Hello)
-    /// The answer to `hello`, with the answerer's own nonce and its proof of the key.
-    case helloAck(Hello, proof: Bytes32)
-    /// The connecting side's proof of the key, completing mutual authentication.
+    /// The listener's fresh nonce, the only answer to `hello` before the connector has proved the key.
+    case challenge(nonce: Nonce)
+    /// The connecting side's proof of the key (over its hello and the challenge).
     case auth(proof: Bytes32)
+    /// The listener's answer once `auth` verified: what it accepts, and its proof over the whole exchange.
+    case helloAck(Hello, proof: Bytes32)
     /// A disk to be migrated.
     case diskLayout(DiskLayout)
     /// Disk data and zero extents: bulk copy (round 0) or dirty-block deltas (round ≥ 1).
@@ -53,6 +55,7 @@ public enum Message: Equatable, Sendable {
         case .hello: return .hello
         case .helloAck: return .helloAck
         case .auth: return .auth
+        case .challenge: return .challenge
         case .diskLayout: return .diskLayout
         case .diskExtents: return .diskExtents
         case .diskFetch: return .diskFetch

@@ -4,6 +4,7 @@ public enum MessageType: UInt8, CaseIterable, Sendable {
     case hello = 0x01
     case helloAck = 0x02
     case auth = 0x03
+    case challenge = 0x04
     // Disk.
     case diskLayout = 0x10
     case diskExtents = 0x11

@@ -88,6 +88,7 @@ func sampleMessages(_ p: SamplePayloads, includeMaximal: Bool = true) -> [Messag
     ack.cipherSuite = CipherSuite(rawValue: 0)
     m.append(.helloAck(ack, proof: sampleNonce(0xA0)))
     m.append(.auth(proof: sampleNonce(0xC0)))
+    m.append(.challenge(nonce: sampleNonce(0xD0)))
 
     m.append(.diskLayout(DiskLayout(diskID: 0, sizeBytes: 1 << 30, blockSize: 65536, name: "root.img")))
     m.append(.diskLayout(DiskLayout(diskID: 7, sizeBytes: 0, blockSize: 512, name: "")))

@@ -192,7 +192,7 @@ struct FuzzTests {
             let bodyLength = rng.below(300)
             for j in 0..<(12 + bodyLength) { buf[j] = UInt8(truncatingIfNeeded: rng.next()) }
             buf.storeBytes(of: UInt32(bodyLength).littleEndian, toByteOffset: 0, as: UInt32.self)
-            buf[4] = 1
+            buf[4] = FrameHeader.currentVersion
             buf[5] = types[rng.below(types.count)].rawValue
             buf.storeBytes(of: UInt16(rng.below(2)).littleEndian, toByteOffset: 6, as: UInt16.self)
             // Often zero the body so that reserved fields and counts pass and parsing goes deep.
@@ -287,7 +287,7 @@ func mutate(into out: UnsafeMutableRawBufferPointer, templates: [[UInt8]], rng: 
         n = rng.below(128)
         for j in 0..<n { out[j] = UInt8(truncatingIfNeeded: rng.next()) }
         if n >= 12 && rng.below(2) == 0 {
-            out[4] = 1
+            out[4] = FrameHeader.currentVersion
             out[5] = MessageType.allCases[rng.below(MessageType.allCases.count)].rawValue
             out[6] = 0; out[7] = 0
             setLength(UInt32(n - 12))

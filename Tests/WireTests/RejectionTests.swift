@@ -33,7 +33,7 @@ struct RejectionTests {
         putU32(&e, 0, 4 + 7)
         e.removeLast()
         #expect(decodeError(e) == .truncated(type: .error, field: "reason", offset: 16, needed: 8, available: 7))
-        let empty: [UInt8] = [0, 0, 0, 0, 1, MessageType.switchover.rawValue, 0, 0, 0, 0, 0, 0]
+        let empty: [UInt8] = [0, 0, 0, 0, FrameHeader.currentVersion, MessageType.switchover.rawValue, 0, 0, 0, 0, 0, 0]
         #expect(decodeError(empty) == .truncated(type: .switchover, field: "finalRound", offset: 12, needed: 4, available: 0))
     }
 
@@ -71,7 +71,7 @@ struct RejectionTests {
             b[5] = t
             #expect(decodeError(Array(b[0..<12])) == .unknownMessageType(t))
         }
-        for v: UInt8 in [0, 2, 0xff] {
+        for v: UInt8 in [0, 1, 3, 0xff] {
             var b = ackFrame
             b[4] = v
             #expect(decodeError(b) == .unsupportedVersion(v))

@@ -106,7 +106,7 @@ struct RoundTripTests {
         let bytes = try frameBytes(.ack(Ack(stream: .disk, streamID: 0x0102_0304, sequence: 5, offset: 6)),
                                    sequence: 0xA1B2_C3D4)
         #expect(bytes.count == 12 + 24)
-        #expect(Array(bytes[0..<12]) == [24, 0, 0, 0, 1, 0x40, 0, 0, 0xD4, 0xC3, 0xB2, 0xA1])
+        #expect(Array(bytes[0..<12]) == [24, 0, 0, 0, 2, 0x40, 0, 0, 0xD4, 0xC3, 0xB2, 0xA1])
         #expect(Array(bytes[12..<20]) == [1, 0, 0, 0, 4, 3, 2, 1])
     }
 

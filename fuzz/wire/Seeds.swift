@@ -17,7 +17,7 @@ public func fuzzWireInitialize(_ argc: UnsafeMutablePointer<CInt>?,
     let hello = Hello(role: .source, mode: .resume, features: [.disk, .memory, .resume], sessionID: .zero, nonce: zero,
                       resumePoints: [ResumePoint(stream: .disk, streamID: 1, sequence: 2, offset: 3)])
     let messages: [Message] = [
-        .hello(hello), .helloAck(hello, proof: zero), .auth(proof: zero),
+        .hello(hello), .helloAck(hello, proof: zero), .auth(proof: zero), .challenge(nonce: zero),
         .diskLayout(DiskLayout(diskID: 1, sizeBytes: 1 << 30, blockSize: 65536, name: "disk")),
         .diskExtents(DiskExtents(diskID: 1, round: 2, extents: ExtentList([Extent(offset: 0, length: 4096),
                                                                             Extent(offset: 4096, length: 8192, kind: .zero)]),

@@ -4,14 +4,20 @@ import URing
 import Wire
 
 /// Sends frames on one connection through its own io_uring ring: small frames are encoded into a
-/// reused buffer; frames with a bulk payload go out as header + metadata and the payload itself,
-/// gathered by one `sendmsg` with no copy. Owned by one thread.
+/// reused buffer; frames with a bulk payload go out as header + metadata and the payload, gathered
+/// by one `sendmsg`. Before the handshake ends frames go in the clear, the payload with no copy;
+/// after it (``startSealing(_:key:)``) every frame is sealed: the metadata in place, the payload
+/// encrypted into a reused buffer in the same pass that would otherwise be the kernel's copy, the
+/// tag after it. Owned by one thread.
 public struct FrameSender: ~Copyable {
     private var ring: Ring
     private let fd: Int32
     private let prefixBuffer: UnsafeMutableRawBufferPointer
     private let vectors: UnsafeMutablePointer<iovec>
     private let header: UnsafeMutablePointer<msghdr>
+    private var cipher: FrameCipher?
+    /// Where a sealed payload and its tag are written; grown to the largest payload seen.
+    private var sealedPayload = UnsafeMutableRawBufferPointer(start: nil, count: 0)
     /// Frames sent so far; also the next frame's sequence number minus one.
     public private(set) var framesSent: UInt64 = 0
     /// Bytes sent so far, headers included.
@@ -28,32 +34,60 @@ public struct FrameSender: ~Copyable {
     }
 
     deinit {
+        sealedPayload.deallocate()
         prefixBuffer.deallocate()
         vectors.deallocate()
         header.deallocate()
     }
 
+    /// Seals every frame sent from now on with `suite` under `key` (this direction's key of the
+    /// handshake's ``SessionKeys``). Suite `none` (a benchmark build only) leaves them in the clear.
+    public mutating func startSealing(_ suite: CipherSuite, key: [UInt8]) throws(LinkError) {
+        if suite == .none { return }
+        cipher = try FrameCipher(suite: suite, key: key, sealing: true)
+    }
+
     /// Sends one frame. Its payload (if any) is read in place; it must stay valid during the call.
     public mutating func send(_ message: Message) throws(LinkError) {
         let prefixLength: Int
+        let tag = cipher == nil ? 0 : FrameCipher.tagSize
         do {
             prefixLength = try FrameEncoder.encodePrefix(message, sequence: UInt32(truncatingIfNeeded: framesSent + 1),
-                                                         into: prefixBuffer)
+                                                         trailer: tag,
+                                                         into: UnsafeMutableRawBufferPointer(rebasing: prefixBuffer[..<(prefixBuffer.count - FrameCipher.tagSize)]))
         } catch {
             throw .malformed(error)
         }
-        let payload = message.payload.bytes
+        var payload = message.payload.bytes
+        var prefixTotal = prefixLength
+        if let cipher {
+            if !payload.isEmpty && sealedPayload.count < payload.count + tag {
+                sealedPayload.deallocate()
+                sealedPayload = .allocate(byteCount: max(payload.count + tag, 1 << 20), alignment: 64)
+            }
+            let metadata = UnsafeMutableRawBufferPointer(rebasing: prefixBuffer[FrameHeader.size..<prefixLength])
+            let tagAt = payload.isEmpty ? prefixBuffer.baseAddress! + prefixLength : sealedPayload.baseAddress! + payload.count
+            guard cipher.seal(header: prefixBuffer.baseAddress!, metadata: metadata, payload: payload,
+                              payloadOutput: sealedPayload.baseAddress ?? tagAt, tag: tagAt) else {
+                throw .local(.internalError, reason: "libcrypto failed to seal a \(message.type) frame")
+            }
+            if payload.isEmpty {
+                prefixTotal += tag
+            } else {
+                payload = UnsafeRawBufferPointer(rebasing: sealedPayload[..<(payload.count + tag)])
+            }
+        }
         do throws(Errno) {
             if payload.isEmpty {
-                try ring.sendAll(fd, UnsafeRawBufferPointer(rebasing: prefixBuffer[..<prefixLength]))
+                try ring.sendAll(fd, UnsafeRawBufferPointer(rebasing: prefixBuffer[..<prefixTotal]))
             } else {
-                try sendGathered(prefixLength: prefixLength, payload: payload)
+                try sendGathered(prefixLength: prefixTotal, payload: payload)
             }
         } catch {
             throw .socket(error, during: "send \(message.type)")
         }
         framesSent += 1
-        bytesSent += UInt64(prefixLength + payload.count)
+        bytesSent += UInt64(prefixTotal + payload.count)
     }
 
     /// Sends prefix and payload with `sendmsg`, resuming after a short send.

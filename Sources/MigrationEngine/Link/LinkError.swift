@@ -17,18 +17,25 @@ public enum LinkError: Error, Sendable, CustomStringConvertible {
     case unexpected(MessageType, expecting: String)
     /// The peer reported an error and will close.
     case peer(ErrorCode, reason: String)
+    /// The peer refused the connection before the handshake authenticated it (a wrong key, an old
+    /// version, busy): its word about the connection, never about the VM.
+    case refusedByPeer(ErrorCode, reason: String)
     /// This side refused the peer's handshake (an error frame with the code was sent).
     case refused(ErrorCode, reason: String)
     /// The peer's proof of the shared key did not verify.
     case authenticationFailed(String)
+    /// A sealed frame did not open: something on the path altered, replayed, reordered, dropped or
+    /// injected bytes. The link is dropped and, like any dropped link, resumed on a new connection
+    /// with fresh keys.
+    case tampered(String)
     /// Nothing arrived within the allowed time.
     case timedOut(during: String, seconds: Double)
 
     /// Whether reconnecting and resuming may cure it (a dropped or silent link, not a refusal).
     public var isRetryable: Bool {
         switch self {
-        case .socket, .closed, .timedOut: return true
-        case .peer(let code, _): return code.isRetryable
+        case .socket, .closed, .timedOut, .tampered: return true
+        case .peer(let code, _), .refusedByPeer(let code, _): return code.isRetryable
         case .malformed, .unexpected, .authenticationFailed, .refused, .storage, .local: return false
         }
     }
@@ -43,7 +50,9 @@ public enum LinkError: Error, Sendable, CustomStringConvertible {
         case .unexpected(let type, let expecting): return "unexpected \(type) frame from the peer (expecting \(expecting))"
         case .peer(let code, let reason): return "peer reported \(code): \(reason)"
         case .refused(let code, let reason): return "refused the peer's handshake (\(code)): \(reason)"
+        case .refusedByPeer(let code, let reason): return "the peer refused the connection (\(code)): \(reason)"
         case .authenticationFailed(let reason): return "authentication failed: \(reason)"
+        case .tampered(let reason): return "link tampered with: \(reason)"
         case .timedOut(let during, let seconds): return "no frame from the peer for \(seconds) s during \(during)"
         }
     }
@@ -53,9 +62,9 @@ extension LinkError {
     /// The `error` frame code that tells the peer about this failure.
     public var wireCode: ErrorCode {
         switch self {
-        case .local(let code, _), .refused(let code, _), .peer(let code, _): return code
+        case .local(let code, _), .refused(let code, _), .peer(let code, _), .refusedByPeer(let code, _): return code
         case .storage: return .storageFailure
-        case .authenticationFailed: return .authenticationFailed
+        case .authenticationFailed, .tampered: return .authenticationFailed
         case .timedOut: return .timeout
         case .malformed, .unexpected: return .protocolViolation
         case .socket, .closed: return .internalError

@@ -90,7 +90,7 @@ public final class PeerLink: @unchecked Sendable {
 
     deinit { Glibc.close(descriptor) }
 
-    /// The longest a handshake may wait for the peer's next frame (seconds).
+    /// The longest a whole handshake may take, however the peer's bytes trickle in (seconds).
     public static let handshakeTimeout = 10.0
 
     /// Connects to `address` and runs the initiator's handshake.
@@ -107,9 +107,11 @@ public final class PeerLink: @unchecked Sendable {
         do {
             var sender = try FrameSender(fd: fd)
             var receiver = try FrameReceiver(fd: fd, timeoutSeconds: min(receiveTimeout, handshakeTimeout))
+            receiver.deadlineNanoseconds = ferry_monotonic_ns() + UInt64(handshakeTimeout * 1e9)
             let agreement = try SessionHandshake.initiate(sender: &sender, receiver: &receiver, key: key, sessionID: sessionID,
                                                           features: features, mode: mode, resumePoints: resumePoints)
             receiver.timeoutSeconds = receiveTimeout
+            receiver.deadlineNanoseconds = nil
             return PeerLink(descriptor: fd, agreement: agreement, sender: sender, receiver: receiver)
         } catch let error as LinkError {
             Glibc.close(fd)
@@ -127,8 +129,10 @@ public final class PeerLink: @unchecked Sendable {
         do {
             var sender = try FrameSender(fd: fd)
             var receiver = try FrameReceiver(fd: fd, timeoutSeconds: min(receiveTimeout, handshakeTimeout))
+            receiver.deadlineNanoseconds = ferry_monotonic_ns() + UInt64(handshakeTimeout * 1e9)
             let agreement = try SessionHandshake.accept(sender: &sender, receiver: &receiver, key: key, decide: decide)
             receiver.timeoutSeconds = receiveTimeout
+            receiver.deadlineNanoseconds = nil
             return PeerLink(descriptor: fd, agreement: agreement, sender: sender, receiver: receiver)
         } catch let error as LinkError {
             Glibc.close(fd)

@@ -1,3 +1,4 @@
+import CFerryShims
 import Foundation
 import Glibc
 import Logging
@@ -6,13 +7,23 @@ import URing
 import Wire
 
 /// The destination's door: accepts connections on the listening socket and authenticates each on
-/// a thread of its own, so a stray, silent or hostile connection (a port scanner, a health check)
-/// is refused without ever stalling the migration or the source's reconnect. At most
-/// ``maxPending`` handshakes run at once; past that a connection is closed at once. Authenticated
-/// links go to `deliver`; the listener keeps waiting whatever happens to one connection.
+/// a thread of its own, so a stray, silent, slow or hostile connection (a port scanner, a health
+/// check, a slow-loris) never stalls the migration or the source's reconnect. Before a connection
+/// has proved the key it costs little and not for long:
+/// - one handshake deadline for the whole exchange (``PeerLink/handshakeTimeout``), however its
+///   bytes trickle in;
+/// - frames of at most 16 KiB and a 96 KiB buffer (``FrameReceiver/handshakeMaxFrameSize``), a
+///   thread with a 512 KiB stack;
+/// - at most ``maxPending`` such connections: when one more arrives, the oldest unauthenticated one
+///   is cut to make room (a real source proves the key within a few round trips, so flooding the
+///   door only costs the flood's own connections), and past twice that (cut ones not yet gone)
+///   the new one is closed at once. A thread the system refuses to make refuses that connection.
+/// Authenticated links go to `deliver`; the listener keeps waiting whatever happens to one connection.
 final class LinkAcceptor: @unchecked Sendable {
-    /// Handshakes in progress at most.
-    static let maxPending = 32
+    /// Unauthenticated connections at most.
+    static let maxPending = 64
+    /// Stack of a handshake thread.
+    static let handshakeStack = 512 << 10
     private let listener: URing.OwnedDescriptor
     private let key: SharedKey
     private let receiveTimeout: Double
@@ -20,7 +31,10 @@ final class LinkAcceptor: @unchecked Sendable {
     private let deliver: @Sendable (PeerLink) -> Void
     private let logger: Logger
     private let stopped = Atomic<Bool>(false)
-    private let pending = Atomic<Int>(0)
+    /// Connections in their handshake: descriptor → when it was accepted (monotonic ns).
+    private let pending = Locked<[Int32: UInt64]>([:])
+    /// Connections cut or refused before authenticating, for the log.
+    private let refusedCount = Atomic<Int>(0)
 
     init(listener: consuming URing.OwnedDescriptor, key: SharedKey, receiveTimeout: Double, logger: Logger,
          decide: @escaping @Sendable (Hello) throws(LinkError) -> SessionHandshake.Admission,
@@ -35,32 +49,55 @@ final class LinkAcceptor: @unchecked Sendable {
 
     /// Starts the accepting thread.
     func start() {
-        let thread = Thread { [self] in
+        let started = DetachedThread.spawn(name: "ferry-acceptor") { [self] in
             while !stopped.load(ordering: .relaxed) {
                 guard let connection = Socket.accept(from: listener.rawValue, timeout: 0.2) else { continue }
-                let fd = connection.take()
-                guard pending.add(1, ordering: .relaxed).newValue <= Self.maxPending else {
-                    pending.subtract(1, ordering: .relaxed)
-                    logger.warning("refused a connection: too many handshakes in progress", metadata: ["limit": "\(Self.maxPending)"])
-                    Glibc.close(fd)
-                    continue
-                }
-                let handshake = Thread { [self] in
-                    defer { pending.subtract(1, ordering: .relaxed) }
-                    do {
-                        let link = try PeerLink.accept(fd: fd, key: key, receiveTimeout: receiveTimeout, decide: decide)
-                        if stopped.load(ordering: .relaxed) { link.close(); return }
-                        deliver(link)
-                    } catch {
-                        logger.warning("refused a connection", metadata: ["error": "\(error)"])
-                    }
-                }
-                handshake.name = "ferry-handshake"
-                handshake.start()
+                admit(connection.take())
             }
         }
-        thread.name = "ferry-acceptor"
-        thread.start()
+        if let started { logger.critical("cannot start the acceptor thread", metadata: ["error": "\(started)"]) }
+    }
+
+    /// Makes room for `fd` if needed and starts its handshake.
+    private func admit(_ fd: Int32) {
+        let now = ferry_monotonic_ns()
+        let admitted: Bool = pending.withLock { table in
+            if table.count >= 2 * Self.maxPending { return false }
+            if table.count >= Self.maxPending, let oldest = table.min(by: { $0.value < $1.value }) {
+                Socket.shutdownBoth(oldest.key)   // its handshake fails at once; its thread closes it
+                table[oldest.key] = UInt64.max     // counted until its thread is gone, never cut twice
+            }
+            table[fd] = now
+            return true
+        }
+        guard admitted else {
+            Glibc.close(fd)
+            noteRefusal("too many unauthenticated connections")
+            return
+        }
+        let failed = DetachedThread.spawn(name: "ferry-handshake", stackSize: Self.handshakeStack) { [self] in
+            defer { _ = pending.withLock { $0.removeValue(forKey: fd) } }
+            do {
+                let link = try PeerLink.accept(fd: fd, key: key, receiveTimeout: receiveTimeout, decide: decide)
+                if stopped.load(ordering: .relaxed) { link.close(); return }
+                deliver(link)
+            } catch {
+                noteRefusal("\(error)")
+            }
+        }
+        if let failed {
+            _ = pending.withLock { $0.removeValue(forKey: fd) }
+            Glibc.close(fd)
+            noteRefusal("no thread for its handshake: \(failed)")
+        }
+    }
+
+    /// Logs a refused connection: each of the first 10, then one in 100.
+    private func noteRefusal(_ reason: String) {
+        let count = refusedCount.add(1, ordering: .relaxed).newValue
+        if count <= 10 || count % 100 == 0 {
+            logger.warning("refused a connection", metadata: ["error": "\(reason)", "refused_so_far": "\(count)"])
+        }
     }
 
     /// Stops accepting (the thread notices within 200 ms).

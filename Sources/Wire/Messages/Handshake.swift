@@ -36,13 +36,16 @@ public struct Hello: Hashable, Sendable {
     /// Most resume points a hello may carry.
     public static let maxResumePoints = 256
 
-    /// Protocol (message set) version the sender speaks; 1 for this module.
+    /// The protocol version this module speaks: 2 (sealed frames, connector proves first).
+    public static let currentProtocolVersion: UInt16 = 2
+
+    /// Protocol (message set) version the sender speaks; ``currentProtocolVersion`` for this module.
     public var protocolVersion: UInt16
     /// Who is speaking.
     public var role: Role
     /// New session or resume.
     public var mode: HelloMode
-    /// Cipher suite offered (hello) or chosen (helloAck); ``CipherSuite/none`` in v1.
+    /// Cipher suite that seals every frame after the handshake: proposed (hello), confirmed (helloAck).
     public var cipherSuite: CipherSuite
     /// Features offered (hello) or accepted (helloAck; a subset of the offer).
     public var features: Features
@@ -53,8 +56,8 @@ public struct Hello: Hashable, Sendable {
     /// What the sender knows was acknowledged, per stream; empty for a new session.
     public var resumePoints: [ResumePoint]
 
-    public init(protocolVersion: UInt16 = 1, role: Role, mode: HelloMode = .new,
-                cipherSuite: CipherSuite = .none, features: Features, sessionID: SessionID,
+    public init(protocolVersion: UInt16 = Hello.currentProtocolVersion, role: Role, mode: HelloMode = .new,
+                cipherSuite: CipherSuite = .aes256gcm, features: Features, sessionID: SessionID,
                 nonce: Nonce, resumePoints: [ResumePoint] = []) {
         self.protocolVersion = protocolVersion; self.role = role; self.mode = mode
         self.cipherSuite = cipherSuite; self.features = features; self.sessionID = sessionID
@@ -98,6 +101,16 @@ public struct Hello: Hashable, Sendable {
             throw .limitExceeded(type: type, field: "resumeCount", value: resumePoints.count, max: Hello.maxResumePoints)
         }
         return 64 + ResumePoint.size * resumePoints.count
+    }
+
+    /// The hello's metadata bytes exactly as they go on the wire (what the proofs and keys cover).
+    public func canonicalBytes() -> [UInt8] {
+        let size = 64 + ResumePoint.size * resumePoints.count
+        return [UInt8](unsafeUninitializedCapacity: size) { buffer, count in
+            var w = ByteWriter(UnsafeMutableRawBufferPointer(buffer))
+            write(to: &w)
+            count = size
+        }
     }
 
     func write(to w: inout ByteWriter) {
