@@ -44,7 +44,7 @@ do {
         let bound = try server.listen(NBDEndpoint.parse(text))
         print("ferry-nbd-serve: serving \(positional[0]) (\(store.size) bytes) on \(bound)")
     }
-    server.start()
+    try server.start()
     fflush(nil)
     var received: Int32 = 0
     sigwait(&signals, &received)

@@ -109,7 +109,7 @@ struct SourceAgent: ParsableCommand {
                 let bound = try server.listen(NBDEndpoint.parse(text))
                 logger.info("serving disk", metadata: ["image": "\(image)", "bytes": "\(store.size)", "nbd": "\(bound)"])
             }
-            server.start()
+            try server.start()
             var options = DiskStreamOptions(diskID: UInt32(index + 1))
             options.throttleDelayNanoseconds = UInt64(throttleDelayMs * 1e6)
             options.postcopy = diskPostcopy

@@ -1,0 +1,109 @@
+import FerryTestSupport
+import Foundation
+import Glibc
+import Synchronization
+import SystemPackage
+import XCTest
+@testable import NBDBridge
+
+/// The NBD server under too many clients: a connection whose thread cannot be created is refused
+/// with a reason the client shows, and the server serves on.
+final class ConnectionLimitTests: XCTestCase {
+    func testFailedThreadCreationRefusesTheConnectionAndTheServerServesOn() throws {
+        let failing = ThreadFailure()
+        var options = NBDServer.Options()
+        options.threadSpawner = { body throws(Errno) in
+            if failing.on.load(ordering: .relaxed) { throw Errno.resourceTemporarilyUnavailable }
+            try spawnDetachedThread(body)
+        }
+        let f = try ServerFixture(size: 8 << 20, options: options)
+        defer { f.stop() }
+        let served = try RawClient(path: f.socketPath)
+        defer { served.close() }
+        XCTAssertTrue(served.negotiate())
+
+        failing.on.store(true, ordering: .relaxed)
+        for _ in 0..<3 {
+            let refused = try RawClient(path: f.socketPath)
+            XCTAssertTrue(greet(refused))
+            let message = try XCTUnwrap(refusal(of: refused, option: NBDProtocol.optGo, data: RawClient.be(UInt32(0)) + RawClient.be(UInt16(0))))
+            XCTAssertTrue(message.contains("cannot start a thread") && message.contains("pthread_create"), message)
+            refused.close()
+        }
+        let snapshot = f.server.stats.snapshot
+        XCTAssertEqual(snapshot.connectionsRefused, 3)
+        XCTAssertEqual(snapshot.connectionsAccepted, 1)
+        XCTAssertEqual(snapshot.connectionsOpen, 1)
+        XCTAssertEqual(f.server.connectionThreadIDs.count, 1, "a refused connection was left in the server's table")
+        XCTAssertEqual(f.server.liveThreads.load(ordering: .relaxed), 2, "the acceptor and one connection thread")
+
+        // The admitted connection is untouched, and once threads can be had again a client gets in.
+        served.send(served.request(NBDProtocol.cmdRead, cookie: 7, offset: 0, length: 4096))
+        let reply = try XCTUnwrap(served.receive(16 + 4096))
+        XCTAssertEqual(RawClient.read(reply, 4, UInt32.self), 0)
+        failing.on.store(false, ordering: .relaxed)
+        let later = try RawClient(path: f.socketPath)
+        XCTAssertTrue(later.negotiate())
+        later.close()
+        served.close()
+        XCTAssertTrue(waitUntil(timeout: 60) { f.server.liveThreads.load(ordering: .relaxed) == 1 },
+                      "thread count not back to the acceptor alone: \(f.server.liveThreads.load(ordering: .relaxed))")
+    }
+
+    func testFailedAcceptorThreadThrowsInsteadOfCrashing() throws {
+        var options = NBDServer.Options()
+        options.threadSpawner = { _ throws(Errno) in throw Errno.resourceTemporarilyUnavailable }
+        let directory = TemporaryDirectory(prefix: "ferry-nbd")
+        let image = try directory.sparseFile("disk.img", size: 1 << 20)
+        let server = try NBDServer(store: FileBlockStore(path: image), options: options)
+        try server.listen(NBDEndpoint.parse("unix:" + directory.file("a.sock")))
+        XCTAssertThrowsError(try server.start()) { error in
+            XCTAssertTrue("\(error)".contains("pthread_create"), "\(error)")
+        }
+        XCTAssertThrowsError(try server.listen(NBDEndpoint.parse("unix:" + directory.file("b.sock"))))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: directory.file("a.sock")), "the failed listener was left bound")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: directory.file("b.sock")), "the failed listener was left bound")
+        let begun = Date()
+        server.shutdown(drain: true)
+        XCTAssertLessThan(Date().timeIntervalSince(begun), 10, "shutdown waited for threads that never started")
+    }
+
+    func testRefusalWindowLogsOncePerWindowAndBoundsTheTimeSpent() {
+        var window = RefusalWindow()
+        let start: UInt64 = 1_000_000_000
+        let first = window.begin(now: start)
+        XCTAssertTrue(first.log)
+        XCTAssertEqual(first.deadline, start + RefusalWindow.perRefusalNanoseconds)
+        window.end(took: RefusalWindow.perRefusalNanoseconds)
+        let second = window.begin(now: start + 1)
+        XCTAssertFalse(second.log)
+        window.end(took: RefusalWindow.explainBudgetNanoseconds)
+        XCTAssertNil(window.begin(now: start + 2).deadline, "past the budget a refusal is a plain close")
+        let next = window.begin(now: start + RefusalWindow.lengthNanoseconds)
+        XCTAssertTrue(next.log)
+        XCTAssertEqual(next.unloggedBefore, 2)
+        XCTAssertNotNil(next.deadline)
+    }
+
+    /// Reads the greeting and sends the client flags. False when no greeting came.
+    private func greet(_ client: RawClient) -> Bool {
+        guard let hello = client.receive(18), RawClient.read(hello, 0, UInt64.self) == NBDProtocol.nbdMagic else { return false }
+        client.send(RawClient.be(UInt32(3)))
+        return true
+    }
+
+    /// Sends `option` with `data` and returns the message of the NBD_REP_ERR_POLICY it gets; nil when
+    /// the server answered otherwise or closed.
+    private func refusal(of client: RawClient, option: UInt32, data: [UInt8] = []) -> String? {
+        client.send(RawClient.be(NBDProtocol.optionMagic) + RawClient.be(option) + RawClient.be(UInt32(data.count)) + data)
+        guard let header = client.receive(20), RawClient.read(header, 12, UInt32.self) == NBDProtocol.repErrPolicy,
+              RawClient.read(header, 8, UInt32.self) == option,
+              let message = client.receive(Int(RawClient.read(header, 16, UInt32.self))) else { return nil }
+        return String(decoding: message, as: UTF8.self)
+    }
+}
+
+/// A switch the test flips to make the server's thread creation fail.
+private final class ThreadFailure: Sendable {
+    let on = Atomic<Bool>(false)
+}
