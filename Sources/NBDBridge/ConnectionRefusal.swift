@@ -2,7 +2,8 @@ import Glibc
 import SystemPackage
 
 /// Turns one accepted connection away with a reason the client can show, on the thread that
-/// accepted it: the connection's thread could not be created.
+/// accepted it: the server is at ``NBDServer/Options/maxConnections``, or the connection's thread
+/// could not be created.
 ///
 /// How, and why this way:
 /// - No thread is spent on a refused connection (a thread may be exactly what ran out), so the

@@ -9,8 +9,9 @@ import URing
 /// connection one thread whose io_uring carries the socket and the store's I/O, many requests in
 /// flight and replies out of order. Several listeners (Unix, TCP) and clients at once; multi-conn
 /// is safe because every connection uses the same descriptor, so one `fdatasync` covers them all.
-/// A connection whose thread cannot be created is refused with a reason the client shows
-/// (``ConnectionRefusal``) and the server serves on.
+/// At most ``Options/maxConnections`` at once: past it, and when a connection's thread cannot be
+/// created, the connection is refused with a reason the client shows (``ConnectionRefusal``) and
+/// the server serves on.
 ///
 /// For the migration engine: every completed write, trim or zero marks ``dirtyBitmap``; ``throttle``
 /// delays writes when turned on; ``quiesce(timeoutNanoseconds:)``/``resume()`` hold writes for switchover.
@@ -51,6 +52,11 @@ public final class NBDServer: Sendable {
         /// costs about as much again on a 2-vCPU VM. Bounded, and skipped for a few waits after a
         /// poll that found nothing, so an idle or slow client costs no CPU. At most 1 ms.
         public var idleSpinNanoseconds: UInt64
+        /// Connections served at once (handshaking or transmitting), over every listener; the next
+        /// one is refused with NBD_REP_ERR_POLICY and the reason. Each costs a thread, an io_uring
+        /// and ``requestSlots`` x ``slotBufferSize`` bytes of buffers (16 MiB by default, touched as
+        /// used). A VM opens one per disk, `qemu-img` and nbdinfo one, nbdcopy up to four (multi-conn).
+        public var maxConnections: Int
         /// Where refused connections are reported (a warning per 10 s, with the count).
         public var logger: Logger
         /// Creates the accepting and connection threads. Tests replace it to make `pthread_create` fail.
@@ -60,7 +66,7 @@ public final class NBDServer: Sendable {
                     minimumBlockSize: UInt32 = 1, preferredBlockSize: UInt32 = 4096,
                     maximumBlockSize: UInt32 = 32 * 1024 * 1024, requestSlots: Int = 64,
                     slotBufferSize: Int = 256 * 1024, multiConn: Bool = true, dirtyBlockSize: UInt64 = 64 * 1024,
-                    idleSpinNanoseconds: UInt64 = 30_000,
+                    idleSpinNanoseconds: UInt64 = 30_000, maxConnections: Int = 64,
                     logger: Logger = Logger(label: "ferry.nbd")) {
             self.exportName = exportName
             self.description = description
@@ -73,6 +79,7 @@ public final class NBDServer: Sendable {
             self.multiConn = multiConn
             self.dirtyBlockSize = dirtyBlockSize
             self.idleSpinNanoseconds = idleSpinNanoseconds
+            self.maxConnections = maxConnections
             self.logger = logger
         }
     }
@@ -121,6 +128,9 @@ public final class NBDServer: Sendable {
         }
         guard options.idleSpinNanoseconds <= 1_000_000 else {
             throw NBDBridgeError(.invalidArgument, "idle spin of \(options.idleSpinNanoseconds) ns is over the 1 ms limit")
+        }
+        guard options.maxConnections >= 1 else {
+            throw NBDBridgeError(.invalidArgument, "a connection limit of \(options.maxConnections) would refuse every client")
         }
         self.store = store
         self.options = options
@@ -254,9 +264,10 @@ public final class NBDServer: Sendable {
         return NBDBridgeError(error, "cannot start accepting NBD connections on \(listener.boundAddress): pthread_create failed")
     }
 
-    /// The accepting thread: each connection gets a thread of its own, or is refused right here
-    /// when its thread cannot be created. Ends at shutdown.
+    /// The accepting thread: each connection gets a thread of its own, or is refused (at the
+    /// connection limit, or when its thread cannot be created) right here. Ends at shutdown.
     private func acceptConnections(on listener: NBDListener) {
+        enum Admission { case admitted, full(open: Int), shuttingDown }
         while true {
             let fd: Int32
             do throws(Errno) {
@@ -269,12 +280,22 @@ public final class NBDServer: Sendable {
                 }
                 return
             }
-            let admitted = state.withLock { s -> Bool in
-                if s.shuttingDown { return false }
+            let admission = state.withLock { s -> Admission in
+                if s.shuttingDown { return .shuttingDown }
+                if s.connections.count >= options.maxConnections { return .full(open: s.connections.count) }
                 s.connections.insert(fd)
-                return true
+                return .admitted
             }
-            if !admitted { Glibc.close(fd); return }
+            switch admission {
+            case .shuttingDown:
+                Glibc.close(fd)
+                return
+            case .full(let open):
+                refuse(fd, reason: "Ferry NBD server: too many connections (\(open) open, the limit is \(options.maxConnections)); close another connection to this export first")
+                continue
+            case .admitted:
+                break
+            }
             liveThreads.add(1, ordering: .sequentiallyConsistent)
             do {
                 try options.threadSpawner { [self] in
@@ -302,7 +323,7 @@ public final class NBDServer: Sendable {
         let plan = state.withLock { $0.refusals.begin(now: begun) }
         if plan.log {
             options.logger.warning("refused an NBD connection", metadata: [
-                "reason": "\(reason)",
+                "reason": "\(reason)", "limit": "\(options.maxConnections)",
                 "refused_since_last_warning": "\(plan.unloggedBefore)"])
         }
         if let deadline = plan.deadline {

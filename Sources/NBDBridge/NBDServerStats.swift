@@ -20,7 +20,8 @@ public final class NBDServerStats: Sendable {
         /// Connections given a thread of their own (refused ones are not counted here).
         public var connectionsAccepted: UInt64
         public var connectionsOpen: Int
-        /// Connections turned away: their thread could not be created.
+        /// Connections turned away: at ``NBDServer/Options/maxConnections``, or when their thread
+        /// could not be created.
         public var connectionsRefused: UInt64
         public var handshakesFailed: UInt64
         public var requests: UInt64

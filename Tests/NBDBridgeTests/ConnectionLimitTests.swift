@@ -6,12 +6,76 @@ import SystemPackage
 import XCTest
 @testable import NBDBridge
 
-/// The NBD server under too many clients: a connection whose thread cannot be created is refused
-/// with a reason the client shows, and the server serves on.
+/// The NBD server under too many clients: a connection past ``NBDServer/Options/maxConnections``, or
+/// one whose thread cannot be created, is refused with a reason the client shows, and the server
+/// serves on.
 final class ConnectionLimitTests: XCTestCase {
+    func testConnectionPastTheLimitIsRefusedWithTheReasonAndASlotFreesUp() throws {
+        let f = try ServerFixture(size: 8 << 20, options: .init(maxConnections: 2))
+        defer { f.stop() }
+        let first = try RawClient(path: f.socketPath)
+        let second = try RawClient(path: f.socketPath)
+        XCTAssertTrue(first.negotiate())
+        XCTAssertTrue(second.negotiate())
+
+        // The third, by the raw client: every option is answered NBD_REP_ERR_POLICY with the reason,
+        // and NBD_OPT_ABORT is acknowledged before the server closes.
+        let third = try RawClient(path: f.socketPath)
+        defer { third.close() }
+        XCTAssertTrue(greet(third))
+        let message = try XCTUnwrap(refusal(of: third, option: NBDProtocol.optStructuredReply))
+        XCTAssertTrue(message.contains("too many connections") && message.contains("the limit is 2"), message)
+        XCTAssertEqual(refusal(of: third, option: NBDProtocol.optGo, data: RawClient.be(UInt32(0)) + RawClient.be(UInt16(0))),
+                       message)
+        third.send(RawClient.be(NBDProtocol.optionMagic) + RawClient.be(NBDProtocol.optAbort) + RawClient.be(UInt32(0)))
+        let ack = try XCTUnwrap(third.receive(20))
+        XCTAssertEqual(RawClient.read(ack, 12, UInt32.self), NBDProtocol.repAck)
+        XCTAssertTrue(third.serverClosed())
+
+        // The fourth, by real clients: QEMU shows the reason, libnbd fails the connection on policy.
+        if FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-img") {
+            let qemu = try runTool("/usr/bin/qemu-img", ["info", f.uri])
+            XCTAssertNotEqual(qemu.status, 0, "\(qemu)")
+            XCTAssertTrue(qemu.stderr.contains("Denied by server") && qemu.stderr.contains("too many connections (2 open, the limit is 2)"),
+                          "\(qemu)")
+        }
+        let python = try PythonNBD.run(#"""
+import nbd, sys
+h = nbd.NBD()
+try:
+    h.connect_uri(sys.argv[1])
+    print("connected")
+except nbd.Error as e:
+    print("refused:", e)
+"""#, uri: f.uri)
+        XCTAssertTrue(python.stdout.contains("refused:") && python.stdout.contains("policy"), "\(python)")
+        XCTAssertGreaterThanOrEqual(f.server.stats.snapshot.connectionsRefused, 2)
+        XCTAssertEqual(f.server.stats.snapshot.connectionsAccepted, 2)
+
+        // The two admitted connections still work.
+        for (cookie, client) in [first, second].enumerated() {
+            client.send(client.request(NBDProtocol.cmdRead, cookie: UInt64(cookie), offset: 0, length: 4096))
+            let reply = try XCTUnwrap(client.receive(16 + 4096))
+            XCTAssertEqual(RawClient.read(reply, 4, UInt32.self), 0)
+        }
+
+        // One goes: its slot is free for the next client.
+        first.close()
+        XCTAssertTrue(waitUntil(timeout: 60) { f.server.connectionThreadIDs.count == 1 }, "\(f.server.stats.snapshot)")
+        let check = try PythonNBD.run(#"""
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+assert h.get_size() == 8 << 20
+h.pread(65536, 0)
+print("ok")
+"""#, uri: f.uri)
+        XCTAssertTrue(check.stdout.contains("ok"), "\(check)")
+        second.close()
+    }
+
     func testFailedThreadCreationRefusesTheConnectionAndTheServerServesOn() throws {
         let failing = ThreadFailure()
-        var options = NBDServer.Options()
+        var options = NBDServer.Options(maxConnections: 8)
         options.threadSpawner = { body throws(Errno) in
             if failing.on.load(ordering: .relaxed) { throw Errno.resourceTemporarilyUnavailable }
             try spawnDetachedThread(body)
@@ -66,6 +130,30 @@ final class ConnectionLimitTests: XCTestCase {
         let begun = Date()
         server.shutdown(drain: true)
         XCTAssertLessThan(Date().timeIntervalSince(begun), 10, "shutdown waited for threads that never started")
+    }
+
+    func testSilentRefusedClientsHoldTheAcceptorUpOnlyBriefly() throws {
+        let f = try ServerFixture(size: 8 << 20, options: .init(maxConnections: 1))
+        defer { f.stop() }
+        let admitted = try RawClient(path: f.socketPath)
+        XCTAssertTrue(admitted.negotiate())
+        let begun = Date()
+        // Clients past the limit that never answer the greeting: the first are waited for until
+        // their deadline, then the window's budget is spent and the rest are closed at once.
+        let silent = try (0..<8).map { _ in try RawClient(path: f.socketPath) }
+        XCTAssertTrue(waitUntil(timeout: 60) { f.server.stats.snapshot.connectionsRefused == 8 }, "\(f.server.stats.snapshot)")
+        admitted.close()
+        XCTAssertTrue(waitUntil(timeout: 60) { f.server.connectionThreadIDs.isEmpty }, "\(f.server.stats.snapshot)")
+        let next = try RawClient(path: f.socketPath)
+        defer { next.close() }
+        XCTAssertTrue(next.negotiate())
+        let took = Date().timeIntervalSince(begun)
+        XCTAssertLessThan(took, 2 * Double(RefusalWindow.explainBudgetNanoseconds) / 1e9 + 3,
+                          "8 silent refused clients held the accept queue up for \(took) s")
+        for client in silent {
+            XCTAssertTrue(client.serverClosed(), "a refused client was left open")
+            client.close()
+        }
     }
 
     func testRefusalWindowLogsOncePerWindowAndBoundsTheTimeSpent() {
