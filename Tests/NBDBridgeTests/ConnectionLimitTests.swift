@@ -8,7 +8,7 @@ import XCTest
 
 /// The NBD server under too many clients: a connection past ``NBDServer/Options/maxConnections``, or
 /// one whose thread cannot be created, is refused with a reason the client shows, and the server
-/// serves on.
+/// serves on; an endpoint other hosts can reach needs an explicit opt-in.
 final class ConnectionLimitTests: XCTestCase {
     func testConnectionPastTheLimitIsRefusedWithTheReasonAndASlotFreesUp() throws {
         let f = try ServerFixture(size: 8 << 20, options: .init(maxConnections: 2))
@@ -171,6 +171,25 @@ print("ok")
         XCTAssertTrue(next.log)
         XCTAssertEqual(next.unloggedBefore, 2)
         XCTAssertNotNil(next.deadline)
+    }
+
+    func testEndpointOffTheLoopbackNeedsTheOptIn() throws {
+        for text in ["tcp:0.0.0.0:10809", "tcp:10.1.2.3:10809", "10.1.2.3:10809", "tcp::10809", "tcp:[::]:10809",
+                     "tcp:[::ffff:10.0.0.1]:10809", "tcp:[2001:db8::1]:10809"] {
+            let endpoint = try NBDEndpoint.parse(text)
+            XCTAssertFalse(endpoint.isLoopback, text)
+            XCTAssertThrowsError(try NBDEndpoint.parse(text, allowRemote: false), text) { error in
+                let message = (error as? NBDBridgeError)?.message ?? "\(error)"
+                XCTAssertTrue(message.contains(text) && message.contains("no authentication")
+                              && message.contains("--nbd-allow-remote"), message)
+            }
+            XCTAssertNoThrow(try NBDEndpoint.parse(text, allowRemote: true), text)
+        }
+        for text in ["tcp:127.0.0.1:10809", "tcp:127.5.6.7:0", "127.0.0.1:10809", "tcp:[::1]:10809", "tcp:localhost:10809",
+                     "tcp:[::ffff:127.0.0.1]:10809", "unix:/run/ferry/vm.sock", "/run/ferry/vm.sock"] {
+            XCTAssertTrue(try NBDEndpoint.parse(text).isLoopback, text)
+            XCTAssertNoThrow(try NBDEndpoint.parse(text, allowRemote: false), text)
+        }
     }
 
     /// Reads the greeting and sends the client flags. False when no greeting came.
