@@ -44,6 +44,9 @@ struct DestAgent: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Where to serve a migrated disk over NBD: unix:PATH or tcp:HOST:PORT. One per --disk, in the same order.", valueName: "ENDPOINT"))
     var nbd: [String] = []
 
+    @Flag(name: .customLong("nbd-allow-remote"), help: "Allow a tcp: --nbd on an address other hosts can reach (anything but 127.0.0.0/8, ::1 and localhost; 0.0.0.0 and :: are every interface). NBD has no authentication: anyone who can reach the port can read and write the disk. Only on a trusted network; unix:PATH is safer.")
+    var nbdAllowRemote = false
+
     @Option(name: .customLong("export-name"), help: ArgumentHelp("Serve each disk only under this NBD export name (and the default, empty one); without it, under any name.", valueName: "NAME"))
     var exportName: String = ""
 
@@ -52,6 +55,9 @@ struct DestAgent: ParsableCommand {
 
     func validate() throws {
         if disk.count != nbd.count { throw ValidationError("give one --nbd per --disk (got \(disk.count) --disk, \(nbd.count) --nbd)") }
+        for text in nbd {
+            do { _ = try NBDEndpoint.parse(text, allowRemote: nbdAllowRemote) } catch { throw ValidationError(error.message) }
+        }
         if linkTimeout <= 0 { throw ValidationError("--link-timeout must be positive") }
     }
 

@@ -2,8 +2,8 @@
 // in-flight requests and flushes before exit. For benchmarks and manual checks, until
 // `source-agent --disk IMG --nbd ENDPOINT` exists.
 //
-//   ferry-nbd-serve IMAGE ENDPOINT [ENDPOINT...] [--read-only] [--export NAME] [--slots N]
-//   ENDPOINT: unix:/path/to.sock | tcp:HOST:PORT
+//   ferry-nbd-serve IMAGE ENDPOINT [ENDPOINT...] [--read-only] [--export NAME] [--slots N] [--nbd-allow-remote]
+//   ENDPOINT: unix:/path/to.sock | tcp:HOST:PORT (off the loopback only with --nbd-allow-remote: NBD has no authentication)
 import Glibc
 import NBDBridge
 
@@ -16,17 +16,19 @@ var positional: [String] = []
 var readOnly = false
 var exportName = ""
 var slots = 64
+var allowRemote = false
 var arguments = CommandLine.arguments.dropFirst().makeIterator()
 while let argument = arguments.next() {
     switch argument {
     case "--read-only": readOnly = true
     case "--export": exportName = arguments.next() ?? ""
     case "--slots": slots = Int(arguments.next() ?? "") ?? slots
+    case "--nbd-allow-remote": allowRemote = true
     default: positional.append(argument)
     }
 }
 guard positional.count >= 2 else {
-    printError("usage: ferry-nbd-serve IMAGE ENDPOINT [ENDPOINT...] [--read-only] [--export NAME] [--slots N]")
+    printError("usage: ferry-nbd-serve IMAGE ENDPOINT [ENDPOINT...] [--read-only] [--export NAME] [--slots N] [--nbd-allow-remote]")
     exit(2)
 }
 
@@ -41,10 +43,10 @@ do {
     let store = try FileBlockStore(path: positional[0], readOnly: readOnly)
     let server = try NBDServer(store: store, options: .init(exportName: exportName, readOnly: readOnly, requestSlots: slots))
     for text in positional.dropFirst() {
-        let bound = try server.listen(NBDEndpoint.parse(text))
+        let bound = try server.listen(NBDEndpoint.parse(text, allowRemote: allowRemote))
         print("ferry-nbd-serve: serving \(positional[0]) (\(store.size) bytes) on \(bound)")
     }
-    server.start()
+    try server.start()
     fflush(nil)
     var received: Int32 = 0
     sigwait(&signals, &received)

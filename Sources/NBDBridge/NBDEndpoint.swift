@@ -19,6 +19,45 @@ public struct NBDEndpoint: Sendable, CustomStringConvertible {
         }
     }
 
+    /// Parses like ``parse(_:)``, then refuses an endpoint other hosts can reach unless
+    /// `allowRemote` (``checkExposure(allowRemote:)``). For command lines: `--nbd`, `--nbd-allow-remote`.
+    public static func parse(_ text: String, allowRemote: Bool) throws(NBDBridgeError) -> NBDEndpoint {
+        let endpoint = try parse(text)
+        try endpoint.checkExposure(allowRemote: allowRemote, spelled: text)
+        return endpoint
+    }
+
+    /// Whether only this host can connect: a Unix socket, or TCP on 127.0.0.0/8 or ::1 (or
+    /// ::ffff:127.x.y.z), which is what `localhost` resolves to. 0.0.0.0 and :: are every interface.
+    public var isLoopback: Bool {
+        withUnsafeBytes(of: address.storage) { raw in
+            switch address.family {
+            case AF_UNIX:
+                return true
+            case AF_INET:   // sockaddr_in: family, port, then sin_addr in network order
+                return raw[4] == 127
+            case AF_INET6:  // sockaddr_in6: family, port, flowinfo, then the 16 bytes of sin6_addr
+                let a = raw[8..<24]
+                let loopback = a.dropLast().allSatisfy { $0 == 0 } && a.last == 1
+                let mapped = a.prefix(10).allSatisfy { $0 == 0 } && a.dropFirst(10).prefix(2).allSatisfy { $0 == 0xff }
+                    && a.dropFirst(12).first == 127
+                return loopback || mapped
+            default:
+                return false
+            }
+        }
+    }
+
+    /// Throws unless the endpoint ``isLoopback`` or `allowRemote`: NBD as served here has no
+    /// authentication (and no TLS), so whoever reaches a TCP port can read and write the whole disk.
+    /// `spelled` is the endpoint as the user wrote it, for the message.
+    public func checkExposure(allowRemote: Bool, spelled: String? = nil) throws(NBDBridgeError) {
+        if isLoopback || allowRemote { return }
+        throw NBDBridgeError(.permissionDenied, "NBD endpoint '\(spelled ?? description)' (\(self)) can be reached from other hosts, "
+            + "and NBD has no authentication: anyone who can reach the port can read and write the disk. "
+            + "Serve on unix:PATH or tcp:127.0.0.1:PORT, or give --nbd-allow-remote to serve it there anyway on a trusted network")
+    }
+
     public var description: String { address.description }
 }
 

@@ -1,5 +1,6 @@
 import Glibc
 import CFerryShims
+import Logging
 import Synchronization
 import SystemPackage
 import URing
@@ -8,6 +9,9 @@ import URing
 /// connection one thread whose io_uring carries the socket and the store's I/O, many requests in
 /// flight and replies out of order. Several listeners (Unix, TCP) and clients at once; multi-conn
 /// is safe because every connection uses the same descriptor, so one `fdatasync` covers them all.
+/// At most ``Options/maxConnections`` at once: past it, and when a connection's thread cannot be
+/// created, the connection is refused with a reason the client shows (``ConnectionRefusal``) and
+/// the server serves on.
 ///
 /// For the migration engine: every completed write, trim or zero marks ``dirtyBitmap``; ``throttle``
 /// delays writes when turned on; ``quiesce(timeoutNanoseconds:)``/``resume()`` hold writes for switchover.
@@ -15,7 +19,7 @@ import URing
 /// ```swift
 /// let server = try NBDServer(store: FileBlockStore(path: img), options: .init(exportName: "disk"))
 /// try server.listen(NBDEndpoint.parse("unix:/run/ferry.sock"))
-/// server.start()              // or server.run() to block until shutdown
+/// try server.start()          // or try server.run() to block until shutdown
 /// server.shutdown(drain: true)
 /// ```
 public final class NBDServer: Sendable {
@@ -48,12 +52,22 @@ public final class NBDServer: Sendable {
         /// costs about as much again on a 2-vCPU VM. Bounded, and skipped for a few waits after a
         /// poll that found nothing, so an idle or slow client costs no CPU. At most 1 ms.
         public var idleSpinNanoseconds: UInt64
+        /// Connections served at once (handshaking or transmitting), over every listener; the next
+        /// one is refused with NBD_REP_ERR_POLICY and the reason. Each costs a thread, an io_uring
+        /// and ``requestSlots`` x ``slotBufferSize`` bytes of buffers (16 MiB by default, touched as
+        /// used). A VM opens one per disk, `qemu-img` and nbdinfo one, nbdcopy up to four (multi-conn).
+        public var maxConnections: Int
+        /// Where refused connections are reported (a warning per 10 s, with the count).
+        public var logger: Logger
+        /// Creates the accepting and connection threads. Tests replace it to make `pthread_create` fail.
+        var threadSpawner: ThreadSpawner = spawnDetachedThread
 
         public init(exportName: String = "", description: String = "Ferry NBD export", readOnly: Bool = false,
                     minimumBlockSize: UInt32 = 1, preferredBlockSize: UInt32 = 4096,
                     maximumBlockSize: UInt32 = 32 * 1024 * 1024, requestSlots: Int = 64,
                     slotBufferSize: Int = 256 * 1024, multiConn: Bool = true, dirtyBlockSize: UInt64 = 64 * 1024,
-                    idleSpinNanoseconds: UInt64 = 30_000) {
+                    idleSpinNanoseconds: UInt64 = 30_000, maxConnections: Int = 64,
+                    logger: Logger = Logger(label: "ferry.nbd")) {
             self.exportName = exportName
             self.description = description
             self.readOnly = readOnly
@@ -65,6 +79,8 @@ public final class NBDServer: Sendable {
             self.multiConn = multiConn
             self.dirtyBlockSize = dirtyBlockSize
             self.idleSpinNanoseconds = idleSpinNanoseconds
+            self.maxConnections = maxConnections
+            self.logger = logger
         }
     }
 
@@ -92,9 +108,11 @@ public final class NBDServer: Sendable {
         var started = false
         var shuttingDown = false
         var finished = false
+        var refusals = RefusalWindow()
     }
     private let state = Mutex(State())
-    private let liveThreads = Atomic<Int>(0)
+    /// Accepting and connection threads running (shutdown waits for none).
+    let liveThreads = Atomic<Int>(0)
     /// Set when shutdown begins; parked requests then fail with ESHUTDOWN instead of waiting.
     let stopping = Atomic<Bool>(false)
 
@@ -110,6 +128,9 @@ public final class NBDServer: Sendable {
         }
         guard options.idleSpinNanoseconds <= 1_000_000 else {
             throw NBDBridgeError(.invalidArgument, "idle spin of \(options.idleSpinNanoseconds) ns is over the 1 ms limit")
+        }
+        guard options.maxConnections >= 1 else {
+            throw NBDBridgeError(.invalidArgument, "a connection limit of \(options.maxConnections) would refuse every client")
         }
         self.store = store
         self.options = options
@@ -133,7 +154,9 @@ public final class NBDServer: Sendable {
     }
 
     /// Binds and listens on `endpoint` (`socket`, `bind`, `listen`); returns the bound address (with
-    /// the port the kernel chose when the endpoint said port 0). Connections are served after ``start()``.
+    /// the port the kernel chose when the endpoint said port 0). Connections are served after ``start()``;
+    /// on a started server this starts accepting at once, and throws (listening nowhere) when the
+    /// accepting thread cannot be created.
     @discardableResult
     public func listen(_ endpoint: NBDEndpoint) throws(NBDBridgeError) -> SocketAddress {
         let listener = try NBDListener(endpoint: endpoint)
@@ -142,24 +165,32 @@ public final class NBDServer: Sendable {
             if s.started { s.acceptors += 1 }
             return s.started
         }
-        if startNow { spawnAcceptor(listener) }
+        if startNow {
+            do { try spawnAcceptor(listener) } catch { throw drop(listener, error) }
+        }
         return listener.boundAddress
     }
 
-    /// Starts accepting on every listener, each on its own thread. Returns at once.
-    public func start() {
+    /// Starts accepting on every listener, each on its own thread. Returns at once. Throws when a
+    /// listener's thread cannot be created (`pthread_create` failed: a thread limit, or memory):
+    /// that listener is closed, the others serve on until ``shutdown(drain:)``.
+    public func start() throws(NBDBridgeError) {
         let listeners = state.withLock { s -> [NBDListener] in
             if s.started { return [] }
             s.started = true
             s.acceptors += s.listeners.count
             return s.listeners
         }
-        for listener in listeners { spawnAcceptor(listener) }
+        var failure: NBDBridgeError? = nil
+        for listener in listeners {
+            do { try spawnAcceptor(listener) } catch { failure = failure ?? drop(listener, error) }
+        }
+        if let failure { throw failure }
     }
 
     /// Starts, then blocks until ``shutdown(drain:)`` has finished (from another thread or a signal handler's thread).
-    public func run() {
-        start()
+    public func run() throws(NBDBridgeError) {
+        try start()
         while !state.withLock({ $0.finished }) { usleep(10_000) }
     }
 
@@ -208,31 +239,66 @@ public final class NBDServer: Sendable {
 
     // MARK: threads
 
-    private func spawnAcceptor(_ listener: NBDListener) {
+    /// Starts `listener`'s accepting thread, counted in `liveThreads` while it runs.
+    private func spawnAcceptor(_ listener: NBDListener) throws(Errno) {
         liveThreads.add(1, ordering: .sequentiallyConsistent)
-        spawnThread { [self] in
-            defer { liveThreads.subtract(1, ordering: .sequentiallyConsistent) }
-            while true {
-                let fd: Int32
-                do throws(Errno) {
-                    fd = try Socket.accept(from: listener.fd).take()
-                } catch {
-                    if error.rawValue == ECONNABORTED { continue }
-                    if error == .tooManyOpenFiles || error == .tooManyOpenFilesInSystem || error == .noBufferSpace
-                        || error == .noMemory {
-                        usleep(10_000); continue
-                    }
-                    return
+        do {
+            try options.threadSpawner { [self] in
+                acceptConnections(on: listener)
+                liveThreads.subtract(1, ordering: .sequentiallyConsistent)
+            }
+        } catch {
+            liveThreads.subtract(1, ordering: .sequentiallyConsistent)
+            throw error
+        }
+    }
+
+    /// Closes a listener whose accepting thread could not be created; the error to throw.
+    private func drop(_ listener: NBDListener, _ error: Errno) -> NBDBridgeError {
+        state.withLock { s in
+            s.listeners.removeAll { $0 === listener }
+            s.acceptors -= 1
+        }
+        listener.close()
+        listener.release()
+        return NBDBridgeError(error, "cannot start accepting NBD connections on \(listener.boundAddress): pthread_create failed")
+    }
+
+    /// The accepting thread: each connection gets a thread of its own, or is refused (at the
+    /// connection limit, or when its thread cannot be created) right here. Ends at shutdown.
+    private func acceptConnections(on listener: NBDListener) {
+        enum Admission { case admitted, full(open: Int), shuttingDown }
+        while true {
+            let fd: Int32
+            do throws(Errno) {
+                fd = try Socket.accept(from: listener.fd).take()
+            } catch {
+                if error.rawValue == ECONNABORTED { continue }
+                if error == .tooManyOpenFiles || error == .tooManyOpenFilesInSystem || error == .noBufferSpace
+                    || error == .noMemory {
+                    usleep(10_000); continue
                 }
-                let admitted = state.withLock { s -> Bool in
-                    if s.shuttingDown { return false }
-                    s.connections.insert(fd)
-                    return true
-                }
-                if !admitted { Glibc.close(fd); return }
-                stats.connectionsAccepted.add(1, ordering: .relaxed)
-                liveThreads.add(1, ordering: .sequentiallyConsistent)
-                spawnThread { [self] in
+                return
+            }
+            let admission = state.withLock { s -> Admission in
+                if s.shuttingDown { return .shuttingDown }
+                if s.connections.count >= options.maxConnections { return .full(open: s.connections.count) }
+                s.connections.insert(fd)
+                return .admitted
+            }
+            switch admission {
+            case .shuttingDown:
+                Glibc.close(fd)
+                return
+            case .full(let open):
+                refuse(fd, reason: "Ferry NBD server: too many connections (\(open) open, the limit is \(options.maxConnections)); close another connection to this export first")
+                continue
+            case .admitted:
+                break
+            }
+            liveThreads.add(1, ordering: .sequentiallyConsistent)
+            do {
+                try options.threadSpawner { [self] in
                     let tid = ferry_nbd_gettid()
                     state.withLock { $0.threadIDs[fd] = tid }
                     serve(fd)
@@ -240,8 +306,32 @@ public final class NBDServer: Sendable {
                     Glibc.close(fd)
                     liveThreads.subtract(1, ordering: .sequentiallyConsistent)
                 }
+                stats.connectionsAccepted.add(1, ordering: .relaxed)
+            } catch {
+                liveThreads.subtract(1, ordering: .sequentiallyConsistent)
+                state.withLock { _ = $0.connections.remove(fd) }
+                refuse(fd, reason: "Ferry NBD server: cannot start a thread for this connection (pthread_create: \(error)); try again later")
             }
         }
+    }
+
+    /// Refuses `fd` on this thread with `reason` (``ConnectionRefusal``, within the window's budget),
+    /// logs it (the first of each ``RefusalWindow``, with the count since the last line) and closes it.
+    private func refuse(_ fd: Int32, reason: String) {
+        stats.connectionsRefused.add(1, ordering: .relaxed)
+        let begun = MonotonicClock.nanoseconds()
+        let plan = state.withLock { $0.refusals.begin(now: begun) }
+        if plan.log {
+            options.logger.warning("refused an NBD connection", metadata: [
+                "reason": "\(reason)", "limit": "\(options.maxConnections)",
+                "refused_since_last_warning": "\(plan.unloggedBefore)"])
+        }
+        if let deadline = plan.deadline {
+            _ = ConnectionRefusal(fd: fd, reason: reason, deadline: deadline).run()
+            let took = MonotonicClock.nanoseconds() - begun
+            state.withLock { $0.refusals.end(took: took) }
+        }
+        Glibc.close(fd)
     }
 
     private func serve(_ fd: Int32) {
@@ -274,8 +364,14 @@ final class ZeroBuffer: @unchecked Sendable {
     deinit { bytes.deallocate() }
 }
 
-/// Runs `body` on a new detached thread (`pthread_create`).
-func spawnThread(_ body: @escaping @Sendable () -> Void) {
+/// Starts a detached thread that runs its argument; throws the errno of a failed `pthread_create`.
+typealias ThreadSpawner = @Sendable (_ body: @escaping @Sendable () -> Void) throws(Errno) -> Void
+
+/// Runs `body` on a new detached thread. Throws what `pthread_create` returned (EAGAIN when a
+/// thread or process limit or memory ran out) and then never runs `body`.
+///
+/// The corresponding C function is `pthread_create`.
+func spawnDetachedThread(_ body: @escaping @Sendable () -> Void) throws(Errno) {
     final class Box { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
     let context = Unmanaged.passRetained(Box(body)).toOpaque()
     var attributes = pthread_attr_t()
@@ -287,5 +383,8 @@ func spawnThread(_ body: @escaping @Sendable () -> Void) {
         return nil
     }, context)
     pthread_attr_destroy(&attributes)
-    precondition(rc == 0, "pthread_create failed: \(rc)")
+    if rc != 0 {
+        Unmanaged<Box>.fromOpaque(context).release()
+        throw Errno(rawValue: rc)
+    }
 }

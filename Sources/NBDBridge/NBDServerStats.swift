@@ -4,6 +4,7 @@ import Synchronization
 public final class NBDServerStats: Sendable {
     let connectionsAccepted = Atomic<UInt64>(0)
     let connectionsOpen = Atomic<Int>(0)
+    let connectionsRefused = Atomic<UInt64>(0)
     let handshakesFailed = Atomic<UInt64>(0)
     let requests = Atomic<UInt64>(0)
     let bytesRead = Atomic<UInt64>(0)
@@ -16,8 +17,12 @@ public final class NBDServerStats: Sendable {
 
     /// A copy of the counters.
     public struct Snapshot: Sendable, Equatable, CustomStringConvertible {
+        /// Connections given a thread of their own (refused ones are not counted here).
         public var connectionsAccepted: UInt64
         public var connectionsOpen: Int
+        /// Connections turned away: at ``NBDServer/Options/maxConnections``, or when their thread
+        /// could not be created.
+        public var connectionsRefused: UInt64
         public var handshakesFailed: UInt64
         public var requests: UInt64
         public var bytesRead: UInt64
@@ -30,7 +35,7 @@ public final class NBDServerStats: Sendable {
         public var syncs: UInt64
 
         public var description: String {
-            "connections \(connectionsAccepted) (open \(connectionsOpen), failed handshakes \(handshakesFailed)), "
+            "connections \(connectionsAccepted) (open \(connectionsOpen), refused \(connectionsRefused), failed handshakes \(handshakesFailed)), "
                 + "requests \(requests), read \(bytesRead) B, written \(bytesWritten) B, "
                 + "error replies \(errorReplies), protocol violations \(protocolViolations), syncs \(syncs)"
         }
@@ -40,6 +45,7 @@ public final class NBDServerStats: Sendable {
     public var snapshot: Snapshot {
         Snapshot(connectionsAccepted: connectionsAccepted.load(ordering: .relaxed),
                  connectionsOpen: connectionsOpen.load(ordering: .relaxed),
+                 connectionsRefused: connectionsRefused.load(ordering: .relaxed),
                  handshakesFailed: handshakesFailed.load(ordering: .relaxed),
                  requests: requests.load(ordering: .relaxed),
                  bytesRead: bytesRead.load(ordering: .relaxed),

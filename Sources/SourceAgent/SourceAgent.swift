@@ -33,6 +33,9 @@ struct SourceAgent: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Where to serve a disk over NBD: unix:PATH or tcp:HOST:PORT. With several --disk, the N-th --nbd serves the N-th disk; with one disk, every --nbd serves it.", valueName: "ENDPOINT"))
     var nbd: [String] = []
 
+    @Flag(name: .customLong("nbd-allow-remote"), help: "Allow a tcp: --nbd on an address other hosts can reach (anything but 127.0.0.0/8, ::1 and localhost; 0.0.0.0 and :: are every interface). NBD has no authentication: anyone who can reach the port can read and write the disk. Only on a trusted network; unix:PATH is safer.")
+    var nbdAllowRemote = false
+
     @Option(name: .customLong("export-name"), help: ArgumentHelp("Serve each disk only under this NBD export name (and the default, empty one). Without it a disk is served under any name a client asks for (QEMU's export=, nbd+unix:///NAME?socket=), as nbdkit does.", valueName: "NAME"))
     var exportName: String = ""
 
@@ -89,6 +92,9 @@ struct SourceAgent: ParsableCommand {
         if disk.isEmpty && !memory.hasVM { throw ValidationError("give --disk IMG (the VM's disk image), --vm PID (the VM process whose memory to migrate), or both") }
         if !disk.isEmpty && nbd.isEmpty && dest == nil { throw ValidationError("give --nbd to serve the disk, --dest to migrate it, or both") }
         if disk.count > 1 && nbd.count != disk.count { throw ValidationError("with \(disk.count) disks give one --nbd per disk (got \(nbd.count))") }
+        for text in nbd {
+            do { _ = try NBDEndpoint.parse(text, allowRemote: nbdAllowRemote) } catch { throw ValidationError(error.message) }
+        }
         if dest != nil && keyFile == nil { throw ValidationError("--dest needs --key-file (make one with: head -c 32 /dev/urandom > ferry.key)") }
         if blockSize < 4096 || blockSize > 1 << 20 || blockSize & (blockSize - 1) != 0 {
             throw ValidationError("--block-size must be a power of two from 4096 to 1048576")
@@ -109,7 +115,7 @@ struct SourceAgent: ParsableCommand {
                 let bound = try server.listen(NBDEndpoint.parse(text))
                 logger.info("serving disk", metadata: ["image": "\(image)", "bytes": "\(store.size)", "nbd": "\(bound)"])
             }
-            server.start()
+            try server.start()
             var options = DiskStreamOptions(diskID: UInt32(index + 1))
             options.throttleDelayNanoseconds = UInt64(throttleDelayMs * 1e6)
             options.postcopy = diskPostcopy

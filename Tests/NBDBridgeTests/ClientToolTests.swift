@@ -97,7 +97,7 @@ final class ClientToolTests: XCTestCase {
         let f = try ServerFixture(size: 8 << 20) { try fillPattern($0, offset: 0, count: 8 << 20, seed: 11) }
         defer { f.stop() }
         let bound = try f.server.listen(NBDEndpoint.parse("tcp:127.0.0.1:0"))
-        f.server.start()
+        try f.server.start()
         let port = try XCTUnwrap(bound.port)
         XCTAssertNotEqual(port, 0)
         let uri = "nbd://127.0.0.1:\(port)/"

@@ -23,7 +23,7 @@ final class ServerFixture {
         store = try FileBlockStore(path: imagePath, readOnly: readOnly)
         server = try NBDServer(store: store, options: options)
         try server.listen(NBDEndpoint.parse("unix:" + socketPath))
-        server.start()
+        try server.start()
     }
 
     func stop() { server.shutdown(drain: true) }

@@ -197,7 +197,7 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
         do {
             let server = try NBDServer(store: store, options: NBDServer.Options(exportName: target.exportName, dirtyBlockSize: UInt64(layout.blockSize)))
             let address = try server.listen(target.nbdEndpoint)
-            server.start()
+            try server.start()
             serving.withLock { $0 = (server, address, postcopyStore, nil) }
             logger.info("serving the migrated disk", metadata: ["disk": "\(layout.diskID)", "nbd": "\(target.nbdEndpoint)",
                                                                 "postcopy": "\(postcopyStore != nil)", "held": "\(store is HeldDiskStore)"])

@@ -748,7 +748,7 @@ public final class DestinationSession: @unchecked Sendable {
             let store = try FileBlockStore(path: disk.image)
             let server = try NBDServer(store: store, options: NBDServer.Options(exportName: ""))
             _ = try server.listen(NBDEndpoint.parse(disk.nbd))
-            server.start()
+            try server.start()
             restoredServers.append(server)
         }
         var pulling = false
