@@ -160,7 +160,7 @@ public final class DestinationSession: @unchecked Sendable {
                 if link.agreement.mode == .resume, let digests = Optional(door.withLock({ $0.journalDigests })), !digests.isEmpty {
                     // Restarted after hand-over: the VM runs here; what was agreed then is the answer.
                     try? link.send(.complete(Wire.Completion(digests: digests)))
-                    linger(on: link)
+                    if !linger(on: link) { unconfirmedCompletion = Wire.Completion(digests: digests) }
                     report.digestsAgree = true
                     if state.phase == .handshake { state.move(to: .switchover) }
                     state.move(to: .complete)
@@ -266,7 +266,8 @@ public final class DestinationSession: @unchecked Sendable {
                                 }
                                 let held = streams.map { $0.digest() }
                                 let restored = restoredDigests.filter { old in !held.contains { $0.stream == old.stream && $0.streamID == old.streamID } }
-                                try link.send(.complete(Wire.Completion(digests: held + restored)))
+                                let completion = Wire.Completion(digests: held + restored)
+                                try link.send(.complete(completion))
                                 report.digestsAgree = differing.isEmpty
                                 if !differing.isEmpty { failure = "digests differ after hand-over for \(differing.joined(separator: ", "))" }
                                 if let memOut = options.memOut, memory?.isComplete == true, session.mode?.contains(.memoryPostcopy) == true {
@@ -274,7 +275,7 @@ public final class DestinationSession: @unchecked Sendable {
                                 }
                                 if state.phase != .complete { state.move(to: .complete) }
                                 done = true
-                                linger(on: link)
+                                if !linger(on: link) { unconfirmedCompletion = completion }
                                 wireBytes += link.bytesSent
                                 link.close()
                                 break session
@@ -304,6 +305,7 @@ public final class DestinationSession: @unchecked Sendable {
         } catch {
             failure = failure ?? "\(error)"
         }
+        if let completion = unconfirmedCompletion { answerLateReconnects(with: completion) }
         acceptor?.stop()
         _ = uffdListener.take()
         if state.owner != .destination, options.qemu != nil {
@@ -682,14 +684,37 @@ public final class DestinationSession: @unchecked Sendable {
 
     /// After the closing `complete`: reads (and drops) what the source still sends until it closes,
     /// at most 10 s, so that it reads our `complete` before the connection goes away under it.
-    private func linger(on link: PeerLink) {
+    /// Returns true when the source said goodbye (it has this side's `complete`).
+    @discardableResult
+    private func linger(on link: PeerLink) -> Bool {
         let deadline = ContinuousClock.now + .seconds(10)
         while ContinuousClock.now < deadline {
             let left = deadline - ContinuousClock.now
             link.setReceiveTimeout(max(0.05, Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18))
-            do { _ = try link.receive(during: "closing") } catch { return }
+            do {
+                if case .ack(let ack) = try link.receive(during: "closing").message, ack == Ack.goodbye { return true }
+            } catch { return false }
+        }
+        return false
+    }
+
+    /// After the last `complete` went out on a link that then dropped before the source said
+    /// goodbye: the source may not have it, and it reconnects for it. Answers such reconnects with
+    /// `complete` again for up to the link timeout.
+    private func answerLateReconnects(with completion: Wire.Completion) {
+        let deadline = ContinuousClock.now + .milliseconds(Int(options.linkTimeout * 1000))
+        while ContinuousClock.now < deadline {
+            let left = deadline - ContinuousClock.now
+            guard let late = nextLink(timeout: Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18) else { return }
+            logger.info("the source came back after the end; its digests go again")
+            let bye = (try? late.send(.complete(completion))) != nil && linger(on: late)
+            late.close()
+            if bye { return }
         }
     }
+
+    /// The `complete` this side sent last, when the source has not said it got it.
+    private var unconfirmedCompletion: Wire.Completion?
 
     /// Frames handled since the resume points were last published.
     private var framesSincePublish = 0

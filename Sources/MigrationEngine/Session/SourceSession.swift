@@ -359,6 +359,9 @@ public final class SourceSession: @unchecked Sendable {
 
         progress.finish()
         if let link {
+            // The destination waits for this before it stops answering: had the link dropped
+            // before its `complete` arrived here, it would answer a reconnect with it again.
+            if state.phase == .complete { try? link.send(.ack(Ack.goodbye)) }
             wireBytes += link.bytesSent
             link.close()
             link.waitForReader()

@@ -16,6 +16,10 @@ public struct Ack: Hashable, Sendable {
         self.stream = stream; self.streamID = streamID; self.sequence = sequence; self.offset = offset
     }
 
+    /// The source's last frame after a completed migration: it has the destination's `complete`,
+    /// so the destination need not answer a reconnect with it again (control stream, all ones).
+    public static let goodbye = Ack(stream: .control, streamID: 0, sequence: .max, offset: .max)
+
     static func decode(from r: inout ByteReader) throws(WireError) -> Ack {
         let kindAt = r.frameOffset
         let rawKind = try r.u8("stream")
