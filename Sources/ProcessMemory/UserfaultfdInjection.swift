@@ -9,7 +9,7 @@ extension Userfaultfd {
     /// With `keepInTarget` the target keeps its copy (unused by it): a restarted agent can take it
     /// back from /proc/PID/fd and go on serving the faults.
     public static func inject(into pid: Int32, keepInTarget: Bool = false) throws(ProcessMemoryError) -> Userfaultfd {
-        let session = try RemoteSyscallSession(pid: pid)
+        var session = try RemoteSyscallSession(pid: pid, calls: "userfaultfd (323) and close (3)")
         let remoteFD: Int64
         do {
             remoteFD = try session.call(SyscallNumber.userfaultfd, 0o2000000 | 0o4000) // O_CLOEXEC | O_NONBLOCK

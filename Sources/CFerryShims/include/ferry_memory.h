@@ -99,11 +99,22 @@ int ferry_pidfd_open(pid_t pid);
 int ferry_pidfd_getfd(int pidfd, int targetfd);
 
 // ---- ptrace (variadic in glibc) ----
-int ferry_ptrace_seize(pid_t pid);
+#define FERRY_PTRACE_O_TRACESYSGOOD 0x1
+#define FERRY_PTRACE_EVENT_STOP 128
+#define FERRY_PTRACE_SYSCALL_INFO_ENTRY 1
+#define FERRY_PTRACE_SYSCALL_INFO_EXIT 2
+#define FERRY_AUDIT_ARCH_X86_64 0xC000003Eu
+/// PTRACE_SEIZE with these PTRACE_O_* options.
+int ferry_ptrace_seize(pid_t pid, unsigned long options);
 int ferry_ptrace_interrupt(pid_t pid);
 int ferry_ptrace_detach(pid_t pid, int sig);
 int ferry_ptrace_singlestep(pid_t pid, int sig);
 int ferry_ptrace_cont(pid_t pid, int sig);
+/// PTRACE_SYSCALL: resume (delivering sig) until the next syscall-entry or syscall-exit stop.
+int ferry_ptrace_syscall(pid_t pid, int sig);
+/// PTRACE_GET_SYSCALL_INFO (Linux 5.3): *op is 0 (not a syscall stop), 1 (entry) or 2 (exit); *arch the AUDIT_ARCH
+/// of the call (x86-64 or i386 for `int 0x80`).
+int ferry_ptrace_syscall_info(pid_t pid, uint8_t *op, uint32_t *arch);
 int ferry_ptrace_getregs(pid_t pid, struct user_regs_struct *regs);
 int ferry_ptrace_setregs(pid_t pid, const struct user_regs_struct *regs);
 int ferry_ptrace_peekdata(pid_t pid, uint64_t addr, uint64_t *word);
@@ -113,6 +124,8 @@ int ferry_ptrace_getsigmask(pid_t pid, uint64_t *mask);
 int ferry_ptrace_setsigmask(pid_t pid, uint64_t mask);
 /// waitpid(pid, &status, __WALL) retrying EINTR; returns pid or -errno.
 int ferry_waitpid_all(pid_t pid, int *status);
+/// waitpid(pid, &status, __WALL | WNOHANG) retrying EINTR; returns pid, 0 when nothing changed, or -errno.
+int ferry_waitpid_nohang(pid_t pid, int *status);
 /// The parts of a wait status (the W* macros).
 int ferry_wifstopped(int status);
 int ferry_wstopsig(int status);
