@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -186,6 +187,10 @@ int ferry_waitpid_nohang(pid_t pid, int *status) {
     pid_t r;
     do { r = waitpid(pid, status, __WALL | WNOHANG); } while (r < 0 && errno == EINTR);
     return r < 0 ? -errno : r;
+}
+
+int ferry_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5) {
+    RET(prctl(option, a2, a3, a4, a5));
 }
 
 int ferry_wifstopped(int status) { return WIFSTOPPED(status); }

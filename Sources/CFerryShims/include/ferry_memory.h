@@ -152,6 +152,10 @@ int ferry_accept_cloexec(int sock);
 /// The peer's PID from SO_PEERCRED, or -errno.
 int ferry_peer_pid(int sock);
 
+// ---- prctl (variadic in glibc) ----
+/// prctl(option, a2, a3, a4, a5): 0 or a non-negative result, or -errno.
+int ferry_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
+
 // ---- mmap with flags Swift lacks ----
 /// mmap(addr, len, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS[|MAP_FIXED_NOREPLACE]); NULL-safe: returns the
 /// address or a negative errno cast to a pointer-sized integer.
