@@ -297,26 +297,15 @@ final class InjectionSafetyTests: XCTestCase {
     /// counted and printed beside the window measured, not failed.
     func testInjectorKilledAtRandomMomentsLeavesTheTargetWhole() throws {
         let target = try InjectionTargetProcess("sleep", threads: 1)
-        // How long the injector takes from "go" to its result: a single injection in a fresh process (cold), as
-        // in the kill runs below (the median of 3); and warm (the median of 7 in one process).
-        var cold: [Double] = []
-        for _ in 0..<3 {
-            let run = try ChildProcess(WorkloadProcess.binary, ["--inject-into", String(target.pid)])
-            try run.waitFor(event: "ready", timeout: 30)
-            let t0 = monotonicSeconds()
-            run.send("go")
-            try run.waitFor(event: "injected", timeout: 30)
-            cold.append((monotonicSeconds() - t0) * 1e6)
-            XCTAssertEqual(run.wait(timeout: 10), 0)
-        }
-        let median = cold.sorted()[1]
+        let median = try injectorRunTime(target.pid)
+        // One injection, warm (7 in one process), and the window itself, measured from here the same way (two
+        // calls per injection, as Userfaultfd.inject).
         let calibration = try ChildProcess(WorkloadProcess.binary, ["--inject-into", String(target.pid), "--inject-times", "7"])
         try calibration.waitFor(event: "ready", timeout: 30)
         calibration.send("go")
         let timing = try calibration.waitFor(event: "injected", timeout: 30)
         XCTAssertEqual(calibration.wait(timeout: 10), 0)
         let micros = (timing["us"] as? [NSNumber] ?? []).map(\.doubleValue).sorted()
-        // The window itself, measured from here the same way (two calls per injection, as Userfaultfd.inject).
         var windows: [Double] = []
         for _ in 0..<10 {
             var session = try RemoteSyscallSession(pid: target.pid)
@@ -327,9 +316,9 @@ final class InjectionSafetyTests: XCTestCase {
             try session.finish()
         }
         windows.sort()
-        print("InjectionSafety: go to result in a fresh injector \(cold.map { Int($0) }) us; one injection, warm, "
-              + "\(micros.map { Int($0) }) us; the window "
-              + "(registers not the target's) per call: median \(Int(windows[windows.count / 2])) us, max \(Int(windows.last ?? 0)) us")
+        print("InjectionSafety: go to result in a fresh injector, median \(Int(median)) us; one injection, warm, "
+              + "\(micros.map { Int($0) }) us; the window (registers not the target's) per call: median "
+              + "\(Int(windows[windows.count / 2])) us, max \(Int(windows.last ?? 0)) us")
 
         let iterations = 40
         var rng = SplitMix64(seed: 0x5EED_C0DE)
@@ -338,20 +327,10 @@ final class InjectionSafetyTests: XCTestCase {
         let mask = try target.procStatus.blocked
         XCTAssertEqual(mask, Self.targetMask)
         for i in 0..<iterations {
-            // Kill points spread over 0 ... 1.3 x the time from "go" to the result.
-            let delay = (Double(i) + Double(rng.below(1000)) / 1000) / Double(iterations) * 1.3 * median / 1e6
-            let injector = try ChildProcess(WorkloadProcess.binary, ["--inject-into", String(target.pid)])
-            try injector.waitFor(event: "ready", timeout: 30)
-            var deadline = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &deadline)
-            let ns = Int(deadline.tv_nsec) + Int(delay * 1e9)
-            deadline.tv_sec += ns / 1_000_000_000
-            deadline.tv_nsec = ns % 1_000_000_000
-            injector.send("go")
-            _ = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &deadline, nil)
-            injector.kill(SIGKILL)
-            let code = injector.wait(timeout: 10)
-            if code == 0 { completed += 1 } else { killed += 1 }
+            // Kill points spread over 0 ... 1.1 x the time from "go" to the result.
+            let delay = (Double(i) + Double(rng.below(1000)) / 1000) / Double(iterations) * 1.1 * median / 1e6
+            let (code, finished) = try killInjector(into: target.pid, after: delay)
+            if finished { completed += 1 } else { killed += 1 }
             XCTAssertTrue(code == 0 || code == 128 + SIGKILL, "iteration \(i): injector ended with \(String(describing: code))")
 
             XCTAssertTrue(target.child.isRunning, "iteration \(i) (kill after \(Int(delay * 1e6)) us): the target died")
@@ -369,10 +348,79 @@ final class InjectionSafetyTests: XCTestCase {
             last = now
         }
         let leaked = try openUserfaultfds(target.pid)
-        print("InjectionSafety: \(iterations) kills over 0-\(Int(1.3 * median)) us: \(killed) mid-run, \(completed) after the end; "
+        print("InjectionSafety: \(iterations) kills over 0-\(Int(1.1 * median)) us: \(killed) before the injection ended, \(completed) after; "
               + "target alive, untraced, mask intact, progressing after every one; \(windowHits) landed inside a borrowed "
               + "call (that sleep returned our result); \(leaked) userfaultfd copies left open in the target")
         XCTAssertLessThan(windowHits, max(3, killed / 2), "far more kills inside the window than its length explains")
+    }
+
+    /// The real memory workload (its main thread in poll(2), dirtying 4 MB/s in a verifiable pattern) under the same
+    /// kills: it stays alive, untraced, with its mask, keeps writing, and every page verifies.
+    func testInjectorKilledAtRandomMomentsLeavesTheMemoryWorkloadWhole() throws {
+        let w = try WorkloadProcess(["--memory", "16M", "--dirty-rate", "4M", "--report-interval", "0.05"])
+        defer { w.stop() }
+        let median = try injectorRunTime(w.pid)
+        let mask = try ProcessStatus(pid: w.pid).blocked
+        var written = 0
+        var rng = SplitMix64(seed: 0xF00D)
+        let iterations = 12
+        for i in 0..<iterations {
+            let delay = (Double(i) + Double(rng.below(1000)) / 1000) / Double(iterations) * 1.1 * median / 1e6
+            let (code, _) = try killInjector(into: w.pid, after: delay)
+            XCTAssertTrue(code == 0 || code == 128 + SIGKILL, "iteration \(i): injector ended with \(String(describing: code))")
+            XCTAssertTrue(w.child.isRunning, "iteration \(i) (kill after \(Int(delay * 1e6)) us): the workload died")
+            guard w.child.isRunning else { break }
+            XCTAssertTrue(try waitUntilUntraced(w.pid), "iteration \(i): still traced")
+            XCTAssertEqual(try ProcessStatus(pid: w.pid).blocked, mask, "iteration \(i): signal mask changed")
+            // A report with more pages written: it goes on dirtying (a kill inside a borrowed poll could stall it
+            // until its next command; the write below is one).
+            try w.write(pages: [i, 100 + i])
+            let before = written
+            XCTAssertTrue(try waitUntil(timeout: 5, interval: 0) {
+                let report = try w.waitFor("report", timeout: 5)
+                written = (report["pages_written"] as? NSNumber)?.intValue ?? 0
+                XCTAssertEqual((report["corrupt"] as? NSNumber)?.intValue, 0)
+                return written > before
+            }, "iteration \(i): no progress")
+        }
+        let verified = try w.command("verify", expect: "verified")
+        XCTAssertEqual((verified["corrupt"] as? NSNumber)?.intValue, 0, "\(verified)")
+        print("InjectionSafety: memory workload, \(iterations) kills over 0-\(Int(1.1 * median)) us: alive, untraced, mask intact, "
+              + "\(written) pages written, every page verifies")
+    }
+
+    /// The median time (us) from "go" to the result of `ferry-workload --inject-into PID` in a fresh process (cold,
+    /// as in the kill runs), over 3 runs.
+    func injectorRunTime(_ pid: Int32) throws -> Double {
+        var cold: [Double] = []
+        for _ in 0..<3 {
+            let run = try ChildProcess(WorkloadProcess.binary, ["--inject-into", String(pid)])
+            try run.waitFor(event: "ready", timeout: 30)
+            let t0 = monotonicSeconds()
+            run.send("go")
+            try run.waitFor(event: "injected", timeout: 30)
+            cold.append((monotonicSeconds() - t0) * 1e6)
+            XCTAssertEqual(run.wait(timeout: 10), 0)
+        }
+        return cold.sorted()[1]
+    }
+
+    /// Starts `ferry-workload --inject-into PID`, tells it to go, kills it with SIGKILL `delay` seconds later;
+    /// returns its exit code (0 or 137: killed) and whether it had finished the injection.
+    func killInjector(into pid: Int32, after delay: Double) throws -> (code: Int32?, finished: Bool) {
+        let injector = try ChildProcess(WorkloadProcess.binary, ["--inject-into", String(pid)])
+        try injector.waitFor(event: "ready", timeout: 30)
+        var deadline = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &deadline)
+        let ns = Int(deadline.tv_nsec) + Int(delay * 1e9)
+        deadline.tv_sec += ns / 1_000_000_000
+        deadline.tv_nsec = ns % 1_000_000_000
+        injector.send("go")
+        _ = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &deadline, nil)
+        injector.kill(SIGKILL)
+        let code = injector.wait(timeout: 10)
+        _ = injector.drain(timeout: 1)
+        return (code, injector.collected.stdout.contains("\"injected\""))
     }
 
     /// The target's descriptors that are userfaultfds (anon_inode:[userfaultfd]).
