@@ -30,10 +30,6 @@
 #ifndef MAP_FIXED_NOREPLACE
 #define MAP_FIXED_NOREPLACE 0x100000
 #endif
-#ifndef PTRACE_GETSIGMASK
-#define PTRACE_GETSIGMASK 0x420a
-#define PTRACE_SETSIGMASK 0x420b
-#endif
 
 #define RET(expr) do { long _r = (long)(expr); return _r < 0 ? -errno : (int)_r; } while (0)
 
@@ -129,7 +125,6 @@ int ferry_pidfd_getfd(int pidfd, int targetfd) { RET(syscall(__NR_pidfd_getfd, p
 int ferry_ptrace_seize(pid_t pid, unsigned long options) { RET(ptrace(PTRACE_SEIZE, pid, 0, (void *)options)); }
 int ferry_ptrace_interrupt(pid_t pid) { RET(ptrace(PTRACE_INTERRUPT, pid, 0, 0)); }
 int ferry_ptrace_detach(pid_t pid, int sig) { RET(ptrace(PTRACE_DETACH, pid, 0, (void *)(long)sig)); }
-int ferry_ptrace_singlestep(pid_t pid, int sig) { RET(ptrace(PTRACE_SINGLESTEP, pid, 0, (void *)(long)sig)); }
 int ferry_ptrace_cont(pid_t pid, int sig) { RET(ptrace(PTRACE_CONT, pid, 0, (void *)(long)sig)); }
 int ferry_ptrace_syscall(pid_t pid, int sig) { RET(ptrace(PTRACE_SYSCALL, pid, 0, (void *)(long)sig)); }
 
@@ -156,26 +151,6 @@ int ferry_ptrace_syscall_info(pid_t pid, uint8_t *op, uint32_t *arch) {
 }
 int ferry_ptrace_getregs(pid_t pid, struct user_regs_struct *regs) { RET(ptrace(PTRACE_GETREGS, pid, 0, regs)); }
 int ferry_ptrace_setregs(pid_t pid, const struct user_regs_struct *regs) { RET(ptrace(PTRACE_SETREGS, pid, 0, regs)); }
-
-int ferry_ptrace_peekdata(pid_t pid, uint64_t addr, uint64_t *word) {
-    errno = 0;
-    long v = ptrace(PTRACE_PEEKDATA, pid, (void *)(uintptr_t)addr, 0);
-    if (v == -1 && errno != 0) return -errno;
-    *word = (uint64_t)v;
-    return 0;
-}
-
-int ferry_ptrace_pokedata(pid_t pid, uint64_t addr, uint64_t word) {
-    RET(ptrace(PTRACE_POKEDATA, pid, (void *)(uintptr_t)addr, (void *)(uintptr_t)word));
-}
-
-int ferry_ptrace_getsigmask(pid_t pid, uint64_t *mask) {
-    RET(ptrace(PTRACE_GETSIGMASK, pid, (void *)sizeof(uint64_t), mask));
-}
-
-int ferry_ptrace_setsigmask(pid_t pid, uint64_t mask) {
-    RET(ptrace(PTRACE_SETSIGMASK, pid, (void *)sizeof(uint64_t), &mask));
-}
 
 int ferry_waitpid_all(pid_t pid, int *status) {
     pid_t r;

@@ -108,7 +108,6 @@ int ferry_pidfd_getfd(int pidfd, int targetfd);
 int ferry_ptrace_seize(pid_t pid, unsigned long options);
 int ferry_ptrace_interrupt(pid_t pid);
 int ferry_ptrace_detach(pid_t pid, int sig);
-int ferry_ptrace_singlestep(pid_t pid, int sig);
 int ferry_ptrace_cont(pid_t pid, int sig);
 /// PTRACE_SYSCALL: resume (delivering sig) until the next syscall-entry or syscall-exit stop.
 int ferry_ptrace_syscall(pid_t pid, int sig);
@@ -117,11 +116,6 @@ int ferry_ptrace_syscall(pid_t pid, int sig);
 int ferry_ptrace_syscall_info(pid_t pid, uint8_t *op, uint32_t *arch);
 int ferry_ptrace_getregs(pid_t pid, struct user_regs_struct *regs);
 int ferry_ptrace_setregs(pid_t pid, const struct user_regs_struct *regs);
-int ferry_ptrace_peekdata(pid_t pid, uint64_t addr, uint64_t *word);
-int ferry_ptrace_pokedata(pid_t pid, uint64_t addr, uint64_t word);
-/// PTRACE_GETSIGMASK / PTRACE_SETSIGMASK with a 64-bit kernel sigset.
-int ferry_ptrace_getsigmask(pid_t pid, uint64_t *mask);
-int ferry_ptrace_setsigmask(pid_t pid, uint64_t mask);
 /// waitpid(pid, &status, __WALL) retrying EINTR; returns pid or -errno.
 int ferry_waitpid_all(pid_t pid, int *status);
 /// waitpid(pid, &status, __WALL | WNOHANG) retrying EINTR; returns pid, 0 when nothing changed, or -errno.
