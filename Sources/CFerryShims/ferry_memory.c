@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -28,10 +29,6 @@
 #endif
 #ifndef MAP_FIXED_NOREPLACE
 #define MAP_FIXED_NOREPLACE 0x100000
-#endif
-#ifndef PTRACE_GETSIGMASK
-#define PTRACE_GETSIGMASK 0x420a
-#define PTRACE_SETSIGMASK 0x420b
 #endif
 
 #define RET(expr) do { long _r = (long)(expr); return _r < 0 ? -errno : (int)_r; } while (0)
@@ -125,38 +122,50 @@ int ferry_uffd_read_events(int uffd, ferry_uffd_event *out, int max) {
 int ferry_pidfd_open(pid_t pid) { RET(syscall(__NR_pidfd_open, pid, 0)); }
 int ferry_pidfd_getfd(int pidfd, int targetfd) { RET(syscall(__NR_pidfd_getfd, pidfd, targetfd, 0)); }
 
-int ferry_ptrace_seize(pid_t pid) { RET(ptrace(PTRACE_SEIZE, pid, 0, 0)); }
+int ferry_ptrace_seize(pid_t pid, unsigned long options) { RET(ptrace(PTRACE_SEIZE, pid, 0, (void *)options)); }
 int ferry_ptrace_interrupt(pid_t pid) { RET(ptrace(PTRACE_INTERRUPT, pid, 0, 0)); }
 int ferry_ptrace_detach(pid_t pid, int sig) { RET(ptrace(PTRACE_DETACH, pid, 0, (void *)(long)sig)); }
-int ferry_ptrace_singlestep(pid_t pid, int sig) { RET(ptrace(PTRACE_SINGLESTEP, pid, 0, (void *)(long)sig)); }
 int ferry_ptrace_cont(pid_t pid, int sig) { RET(ptrace(PTRACE_CONT, pid, 0, (void *)(long)sig)); }
-int ferry_ptrace_getregs(pid_t pid, struct user_regs_struct *regs) { RET(ptrace(PTRACE_GETREGS, pid, 0, regs)); }
-int ferry_ptrace_setregs(pid_t pid, const struct user_regs_struct *regs) { RET(ptrace(PTRACE_SETREGS, pid, 0, regs)); }
+int ferry_ptrace_syscall(pid_t pid, int sig) { RET(ptrace(PTRACE_SYSCALL, pid, 0, (void *)(long)sig)); }
 
-int ferry_ptrace_peekdata(pid_t pid, uint64_t addr, uint64_t *word) {
-    errno = 0;
-    long v = ptrace(PTRACE_PEEKDATA, pid, (void *)(uintptr_t)addr, 0);
-    if (v == -1 && errno != 0) return -errno;
-    *word = (uint64_t)v;
+/// The head of `struct ptrace_syscall_info` (include/uapi/linux/ptrace.h), declared here: <linux/ptrace.h>
+/// clashes with glibc's <sys/ptrace.h>.
+struct ferry_ptrace_syscall_info {
+    uint8_t op;
+    uint8_t reserved;
+    uint16_t flags;
+    uint32_t arch;
+    uint64_t instruction_pointer;
+    uint64_t stack_pointer;
+    uint64_t data[8];
+};
+
+int ferry_ptrace_syscall_info(pid_t pid, uint8_t *op, uint32_t *arch) {
+    struct ferry_ptrace_syscall_info info;
+    memset(&info, 0, sizeof info);
+    long r = ptrace((enum __ptrace_request)0x420e /* PTRACE_GET_SYSCALL_INFO */, pid, (void *)sizeof info, &info);
+    if (r < 0) return -errno;
+    *op = info.op;
+    *arch = info.arch;
     return 0;
 }
-
-int ferry_ptrace_pokedata(pid_t pid, uint64_t addr, uint64_t word) {
-    RET(ptrace(PTRACE_POKEDATA, pid, (void *)(uintptr_t)addr, (void *)(uintptr_t)word));
-}
-
-int ferry_ptrace_getsigmask(pid_t pid, uint64_t *mask) {
-    RET(ptrace(PTRACE_GETSIGMASK, pid, (void *)sizeof(uint64_t), mask));
-}
-
-int ferry_ptrace_setsigmask(pid_t pid, uint64_t mask) {
-    RET(ptrace(PTRACE_SETSIGMASK, pid, (void *)sizeof(uint64_t), &mask));
-}
+int ferry_ptrace_getregs(pid_t pid, struct user_regs_struct *regs) { RET(ptrace(PTRACE_GETREGS, pid, 0, regs)); }
+int ferry_ptrace_setregs(pid_t pid, const struct user_regs_struct *regs) { RET(ptrace(PTRACE_SETREGS, pid, 0, regs)); }
 
 int ferry_waitpid_all(pid_t pid, int *status) {
     pid_t r;
     do { r = waitpid(pid, status, __WALL); } while (r < 0 && errno == EINTR);
     return r < 0 ? -errno : r;
+}
+
+int ferry_waitpid_nohang(pid_t pid, int *status) {
+    pid_t r;
+    do { r = waitpid(pid, status, __WALL | WNOHANG); } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : r;
+}
+
+int ferry_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5) {
+    RET(prctl(option, a2, a3, a4, a5));
 }
 
 int ferry_wifstopped(int status) { return WIFSTOPPED(status); }

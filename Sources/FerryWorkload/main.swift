@@ -89,9 +89,23 @@ struct FerryWorkloadCommand: ParsableCommand {
     var probePid: Int32?
     @Option(help: "Probe mode: the user id to drop to first.")
     var asUser: UInt32 = 65534
+    @Option(help: .hidden)   // tests: a target for ptrace injection (sleep, read, spin); see InjectionTarget.swift
+    var injectionTarget: String?
+    @Option(help: .hidden)   // tests: injection target's extra spinning threads
+    var targetThreads: Int = 0
+    @Flag(help: .hidden)     // tests: injection target under a seccomp filter that kills it at userfaultfd
+    var seccompDenyUserfaultfd = false
+    @Option(help: .hidden)   // tests: inject userfaultfd into this PID once told to on stdin; see Injector.swift
+    var injectInto: Int32?
+    @Option(help: .hidden)   // tests: how many injections --inject-into does
+    var injectTimes: Int = 1
 
     func run() throws {
         if let probePid { throw ExitCode(PermissionProbe.run(pid: probePid, uid: asUser)) }
+        if let injectInto { throw ExitCode(Injector.run(pid: injectInto, times: injectTimes)) }
+        if let injectionTarget {
+            InjectionTarget.run(mode: injectionTarget, threads: targetThreads, denyUserfaultfd: seccompDenyUserfaultfd)
+        }
         if kvm && diskNbd != nil { Output.error("--kvm has no disk: --disk-nbd works with the memory workload only") }
         guard diskReconnect >= 0 && diskReconnect.isFinite else { Output.error("bad --disk-reconnect \(diskReconnect): must be 0 or more seconds") }
         if diskReconnect > 0 && diskNbd == nil { Output.error("--disk-reconnect needs --disk-nbd") }

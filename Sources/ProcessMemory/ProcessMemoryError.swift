@@ -9,6 +9,9 @@ public struct ProcessMemoryError: Error, Sendable, CustomStringConvertible {
     public var errno: Errno?
     /// What failed, with the numbers involved.
     public var message: String
+    /// Set when Ferry refused to inject a system call into a process (its seccomp filter, a zombie, another
+    /// tracer) before touching it: `errno` is nil then, the decision is Ferry's.
+    public var refusal: InjectionRefusal?
 
     public init(_ message: String, errno: Errno? = nil) {
         self.message = message

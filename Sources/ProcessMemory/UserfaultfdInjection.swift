@@ -8,8 +8,11 @@ extension Userfaultfd {
     /// the source, missing-page service for a VMM that knows nothing of Ferry at the destination.
     /// With `keepInTarget` the target keeps its copy (unused by it): a restarted agent can take it
     /// back from /proc/PID/fd and go on serving the faults.
+    /// Refused (``ProcessMemoryError/refusal``) for a target under seccomp, a zombie, a traced or a stopped one
+    /// with caught signals pending; what the target sees, and what it is left with if we are killed half-way, is
+    /// in docs/ptrace-injection.md.
     public static func inject(into pid: Int32, keepInTarget: Bool = false) throws(ProcessMemoryError) -> Userfaultfd {
-        let session = try RemoteSyscallSession(pid: pid)
+        var session = try RemoteSyscallSession(pid: pid, calls: "userfaultfd (323) and close (3)")
         let remoteFD: Int64
         do {
             remoteFD = try session.call(SyscallNumber.userfaultfd, 0o2000000 | 0o4000) // O_CLOEXEC | O_NONBLOCK

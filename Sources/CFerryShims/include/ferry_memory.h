@@ -99,20 +99,27 @@ int ferry_pidfd_open(pid_t pid);
 int ferry_pidfd_getfd(int pidfd, int targetfd);
 
 // ---- ptrace (variadic in glibc) ----
-int ferry_ptrace_seize(pid_t pid);
+#define FERRY_PTRACE_O_TRACESYSGOOD 0x1
+#define FERRY_PTRACE_EVENT_STOP 128
+#define FERRY_PTRACE_SYSCALL_INFO_ENTRY 1
+#define FERRY_PTRACE_SYSCALL_INFO_EXIT 2
+#define FERRY_AUDIT_ARCH_X86_64 0xC000003Eu
+/// PTRACE_SEIZE with these PTRACE_O_* options.
+int ferry_ptrace_seize(pid_t pid, unsigned long options);
 int ferry_ptrace_interrupt(pid_t pid);
 int ferry_ptrace_detach(pid_t pid, int sig);
-int ferry_ptrace_singlestep(pid_t pid, int sig);
 int ferry_ptrace_cont(pid_t pid, int sig);
+/// PTRACE_SYSCALL: resume (delivering sig) until the next syscall-entry or syscall-exit stop.
+int ferry_ptrace_syscall(pid_t pid, int sig);
+/// PTRACE_GET_SYSCALL_INFO (Linux 5.3): *op is 0 (not a syscall stop), 1 (entry) or 2 (exit); *arch the AUDIT_ARCH
+/// of the call (x86-64 or i386 for `int 0x80`).
+int ferry_ptrace_syscall_info(pid_t pid, uint8_t *op, uint32_t *arch);
 int ferry_ptrace_getregs(pid_t pid, struct user_regs_struct *regs);
 int ferry_ptrace_setregs(pid_t pid, const struct user_regs_struct *regs);
-int ferry_ptrace_peekdata(pid_t pid, uint64_t addr, uint64_t *word);
-int ferry_ptrace_pokedata(pid_t pid, uint64_t addr, uint64_t word);
-/// PTRACE_GETSIGMASK / PTRACE_SETSIGMASK with a 64-bit kernel sigset.
-int ferry_ptrace_getsigmask(pid_t pid, uint64_t *mask);
-int ferry_ptrace_setsigmask(pid_t pid, uint64_t mask);
 /// waitpid(pid, &status, __WALL) retrying EINTR; returns pid or -errno.
 int ferry_waitpid_all(pid_t pid, int *status);
+/// waitpid(pid, &status, __WALL | WNOHANG) retrying EINTR; returns pid, 0 when nothing changed, or -errno.
+int ferry_waitpid_nohang(pid_t pid, int *status);
 /// The parts of a wait status (the W* macros).
 int ferry_wifstopped(int status);
 int ferry_wstopsig(int status);
@@ -138,6 +145,10 @@ long ferry_recv_with_fd(int sock, void *buf, uint64_t cap, int *fd);
 int ferry_accept_cloexec(int sock);
 /// The peer's PID from SO_PEERCRED, or -errno.
 int ferry_peer_pid(int sock);
+
+// ---- prctl (variadic in glibc) ----
+/// prctl(option, a2, a3, a4, a5): 0 or a non-negative result, or -errno.
+int ferry_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
 
 // ---- mmap with flags Swift lacks ----
 /// mmap(addr, len, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS[|MAP_FIXED_NOREPLACE]); NULL-safe: returns the
