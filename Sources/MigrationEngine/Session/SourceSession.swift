@@ -358,10 +358,14 @@ public final class SourceSession: @unchecked Sendable {
         }
 
         progress.finish()
+        // The destination answers reconnects with its `complete` until this side says goodbye
+        // (it cannot tell a link dropped before its digests arrived here from a finished source).
+        var saidGoodbye = false
+        if let link, state.phase == .complete, link.failureSeen == nil {
+            saidGoodbye = (try? link.send(.ack(Ack.goodbye))) != nil
+        }
+        if state.phase == .complete && !saidGoodbye { sayGoodbyeOnANewLink() }
         if let link {
-            // The destination waits for this before it stops answering: had the link dropped
-            // before its `complete` arrived here, it would answer a reconnect with it again.
-            if state.phase == .complete { try? link.send(.ack(Ack.goodbye)) }
             wireBytes += link.bytesSent
             link.close()
             link.waitForReader()
@@ -479,6 +483,15 @@ public final class SourceSession: @unchecked Sendable {
                 offset += n
             }
         }
+    }
+
+    /// The link dropped after the destination's digests arrived: one short reconnect, only to say
+    /// goodbye, so the destination stops waiting for this side at once (best effort).
+    private func sayGoodbyeOnANewLink() {
+        guard let link = try? PeerLink.connect(to: options.destination, key: options.key, sessionID: sessionID, features: [.resume],
+                                               mode: .resume, resumePoints: [], receiveTimeout: 2) else { return }
+        try? link.send(.ack(Ack.goodbye))
+        link.close()
     }
 
     /// Connects (or reconnects) with exponential backoff until ``SessionOptions/linkTimeout`` has
