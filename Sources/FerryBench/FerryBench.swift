@@ -7,6 +7,6 @@ struct FerryBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ferry-bench",
         abstract: "Benchmarks of Ferry's building blocks (run through scripts/bench-*.sh to compare with peers).",
-        subcommands: [URingLoopback.self]
+        subcommands: [URingLoopback.self, SealThroughput.self]
     )
 }

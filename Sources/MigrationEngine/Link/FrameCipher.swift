@@ -11,17 +11,17 @@ import Wire
 /// so ``open(header:body:tag:)`` fails, and the link is dropped. Nothing is allocated per frame;
 /// sealing reads the payload where it lives and writes the ciphertext where the sender wants it
 /// (one pass, no separate copy), opening works in place. Owned by one thread.
-final class FrameCipher {
+public final class FrameCipher {
     /// Bytes of the tag that follows every sealed frame.
-    static let tagSize = 16
+    public static let tagSize = 16
     private let context: OpaquePointer
     private let sealing: Bool
     private var nonce = [UInt8](repeating: 0, count: 12)
     /// Frames sealed or opened so far: the next frame's nonce.
-    private(set) var sequence: UInt64 = 0
+    public private(set) var sequence: UInt64 = 0
 
     /// A cipher for `suite` under the 32-byte `key`, sealing (`sealing`) or opening.
-    init(suite: CipherSuite, key: [UInt8], sealing: Bool) throws(LinkError) {
+    public init(suite: CipherSuite, key: [UInt8], sealing: Bool) throws(LinkError) {
         let cipher: OpaquePointer?
         switch suite {
         case .aes256gcm: cipher = EVP_aes_256_gcm()
@@ -79,7 +79,7 @@ final class FrameCipher {
     /// Seals one frame: `header` (12 bytes, already final: its length counts the tag) is
     /// authenticated; `metadata` is encrypted in place; `payload` is encrypted into `payloadOutput`;
     /// the tag is written at `tag`. Returns false only if libcrypto fails.
-    func seal(header: UnsafeRawPointer, metadata: UnsafeMutableRawBufferPointer, payload: UnsafeRawBufferPointer,
+    public func seal(header: UnsafeRawPointer, metadata: UnsafeMutableRawBufferPointer, payload: UnsafeRawBufferPointer,
               payloadOutput: UnsafeMutableRawPointer, tag: UnsafeMutableRawPointer) -> Bool {
         guard begin(header: header) else { return false }
         if metadata.count > 0 && !update(metadata.baseAddress!, to: metadata.baseAddress!, count: metadata.count) { return false }
@@ -93,7 +93,7 @@ final class FrameCipher {
     /// Opens one frame in place: `header` authenticated, `body` decrypted where it is, checked
     /// against the 16 bytes at `tag`. False: the frame was altered, replayed, reordered or another
     /// one was dropped before it (`body` then holds garbage).
-    func open(header: UnsafeRawPointer, body: UnsafeMutableRawBufferPointer, tag: UnsafeRawPointer) -> Bool {
+    public func open(header: UnsafeRawPointer, body: UnsafeMutableRawBufferPointer, tag: UnsafeRawPointer) -> Bool {
         guard begin(header: header) else { return false }
         if body.count > 0 && !update(body.baseAddress!, to: body.baseAddress!, count: body.count) { return false }
         guard EVP_CIPHER_CTX_ctrl(context, EVP_CTRL_AEAD_SET_TAG, Int32(Self.tagSize), UnsafeMutableRawPointer(mutating: tag)) == 1 else {
