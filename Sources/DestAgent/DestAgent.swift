@@ -35,7 +35,7 @@ struct DestAgent: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Where to accept the source: HOST:PORT.", valueName: "HOST:PORT"))
     var listen: String
 
-    @Option(name: .customLong("key-file"), help: ArgumentHelp("File with the shared key (at least 16 bytes) both agents prove they hold.", valueName: "PATH"))
+    @Option(name: .customLong("key-file"), help: ArgumentHelp("File with the shared key both agents prove they hold and from which every connection's sealing keys are derived: at least 32 random bytes (or 64 hex digits, or base64), readable by its owner only. Make one with: (umask 077; head -c 32 /dev/urandom > ferry.key).", valueName: "PATH"))
     var keyFile: String
 
     @Option(name: .long, help: ArgumentHelp("Image to write a migrated disk to (created or emptied). Repeatable, one per disk of the VM.", valueName: "OUT.img"))

@@ -372,19 +372,5 @@ typealias ThreadSpawner = @Sendable (_ body: @escaping @Sendable () -> Void) thr
 ///
 /// The corresponding C function is `pthread_create`.
 func spawnDetachedThread(_ body: @escaping @Sendable () -> Void) throws(Errno) {
-    final class Box { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
-    let context = Unmanaged.passRetained(Box(body)).toOpaque()
-    var attributes = pthread_attr_t()
-    pthread_attr_init(&attributes)
-    pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
-    var thread = pthread_t()
-    let rc = pthread_create(&thread, &attributes, { raw in
-        Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue().body()
-        return nil
-    }, context)
-    pthread_attr_destroy(&attributes)
-    if rc != 0 {
-        Unmanaged<Box>.fromOpaque(context).release()
-        throw Errno(rawValue: rc)
-    }
+    if let error = DetachedThread.spawn(name: "ferry-nbd", body) { throw error }
 }

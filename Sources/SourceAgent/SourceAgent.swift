@@ -42,7 +42,7 @@ struct SourceAgent: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("The dest-agent to migrate to (HOST:PORT). Without it, only serve.", valueName: "HOST:PORT"))
     var dest: String?
 
-    @Option(name: .customLong("key-file"), help: ArgumentHelp("File with the shared key (at least 16 bytes) both agents prove they hold.", valueName: "PATH"))
+    @Option(name: .customLong("key-file"), help: ArgumentHelp("File with the shared key both agents prove they hold and from which every connection's sealing keys are derived: at least 32 random bytes (or 64 hex digits, or base64), readable by its owner only. Make one with: (umask 077; head -c 32 /dev/urandom > ferry.key).", valueName: "PATH"))
     var keyFile: String?
 
     @Option(name: .customLong("max-downtime"), help: "Switch over once the remaining dirty data can be sent in this many seconds.")

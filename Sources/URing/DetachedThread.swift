@@ -4,12 +4,13 @@ import SystemPackage
 
 /// Starts detached threads with `pthread_create` and says when the system refuses one (`EAGAIN`
 /// at a thread or memory limit), instead of crashing as Foundation's `Thread.start()` does: a
-/// flood of connections must cost a refusal, never the agent.
-enum DetachedThread {
+/// flood of connections must cost a refusal, never the agent. Used by every server of Ferry's
+/// (the NBD server's connections, the migration link's door).
+public enum DetachedThread {
     /// Runs `body` on a new detached thread named `name` (at most 15 bytes are kept) with a stack
     /// of `stackSize` bytes (0: the system's default). Returns the error when no thread could be made.
     @discardableResult
-    static func spawn(name: String, stackSize: Int = 0, _ body: @escaping @Sendable () -> Void) -> Errno? {
+    public static func spawn(name: String, stackSize: Int = 0, _ body: @escaping @Sendable () -> Void) -> Errno? {
         final class Box {
             let name: String
             let body: @Sendable () -> Void
