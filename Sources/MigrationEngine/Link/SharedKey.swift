@@ -47,34 +47,12 @@ public struct SharedKey: Sendable {
             return
         }
         let text = String(decoding: raw, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-        if let decoded = Self.hex(text) ?? Data(base64Encoded: text).map({ [UInt8]($0) }), decoded.count >= AuthProof.minimumKeyLength {
+        if let decoded = Hex.bytes(text) ?? Data(base64Encoded: text).map({ [UInt8]($0) }), decoded.count >= AuthProof.minimumKeyLength {
             try self.init(bytes: decoded)
             return
         }
         throw SetupError("the key file \(path) holds \(text.count) characters of text that is not \(AuthProof.minimumKeyLength) bytes "
                          + "of hex or base64: a passphrase, which anyone who records a handshake could guess offline; \(Self.howToMake)")
-    }
-
-    private static func hex(_ text: String) -> [UInt8]? {
-        let digits = Array(text.utf8)
-        guard !digits.isEmpty, digits.count % 2 == 0 else { return nil }
-        func value(_ c: UInt8) -> UInt8? {
-            switch c {
-            case 0x30...0x39: return c - 0x30
-            case 0x61...0x66: return c - 0x61 + 10
-            case 0x41...0x46: return c - 0x41 + 10
-            default: return nil
-            }
-        }
-        var out = [UInt8]()
-        out.reserveCapacity(digits.count / 2)
-        var i = 0
-        while i < digits.count {
-            guard let high = value(digits[i]), let low = value(digits[i + 1]) else { return nil }
-            out.append(high << 4 | low)
-            i += 2
-        }
-        return out
     }
 }
 

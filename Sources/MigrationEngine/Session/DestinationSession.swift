@@ -752,12 +752,12 @@ public final class DestinationSession: @unchecked Sendable {
 
     /// Restarted after hand-over: serve the disks again and answer the source from the journal.
     private func restore(_ journal: HandOverJournal) throws {
-        guard let bytes = HandOverJournal.bytes(fromHex: journal.session), let id = SessionID(bytes) else {
+        guard let bytes = Hex.bytes(journal.session), let id = SessionID(bytes) else {
             throw SetupError("the hand-over journal names no valid session")
         }
         var digests: [StreamDigest] = []
         for (label, hex) in journal.digests {
-            guard let bytes = HandOverJournal.bytes(fromHex: hex), let digest = Digest(bytes) else { continue }
+            guard let bytes = Hex.bytes(hex), let digest = Digest(bytes) else { continue }
             if label == "memory" {
                 digests.append(StreamDigest(stream: .memory, streamID: 0, digest: digest))
             } else if let id = UInt32(label.split(separator: " ").last ?? "") {

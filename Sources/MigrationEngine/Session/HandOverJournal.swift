@@ -85,27 +85,3 @@ public struct HandOverJournal: Codable, Sendable, Equatable {
     /// Removes it (the migration is over and settled).
     public static func remove(from directory: String) { unlink(path(in: directory)) }
 }
-
-extension HandOverJournal {
-    /// Bytes from lowercase hex (the form ``SessionID`` and ``Digest`` print in); nil if malformed.
-    static func bytes(fromHex text: String) -> [UInt8]? {
-        let digits = Array(text.utf8)
-        guard digits.count % 2 == 0 else { return nil }
-        var bytes: [UInt8] = []
-        var index = 0
-        while index < digits.count {
-            guard let high = hexValue(digits[index]), let low = hexValue(digits[index + 1]) else { return nil }
-            bytes.append(high << 4 | low)
-            index += 2
-        }
-        return bytes
-    }
-
-    private static func hexValue(_ c: UInt8) -> UInt8? {
-        switch c {
-        case UInt8(ascii: "0")...UInt8(ascii: "9"): return c - UInt8(ascii: "0")
-        case UInt8(ascii: "a")...UInt8(ascii: "f"): return c - UInt8(ascii: "a") + 10
-        default: return nil
-        }
-    }
-}
