@@ -20,6 +20,8 @@ import XCTest
 /// - before hand-over the VM runs at the source: the destination reports `vm_location: source`
 ///   and never ran `--on-switchover`; a source-agent's VM process is running (not stopped) after
 ///   the agent ended.
+///
+/// Two bounded fuzzers then send random sequences of such frames to fresh agents.
 final class HostilePeerTests: XCTestCase {
     /// The most an agent may have resident at its peak, in KiB: a dest-agent that received a
     /// 64 KiB disk peaks near 45 MiB here, a source-agent migrating 1 MiB of disk and 4 MiB of
@@ -754,5 +756,165 @@ final class HostilePeerTests: XCTestCase {
         try disk.run([.send(.diskFetch(DiskFetch(requestID: 1, diskID: 1, offset: 0, length: .max))), .expectError(.protocolViolation)])
         XCTAssertTrue(disk.lastErrorReason?.contains("beyond the 1048576-byte disk") == true, disk.lastErrorReason ?? "")
         try refuseTheOffer(main, rig)
+    }
+
+    // MARK: - Fuzzers: random frame sequences against real agents
+
+    /// The seed of both fuzzers: FERRY_HOSTILE_FUZZ_SEED, else fixed (so CI runs the same sequences).
+    private static var fuzzSeed: UInt64 {
+        ProcessInfo.processInfo.environment["FERRY_HOSTILE_FUZZ_SEED"].flatMap { UInt64($0, radix: 16) } ?? 0xF022_5EED_0001
+    }
+
+    /// An integer from the environment, else `fallback`.
+    private static func setting(_ name: String, _ fallback: Int) -> Int {
+        ProcessInfo.processInfo.environment[name].flatMap { Int($0) } ?? fallback
+    }
+
+    /// 120 sessions (FERRY_HOSTILE_FUZZ_SESSIONS), each a fresh dest-agent (it handles one session
+    /// and ends after a refusal) and a hostile source that sends 5 to 30 random frames
+    /// (``HostileFrames/sourceFrame()``, with 3 to 60 % of the fields hostile; half the sessions
+    /// begin with a valid disk and memory layout, so that data frames meet real streams), then
+    /// reads what the agent answers. Whatever
+    /// the frames, the agent must end by itself (a refusal, or the 1 s link timeout after the cut)
+    /// or run on with the VM started (then SIGTERM ends it), never by a signal; its peak resident
+    /// set stays under ``peakLimitKiB``; its image holds no more than the data bytes sent (plus
+    /// the hashes' read-back block); and when it reports the VM at the source, it never started it.
+    func testRandomFrameSequencesNeverCrashTheDestination() throws {
+        let seed = Self.fuzzSeed
+        let sessions = Self.setting("FERRY_HOSTILE_FUZZ_SESSIONS", 120)
+        print("hostile source fuzzer: seed \(String(seed, radix: 16)) (FERRY_HOSTILE_FUZZ_SEED), \(sessions) sessions")
+        var seeds = SplitMix64(seed: seed)
+        var verdicts: [String: Int] = [:]
+        for session in 0..<sessions {
+            let rig = try DestRig(linkTimeout: 1)
+            let peer = try rig.connect()
+            var frames = HostileFrames(seed: seeds.next(), payload: peer.payload)
+            frames.hostility = [3, 10, 30, 60][session % 4]
+            var script: [(Message, ((UnsafeMutableRawBufferPointer) -> Void)?)] = []
+            if session % 2 == 0 { script = [(layout, nil), (memoryLayout, nil)] }
+            for _ in 0..<(5 + frames.random.below(26)) { script.append((frames.sourceFrame(), frames.rewrite())) }
+            var dataBytes: UInt64 = 0
+            var sent: [String] = []
+            sending: for (message, rewrite) in script {
+                do {
+                    try peer.link.withSender { (sender: inout FrameSender) throws(LinkError) in try sender.send(message, rewritingMetadata: rewrite) }
+                } catch {
+                    if case .malformed = error { return XCTFail("session \(session): the generator made an unencodable frame: \(message)") }
+                    break sending   // the agent closed the connection: it refused something already
+                }
+                sent.append("\(message.type)\(rewrite == nil ? "" : "*")")
+                if case .diskExtents(let extents) = message { dataBytes += UInt64(extents.payload.count) }
+            }
+            // Its answer: an error (the reason is the verdict), or nothing within half a second.
+            var verdict = "taken"
+            do { while try peer.nextFrame(within: 0.5) != nil {} } catch {
+                if case .peer(let code, let reason) = error { verdict = "\(code) " + Self.gist(reason) } else { verdict = "closed without error: \(error)" }
+            }
+            peer.link.close()
+            var status = rig.agent.waitForExit(timeout: 20)
+            if status == nil {   // the VM started here and its post-copy stream waits: an operator's SIGTERM ends it
+                XCTAssertTrue(FileManager.default.fileExists(atPath: rig.marker), "session \(session) (\(sent)): the agent hangs:\n\(rig.agent.log)")
+                rig.agent.signal(SIGTERM)
+                status = rig.agent.waitForExit(timeout: 20)
+                verdict += ", ran on"
+            }
+            let context = "session \(session) [\(sent.joined(separator: " "))] -> \(verdict)"
+            XCTAssertNil(rig.agent.child.terminatingSignal, "\(context): killed by signal \(rig.agent.child.terminatingSignal ?? 0)\n\(rig.agent.log)")
+            XCTAssertNotNil(status, "\(context): still running after SIGTERM")
+            XCTAssertFalse(verdict.hasPrefix("closed without error"), "\(context)\n\(rig.agent.log)")
+            checkPeak(rig.agent, context)
+            var info = stat()
+            if stat(rig.image, &info) == 0 {
+                XCTAssertLessThanOrEqual(UInt64(info.st_blocks) * 512, dataBytes + (1 << 20), "\(context): the image holds more than was sent")
+            }
+            if let report = try? E2E.report(rig.dir.file("dest.json"), log: rig.agent.log), (try? report.string("vm_location")) == "source" {
+                XCTAssertFalse(FileManager.default.fileExists(atPath: rig.marker), "\(context): the VM started though it is reported at the source")
+            }
+            verdicts[verdict, default: 0] += 1
+        }
+        print("hostile source fuzzer: \(verdicts.count) outcomes:\n" + verdicts.sorted { $0.key < $1.key }.map { "  \($1) x \($0)" }.joined(separator: "\n"))
+    }
+
+    /// A refusal's reason without its numbers and paths, to count refusals by kind.
+    private static func gist(_ reason: String) -> String {
+        let words = reason.split(separator: " ").filter { word in !word.contains(where: { $0.isNumber || $0 == "/" }) }
+        return words.prefix(7).joined(separator: " ")
+    }
+
+    /// 40 sessions (FERRY_HOSTILE_FUZZ_SOURCE_SESSIONS) of a real source-agent (a fresh one each,
+    /// the VM process shared) against a hostile destination that, 40 times, either reads a frame
+    /// (acknowledging round ends, as a destination does) or sends a random one
+    /// (``HostileFrames/destinationFrame()``), then cuts the link (and drops the reconnects). The
+    /// agent must end by itself (a refusal, or its 1 s link timeout) or, once it offered the VM,
+    /// on SIGTERM; never by a signal, under ``peakLimitKiB``; when it reports the VM at the
+    /// source, the VM runs there; it never reports it at the destination unless the destination
+    /// said `resumed`. (Outcomes are counted by the reason in its report: the error frame it sends
+    /// may be lost when it closes on a peer that is still writing.)
+    func testRandomFrameSequencesNeverCrashTheSource() throws {
+        let seed = Self.fuzzSeed ^ 0xD357
+        let sessions = Self.setting("FERRY_HOSTILE_FUZZ_SOURCE_SESSIONS", 40)
+        print("hostile destination fuzzer: seed \(String(seed, radix: 16)) (FERRY_HOSTILE_FUZZ_SEED), \(sessions) sessions")
+        try MemE2E.requireMemoryMigration()
+        let vm = try ChildProcess(E2E.tool("ferry-workload"), ["--memory", "4M", "--dirty-rate", "0", "--report-interval", "1"])
+        try vm.waitFor(event: "ready", timeout: 60)
+        var seeds = SplitMix64(seed: seed)
+        var verdicts: [String: Int] = [:]
+        for session in 0..<sessions {
+            let rig = try SourceRig(["--link-timeout", "1"], vm: vm)
+            let peer = try rig.accept()
+            var frames = HostileFrames(seed: seeds.next(), payload: peer.payload)
+            var saidResumed = false
+            var steps: [String] = []
+            session: for _ in 0..<40 {
+                do {
+                    if frames.random.below(100) < 60 {
+                        if let frame = try peer.nextFrame(within: 0.05) { steps.append("<\(frame.type)") }
+                    } else {
+                        let message = frames.destinationFrame(), rewrite = frames.rewrite()
+                        try peer.link.withSender { (sender: inout FrameSender) throws(LinkError) in try sender.send(message, rewritingMetadata: rewrite) }
+                        steps.append(">\(message.type)\(rewrite == nil ? "" : "*")")
+                        if case .resumed = message, rewrite == nil { saidResumed = true }
+                    }
+                } catch {
+                    if case .malformed = error { return XCTFail("session \(session): the generator made an unencodable frame") }
+                    steps.append("x")   // the source closed (its error frame may be lost to the reset: its report says why)
+                    break session
+                }
+            }
+            peer.link.close()
+            // Its reconnects are refused at once; once it offered the VM it retries for ever (only
+            // the destination, or an operator, settles an offer): SIGTERM then.
+            let offered = steps.contains("<switchover")
+            let deadline = monotonicSeconds() + (offered ? 1.5 : 5)
+            var status: Int32? = nil
+            while status == nil && monotonicSeconds() < deadline {
+                rig.listener.dropPendingConnections()
+                status = rig.agent.waitForExit(timeout: 0.1)
+            }
+            var stopped = ""
+            if status == nil {
+                rig.agent.signal(SIGTERM)
+                status = rig.agent.waitForExit(timeout: 20)
+                stopped = ", stopped"
+            }
+            let report = try? rig.report()
+            let verdict = ((try? report?.string("reason")).map { Self.gist($0.components(separatedBy: ";").first ?? $0) } ?? "no reason") + stopped
+            let context = "session \(session) [\(steps.joined(separator: " "))] -> \(verdict)"
+            XCTAssertNil(rig.agent.child.terminatingSignal, "\(context): killed by signal \(rig.agent.child.terminatingSignal ?? 0)\n\(rig.agent.log)")
+            XCTAssertNotNil(status, "\(context): still running after SIGTERM")
+            if let peak = rig.agent.child.peakResidentKilobytes { XCTAssertLessThan(peak, Self.peakLimitKiB, "\(context): peak \(peak >> 10) MiB") }
+            let location = (try? report?.string("vm_location")) ?? "no report"
+            if location == "source" {
+                XCTAssertTrue(waitUntil(timeout: 10) { !MemE2E.isStopped(vm.pid) }, "\(context): reported at the source, but stopped")
+            }
+            if location == "destination" { XCTAssertTrue(saidResumed, "\(context): handed over without `resumed`") }
+            kill(vm.pid, SIGCONT)   // a VM handed over (or left paused) is the next session's VM again
+            verdicts[verdict + " (\(offered ? "offered, " : "")VM at \(location))", default: 0] += 1
+        }
+        XCTAssertTrue(waitUntil(timeout: 10) { !MemE2E.isStopped(vm.pid) })
+        _ = try vm.drainReports()
+        vm.send("write 1 2")
+        XCTAssertEqual(try vm.waitFor(event: "written", timeout: 30).integer("count"), 2, "the VM no longer answers")
+        print("hostile destination fuzzer: \(verdicts.count) outcomes:\n" + verdicts.sorted { $0.key < $1.key }.map { "  \($1) x \($0)" }.joined(separator: "\n"))
     }
 }
