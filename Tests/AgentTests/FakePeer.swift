@@ -1,7 +1,7 @@
 import FerryTestSupport
 import Foundation
 import Glibc
-import MigrationEngine
+@testable import MigrationEngine
 import URing
 import Wire
 
@@ -29,12 +29,18 @@ final class FakePeer {
     enum Step {
         /// Sends one frame. A payload must outlive the step: make it with ``FakePeer/payload(_:)``.
         case send(Message)
+        /// Sends one frame sealed as usual, its metadata (after the header) rewritten by the closure
+        /// after encoding: values the encoder refuses (a block size of 0, an extent past 2^64).
+        case sendRewritten(Message, (UnsafeMutableRawBufferPointer) -> Void)
         /// Reads frames until one of this type (the earlier ones are returned too). An error frame
         /// or a closed link fails the step.
         case readUntil(MessageType)
         /// Reads until the agent sends `error(code)`; only acks may come before it, and the link
         /// must not close without it.
         case expectError(ErrorCode)
+        /// Reads until the agent sends `error(code)`, whatever comes before it (a source-agent's
+        /// data); the link must not close without it.
+        case drainUntilError(ErrorCode)
         /// Closes the connection at once: for the agent, the link was cut.
         case cut
     }
@@ -54,6 +60,9 @@ final class FakePeer {
     let hello: Hello?
     /// The reason of the last error the agent sent (see ``Step/expectError(_:)``).
     private(set) var lastErrorReason: String?
+    /// How long one reading step may take, keepalives included (seconds): an agent that keeps the
+    /// link alive but never answers fails the step instead of holding the test.
+    var stepTimeout: Double = 120
     private let acknowledgesRounds: Bool
     private var buffers: [UnsafeMutableRawBufferPointer] = []
 
@@ -106,21 +115,31 @@ final class FakePeer {
             switch step {
             case .send(let message):
                 do { try link.send(message) } catch { throw FakePeerError("\(name): sending failed: \(error)") }
+            case .sendRewritten(let message, let rewrite):
+                do {
+                    try link.withSender { (sender: inout FrameSender) throws(LinkError) in try sender.send(message, rewritingMetadata: rewrite) }
+                } catch { throw FakePeerError("\(name): sending failed: \(error)") }
             case .readUntil(let type):
+                let deadline = monotonicSeconds() + stepTimeout
                 while true {
                     let frame: Frame
-                    do { frame = try next() } catch { throw FakePeerError("\(name): \(error); read before it: \(read.map(\.type))") }
+                    do { frame = try next(until: deadline) } catch { throw FakePeerError("\(name): \(error); read before it: \(read.map(\.type))") }
                     read.append(frame)
                     if frame.type == type { break }
                 }
-            case .expectError(let code):
+            case .expectError(let code), .drainUntilError(let code):
+                let deadline = monotonicSeconds() + stepTimeout
+                var skipped = 0
                 do {
-                    var frame = try next()
-                    while frame.type == .ack { read.append(frame); frame = try next() }
+                    var frame = try next(until: deadline)
+                    while true {
+                        if frame.type == .ack { read.append(frame) } else if case .drainUntilError = step { skipped += 1 } else { break }
+                        frame = try next(until: deadline)
+                    }
                     throw FakePeerError("\(name): got \(frame.type)\(frame.message.map { " \($0)" } ?? "") instead of error(\(code))")
                 } catch let error as LinkError {
                     guard case .peer(let got, let reason) = error else {
-                        throw FakePeerError("\(name): the link failed without error(\(code)): \(error)")
+                        throw FakePeerError("\(name): the link failed without error(\(code)) after \(skipped) other frames: \(error)")
                     }
                     guard got == code else { throw FakePeerError("\(name): got error(\(got)) \"\(reason)\" instead of error(\(code))") }
                     lastErrorReason = reason
@@ -132,9 +151,22 @@ final class FakePeer {
         return read
     }
 
+    /// The next frame within `seconds`, or nil when none came (keepalives do not count): for a
+    /// script that reads and writes by turns (a fuzzer). The link stays usable after nil.
+    func nextFrame(within seconds: Double) throws(LinkError) -> Frame? {
+        link.setReceiveTimeout(max(0.01, seconds))
+        defer { link.setReceiveTimeout(120) }
+        do { return try next(until: monotonicSeconds() + seconds) } catch {
+            if case .timedOut = error { return nil }
+            throw error
+        }
+    }
+
     /// The next frame that is not a keepalive; a fake destination acknowledges a `roundEnd` at once.
-    private func next() throws(LinkError) -> Frame {
+    /// Past `deadline` (keepalives still coming) it fails with ``LinkError/timedOut(during:seconds:)``.
+    private func next(until deadline: Double = .infinity) throws(LinkError) -> Frame {
         while true {
+            guard monotonicSeconds() < deadline else { throw .timedOut(during: "fake peer script (step deadline)", seconds: stepTimeout) }
             let decoded = try link.receive(during: "fake peer script")
             let message = decoded.message
             switch message {
@@ -191,6 +223,16 @@ final class FakeListener {
     var hasPendingConnection: Bool {
         var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         return poll(&poller, 1, 0) == 1
+    }
+
+    /// Accepts every connection waiting and closes it at once, unanswered: a source-agent's
+    /// reconnect then fails fast instead of waiting for a handshake that will not come.
+    func dropPendingConnections() {
+        while hasPendingConnection {
+            let connection = Glibc.accept(fd, nil, nil)
+            guard connection >= 0 else { return }
+            close(connection)
+        }
     }
 
     /// Accepts the next connection (within `timeout` seconds, and only while `keepWaiting` holds:

@@ -32,6 +32,11 @@ public final class ChildProcess {
     private var stderrClosed = false
     /// The exit code (or 128 + signal number) once reaped.
     public private(set) var exitStatus: Int32?
+    /// The signal that ended the child, once reaped (nil: it exited).
+    public private(set) var terminatingSignal: Int32?
+    /// The child's peak resident set size in KiB over its whole life, once reaped (`ru_maxrss`
+    /// from `wait4`).
+    public private(set) var peakResidentKilobytes: Int?
 
     /// Starts `path` with `arguments`. `environment` replaces the test's environment when given.
     public init(_ path: String, _ arguments: [String], environment: [String: String]? = nil,
@@ -231,9 +236,12 @@ public final class ChildProcess {
     private func reap(block: Bool) -> Int32? {
         if let exitStatus { return exitStatus }
         var status: Int32 = 0
-        let r = waitpid(pid, &status, block ? 0 : WNOHANG)
+        var usage = rusage()
+        let r = wait4(pid, &status, block ? 0 : WNOHANG, &usage)
         guard r == pid else { return nil }
         let code = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        terminatingSignal = (status & 0x7f) == 0 ? nil : status & 0x7f
+        peakResidentKilobytes = usage.ru_maxrss
         exitStatus = code
         return code
     }

@@ -66,6 +66,41 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
                                                  "block_size": "\(layout.blockSize)", "image": "\(target.imagePath)"])
     }
 
+    /// Refuses a layout this destination cannot hold, before the image is created or sized: a
+    /// size beyond `off_t` (a protocol violation: no file can have it), or more blocks than an
+    /// eighth of this host's RAM can track (`outOfSpace`: the per-block hashes, 8 bytes a block,
+    /// are allocated and written at once, so a hostile size would otherwise cost their memory).
+    static func check(_ layout: DiskLayout) throws(LinkError) {
+        guard layout.sizeBytes <= UInt64(Int64.max) else {
+            throw .local(.protocolViolation, reason: "disk \(layout.diskID) of \(layout.sizeBytes) bytes: beyond the largest file size (2^63 - 1)")
+        }
+        let blockSize = UInt64(layout.blockSize)   // the decoder checked it: a power of two, 512 B ... 64 MiB
+        let blocks = layout.sizeBytes / blockSize + (layout.sizeBytes % blockSize == 0 ? 0 : 1)
+        let budget = HostMemory.physicalBytes / 8
+        guard blocks <= budget / 8 else {
+            throw .local(.outOfSpace, reason: "disk \(layout.diskID) of \(layout.sizeBytes) bytes has \(blocks) blocks of \(blockSize) bytes; "
+                         + "tracking them takes \(blocks * 8) bytes, more than an eighth of this host's \(HostMemory.physicalBytes) bytes of RAM")
+        }
+    }
+
+    /// Refuses a `diskExtents` whose extents leave the disk or are not in ascending order without
+    /// overlap (how every source sends them), before any of them is written. Arranged so that no
+    /// sum can overflow whatever the offsets.
+    static func check(_ extents: DiskExtents, diskSize: UInt64) throws(LinkError) {
+        var end: UInt64 = 0
+        for (index, extent) in extents.extents.enumerated() {
+            guard extent.offset <= diskSize, UInt64(extent.length) <= diskSize - extent.offset else {
+                throw .local(.protocolViolation, reason: "disk \(extents.diskID): extent \(index) at \(extent.offset)+\(extent.length) "
+                             + "beyond the disk's \(diskSize) bytes")
+            }
+            guard extent.offset >= end else {
+                throw .local(.protocolViolation, reason: "disk \(extents.diskID): extent \(index) at \(extent.offset)+\(extent.length) "
+                             + "overlaps or precedes the previous one (ending at \(end)); extents go in ascending order")
+            }
+            end = extent.offset + UInt64(extent.length)
+        }
+    }
+
     var label: String { "disk \(layout.diskID)" }
     var streamType: StreamKind { .disk }
     var streamID: UInt32 { layout.diskID }
@@ -78,6 +113,7 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
     func receive(_ message: Message, on link: PeerLink) throws(LinkError) {
         switch message {
         case .diskExtents(let extents):
+            try Self.check(extents, diskSize: layout.sizeBytes)
             do { try applier.apply(extents) } catch {
                 throw .local(.storageFailure, reason: "writing the image \(target.imagePath): \(error)")
             }
@@ -167,6 +203,8 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
     }
 
     func digest() -> StreamDigest { StreamDigest(stream: .disk, streamID: layout.diskID, digest: image.hashes.digest()) }
+
+    var isPostcopy: Bool { postcopy }
 
     var isComplete: Bool {
         if postcopy { return pushEnded && image.presence.presentCount >= image.hashes.blockCount }

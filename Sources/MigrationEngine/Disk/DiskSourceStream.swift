@@ -45,6 +45,11 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
     /// Rounds sent and not yet acknowledged (under the link's lock): marked dirty again after a reconnect.
     private var unacknowledged: [(round: Int, runs: [Range<Int>])] = []
     private var completedRoundAtPeer = -1
+    /// The highest round whose `roundEnd` was sent (under the link's lock, set before it goes): no
+    /// ack may say more was applied.
+    private var lastRoundEnd = -1
+    /// The `switchover` went (or is going) out: from now on the urgent lane answers fetches.
+    private var offered = false
     private var frozen = false
     private var counters = (bulk: DiskTransferCounters(), rounds: DiskTransferCounters(), final: DiskTransferCounters(),
                             push: DiskTransferCounters())
@@ -110,6 +115,7 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
         }
         bulkNextBlock = max(bulkNextBlock, end)
         guard bulkNextBlock >= chunks.blockCount else { return false }
+        link.publish { lastRoundEnd = max(lastRoundEnd, 0) }
         try link.send(.roundEnd(RoundEnd(stream: .disk, streamID: options.diskID, round: 0, itemsSent: counters.blocks,
                                          bytesSent: counters.dataBytes, dirtyRemaining: dirtyRemaining)))
         blocksPerRound.append(counters.blocks)
@@ -132,7 +138,10 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
             }
         }
         if frozen { counters.final = target } else { counters.rounds = target }
-        link.publish { unacknowledged.append((round, runs)) }
+        link.publish {
+            unacknowledged.append((round, runs))
+            lastRoundEnd = max(lastRoundEnd, round)
+        }
         roundSet = nil
         try link.send(.roundEnd(RoundEnd(stream: .disk, streamID: options.diskID, round: UInt32(round),
                                          itemsSent: target.blocks - before.blocks, bytesSent: target.dataBytes - before.dataBytes,
@@ -171,7 +180,10 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
         options.postcopy ? store.size : (roundSet ?? []).reduce(UInt64(0)) { $0 + UInt64($1.count) * UInt64(blockSize) }
     }
 
-    func beforeSwitchover(on link: PeerLink) throws(LinkError) {}
+    func beforeSwitchover(on link: PeerLink) throws(LinkError) {
+        offered = true
+        urgentLane?.acceptFetches()
+    }
 
     func sendFinal(round: Int, on link: PeerLink) throws(LinkError) {
         guard !options.postcopy else { return }
@@ -187,6 +199,7 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
         urgentLane?.stop()
         lane.setPriority(PeerLink.interactivePriority)
         urgentLane = try UrgentLaneServer(link: lane, store: store, diskID: options.diskID, blockSize: blockSize, logger: logger)
+        if offered { urgentLane?.acceptFetches() }
     }
 
     func push(budget: Int, on link: PeerLink) throws(LinkError) -> Bool {
@@ -198,7 +211,8 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
 
     // MARK: - Acknowledgements and resume
 
-    func acknowledged(_ ack: Ack) {
+    func acknowledged(_ ack: Ack) throws(LinkError) {
+        try check(sequence: ack.sequence, offset: ack.offset, in: "ack")
         completedRoundAtPeer = max(completedRoundAtPeer, Int(ack.sequence) - 1)
         let completed = completedRoundAtPeer
         unacknowledged.removeAll { $0.round <= completed }
@@ -208,7 +222,8 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
     /// restarts at its high-water mark (or, once past the bulk copy, the rest of the disk is marked
     /// dirty), and every unacknowledged round's blocks are marked dirty. Re-sending is safe: the
     /// destination applies blocks as absolute writes, and a re-read is never older than what was sent.
-    func resume(from point: ResumePoint?, phase: MigrationPhase) {
+    func resume(from point: ResumePoint?, phase: MigrationPhase) throws(LinkError) {
+        if let point { try check(sequence: point.sequence, offset: point.offset, in: "resume point") }
         let highWater = point?.offset ?? 0
         completedRoundAtPeer = max(completedRoundAtPeer, Int(point?.sequence ?? 0) - 1)
         let completed = completedRoundAtPeer
@@ -229,6 +244,19 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
         if let set = roundSet {   // a round cut short: its blocks go again
             markDirty(set)
             roundSet = nil
+        }
+    }
+
+    /// An ack or resume point says rounds up to `sequence - 1` and the bulk copy up to byte `offset`
+    /// were applied: neither may go past what was sent.
+    private func check(sequence: UInt64, offset: UInt64, in what: String) throws(LinkError) {
+        guard sequence <= UInt64(lastRoundEnd + 1) else {
+            throw .local(.protocolViolation, reason: "\(what) for disk \(options.diskID) says round \(sequence &- 1) was applied; "
+                         + (lastRoundEnd < 0 ? "no roundEnd was sent yet" : "the last roundEnd sent was round \(lastRoundEnd)"))
+        }
+        guard offset <= store.size else {
+            throw .local(.protocolViolation, reason: "\(what) for disk \(options.diskID) says its bulk copy was applied up to byte \(offset) "
+                         + "of a \(store.size)-byte disk")
         }
     }
 

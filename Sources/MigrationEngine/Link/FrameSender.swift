@@ -49,6 +49,13 @@ public struct FrameSender: ~Copyable {
 
     /// Sends one frame. Its payload (if any) is read in place; it must stay valid during the call.
     public mutating func send(_ message: Message) throws(LinkError) {
+        try send(message, rewritingMetadata: nil)
+    }
+
+    /// Sends one frame whose metadata (the bytes after the header, before the payload) `rewrite`
+    /// may change after encoding and before sealing: how a test's hostile peer sends a sealed frame
+    /// with values the encoder refuses (a block size of 0, an extent past 2^64).
+    mutating func send(_ message: Message, rewritingMetadata rewrite: ((UnsafeMutableRawBufferPointer) -> Void)?) throws(LinkError) {
         let prefixLength: Int
         let tag = cipher == nil ? 0 : FrameCipher.tagSize
         do {
@@ -58,6 +65,7 @@ public struct FrameSender: ~Copyable {
         } catch {
             throw .malformed(error)
         }
+        rewrite?(UnsafeMutableRawBufferPointer(rebasing: prefixBuffer[FrameHeader.size..<prefixLength]))
         var payload = message.payload.bytes
         var prefixTotal = prefixLength
         if let cipher {

@@ -145,7 +145,9 @@ public final class PeerLink: @unchecked Sendable {
 
     /// Starts the reader thread: every frame goes to `onFrame` on that thread (its payload is valid
     /// only during the call). A throw from `onFrame`, or a link failure, ends the reader and is
-    /// recorded as ``failure``.
+    /// recorded as ``failure``. When the failure is this side's verdict on the peer's frames (a
+    /// frame that does not decode, comes at the wrong moment or names what does not exist), the
+    /// peer is told with an `error` frame first (docs/wire.md, "Errors").
     public func startReader(name: String, onFrame: @escaping @Sendable (DecodedFrame) throws(LinkError) -> Void) {
         let thread = Thread { [self] in
             while true {
@@ -153,6 +155,7 @@ public final class PeerLink: @unchecked Sendable {
                     let frame = try receiverBox.receiver.receive(during: "migration")
                     try onFrame(frame)
                 } catch {
+                    tellPeer(error)
                     finish(error)
                     return
                 }
@@ -160,6 +163,19 @@ public final class PeerLink: @unchecked Sendable {
         }
         thread.name = name
         thread.start()
+    }
+
+    /// Sends `error` as an `error` frame if it is this side's verdict (not a failure of the link
+    /// itself, nor the peer's own error). A send in progress on another thread (a bulk run into a
+    /// peer that stopped reading) is waited for at most a second: then the link just closes.
+    private func tellPeer(_ error: LinkError) {
+        switch error {
+        case .local, .unexpected, .malformed, .storage: break
+        default: return
+        }
+        guard !closed.load(ordering: .relaxed), senderLock.lock(before: Date(timeIntervalSinceNow: 1)) else { return }
+        defer { senderLock.unlock() }
+        try? senderBox.sender.send(.error(.truncating(code: error.wireCode, reason: "\(error)")))
     }
 
     /// Sets how long a receive may see no bytes before it fails (seconds).

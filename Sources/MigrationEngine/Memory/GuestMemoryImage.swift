@@ -50,6 +50,45 @@ public final class GuestMemoryImage: @unchecked Sendable {
     /// Host address of each region in the resumed VM (from its handshake; layout's by default).
     private var vmAddress: [UInt64]
 
+    /// Refuses a layout this destination cannot hold, before anything is mapped: regions that are
+    /// empty, not whole pages, overflowing 2^64 (or `off_t` in the memory file), overlapping
+    /// another region (guest, host or file range) or sharing its id are protocol violations; a
+    /// total larger than this host's RAM is `outOfSpace`. Every sum is overflow-checked.
+    public static func check(_ layout: GuestMemoryLayout) throws(LinkError) {
+        let pageSize = UInt64(layout.pageSize)   // the decoder checked it: a power of two, 4 KiB ... 1 GiB
+        var total: UInt64 = 0
+        for region in layout.regions {
+            let name = "memory region \(region.id) of \(region.size) bytes"
+            guard region.size > 0, region.size % pageSize == 0 else {
+                throw .local(.protocolViolation, reason: "\(name): not a positive multiple of the \(pageSize)-byte page")
+            }
+            for (what, start) in [("guest address", region.guestAddress), ("host address", region.hostAddress), ("file offset", region.fileOffset)]
+            where start.addingReportingOverflow(region.size).overflow {
+                throw .local(.protocolViolation, reason: "\(name) at \(what) \(start): its end overflows 2^64")
+            }
+            guard region.fileOffset + region.size <= UInt64(Int64.max) else {
+                throw .local(.protocolViolation, reason: "\(name) at file offset \(region.fileOffset): beyond the largest file size (2^63 - 1)")
+            }
+            let (sum, overflow) = total.addingReportingOverflow(region.size)
+            guard !overflow else { throw .local(.protocolViolation, reason: "memory regions of more than 2^64 bytes in all") }
+            total = sum
+        }
+        guard total <= HostMemory.physicalBytes else {
+            throw .local(.outOfSpace, reason: "memory of \(total) bytes in \(layout.regions.count) region(s): more than this host's \(HostMemory.physicalBytes) bytes of RAM")
+        }
+        var ids = Set<UInt32>()
+        for region in layout.regions where !ids.insert(region.id).inserted {
+            throw .local(.protocolViolation, reason: "memory region id \(region.id) given twice")
+        }
+        for (what, start) in [("guest", \Wire.MemoryRegion.guestAddress), ("host", \Wire.MemoryRegion.hostAddress), ("file", \Wire.MemoryRegion.fileOffset)] {
+            let sorted = layout.regions.sorted { $0[keyPath: start] < $1[keyPath: start] }
+            for (a, b) in zip(sorted, sorted.dropFirst()) where a[keyPath: start] + a.size > b[keyPath: start] {
+                throw .local(.protocolViolation, reason: "memory regions \(a.id) and \(b.id) overlap in their \(what) ranges "
+                             + "(\(a[keyPath: start])+\(a.size) and \(b[keyPath: start])+\(b.size))")
+            }
+        }
+    }
+
     /// Maps room for every region of `layout`: anonymous memory, or (with `backingFile`) a new file
     /// of that size, shared with the VMM that uses it as its RAM (regions back to back, at their
     /// file offsets). The corresponding system calls are `open`, `ftruncate` and `mmap`.
@@ -164,14 +203,14 @@ public final class GuestMemoryImage: @unchecked Sendable {
     @discardableResult
     public func apply(_ batch: PageBatch, installZeros: Bool = false) throws -> Int {
         guard let index = regionIndex(batch.regionID) else {
-            throw LinkError.peer(.protocolViolation, reason: "pageBatch for unknown region \(batch.regionID)")
+            throw LinkError.local(.protocolViolation, reason: "pageBatch for unknown region \(batch.regionID)")
         }
         guard Int(batch.pageShift) == pageSize.trailingZeroBitCount else {
-            throw LinkError.peer(.protocolViolation, reason: "pageBatch with page shift \(batch.pageShift), layout page \(pageSize)")
+            throw LinkError.local(.protocolViolation, reason: "pageBatch with page shift \(batch.pageShift), layout page \(pageSize)")
         }
         let regionPages = Int(layout.regions[index].size / UInt64(pageSize))
-        guard batch.firstPage + batch.pageCount <= UInt64(regionPages) else {
-            throw LinkError.peer(.protocolViolation, reason: "pageBatch pages \(batch.firstPage)+\(batch.pageCount) beyond region \(batch.regionID) of \(regionPages) pages")
+        guard batch.firstPage <= UInt64(regionPages), batch.pageCount <= UInt64(regionPages) - batch.firstPage else {
+            throw LinkError.local(.protocolViolation, reason: "pageBatch pages \(batch.firstPage)+\(batch.pageCount) beyond region \(batch.regionID) of \(regionPages) pages")
         }
         let uffd = ferry_load_i32_acquire(vmUffd)
         var g = firstPage[index] + Int(batch.firstPage)
@@ -230,21 +269,23 @@ public final class GuestMemoryImage: @unchecked Sendable {
     /// Hybrid: forgets pages whose copies here are stale.
     public func discard(_ range: PageRange) throws {
         guard let index = regionIndex(range.regionID) else {
-            throw LinkError.peer(.protocolViolation, reason: "pageDiscard for unknown region \(range.regionID)")
+            throw LinkError.local(.protocolViolation, reason: "pageDiscard for unknown region \(range.regionID)")
         }
         let regionPages = Int(layout.regions[index].size / UInt64(pageSize))
-        guard range.pageIndex + UInt64(range.count) <= UInt64(regionPages) else {
-            throw LinkError.peer(.protocolViolation, reason: "pageDiscard \(range.pageIndex)+\(range.count) beyond region \(range.regionID)")
+        guard range.pageIndex <= UInt64(regionPages), UInt64(range.count) <= UInt64(regionPages) - range.pageIndex else {
+            throw LinkError.local(.protocolViolation, reason: "pageDiscard \(range.pageIndex)+\(range.count) beyond region \(range.regionID)")
         }
         let first = firstPage[index] + Int(range.pageIndex)
         let vmOwnsFile = backingFD >= 0 && ferry_load_i32_acquire(vmUffd) >= 0
         for page in first..<(first + Int(range.count)) {
-            received.remove(page)
-            requested.remove(page)
             // The local copy must not keep the stale bytes: a later zero push only zeroes pages
             // it knows hold data, and the digest is taken over this copy. A RAM file drops them, so
-            // the VM faults on them.
-            if !zero.contains(page) && backingFD < 0 { memset(pointer(page), 0, pageSize) }
+            // the VM faults on them. A page that never arrived holds zeros already: it is not
+            // touched (a hostile discard of every page must not make this copy resident).
+            let holdsData = received.contains(page) && !zero.contains(page)
+            received.remove(page)
+            requested.remove(page)
+            if holdsData && backingFD < 0 { memset(pointer(page), 0, pageSize) }
         }
         if backingFD >= 0 && !vmOwnsFile { punch(first: first, count: Int(range.count)) }
     }

@@ -128,6 +128,8 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
 
     func digest() -> StreamDigest { StreamDigest(stream: .memory, streamID: 0, digest: image.digest()) }
 
+    var isPostcopy: Bool { postcopy }
+
     var isComplete: Bool { !postcopy || (pushEnded && image.receivedCount == image.totalPages) }
 
     /// The urgent lane: its reader installs each reply's pages (waking the faults that wait for them).

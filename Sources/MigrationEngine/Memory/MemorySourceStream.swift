@@ -78,6 +78,11 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
     private var unacknowledged: [(round: Int, pages: [PageSet])] = []
     /// The highest round the destination acknowledged (written under the link's lock).
     private var completedRoundAtPeer = -1
+    /// The highest round whose `roundEnd` was sent (under the link's lock, set before it goes): no
+    /// ack may say more was applied.
+    private var lastRoundEnd = -1
+    /// The `switchover` went (or is going) out: from now on the urgent lane answers requests.
+    private var offered = false
     private var pagesPerRound: [UInt64] = []
     private var scans = 0
     private var frozen = false
@@ -189,6 +194,7 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
             spent += Int(builder.dataPages - before) * pageSize + 4096
         }
         guard bulkRegion >= regions.count else { return false }
+        link.publish { lastRoundEnd = max(lastRoundEnd, 0) }
         try link.send(.roundEnd(RoundEnd(stream: .memory, streamID: 0, round: 0, itemsSent: UInt64(totalPages),
                                          bytesSent: builder.dataPages * UInt64(pageSize), dirtyRemaining: 0)))
         pagesPerRound.append(UInt64(totalPages))
@@ -227,7 +233,10 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
                 cursor = end
             }
         }
-        link.publish { unacknowledged.append((round, pending)) }
+        link.publish {
+            unacknowledged.append((round, pending))
+            lastRoundEnd = max(lastRoundEnd, round)
+        }
         pending = regions.map { PageSet(pageCount: $0.pageCount) }
         try link.send(.roundEnd(RoundEnd(stream: .memory, streamID: 0, round: UInt32(round), itemsSent: pages,
                                          bytesSent: (builder.dataPages - before) * UInt64(pageSize), dirtyRemaining: 0)))
@@ -273,6 +282,8 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
     }
 
     func beforeSwitchover(on link: PeerLink) throws(LinkError) {
+        offered = true
+        requestServer?.acceptRequests()
         guard options.mode == .hybrid else { return }
         // Before switchover, so the destination has dropped its stale copies of the pages dirtied
         // since the last round before it can resume the VM.
@@ -307,6 +318,7 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
                 throw .local(.storageFailure, reason: "cannot read process \(options.pid) for page requests: \(error)")
             }
         }
+        if offered { requestServer!.acceptRequests() }
         requestServer!.start(on: lane)
     }
 
@@ -366,6 +378,7 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
             pushCursor.page = end
         }
         guard needed.allSatisfy({ $0.firstMember(from: 0) == nil }) else { return false }
+        link.publish { lastRoundEnd = max(lastRoundEnd, pagesPerRound.count) }
         try link.send(.roundEnd(RoundEnd(stream: .memory, streamID: 0, round: UInt32(pagesPerRound.count), itemsSent: pushed,
                                          bytesSent: 0, dirtyRemaining: 0)))
         pagesPerRound.append(pushed)
@@ -376,20 +389,39 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
 
     // MARK: - Acknowledgements and resume
 
-    func acknowledged(_ ack: Ack) {
+    func acknowledged(_ ack: Ack) throws(LinkError) {
         if ack.streamID == 0 {
+            try check(sequence: ack.sequence, offset: ack.offset, in: "ack")
             completedRoundAtPeer = max(completedRoundAtPeer, Int(ack.sequence) - 1)
             let completed = completedRoundAtPeer
             unacknowledged.removeAll { $0.round <= completed }
         } else if ack.streamID == PushPacer.ackStreamID {
+            guard ack.offset <= pacer.framesSent else {
+                throw .local(.protocolViolation, reason: "ack of \(ack.offset) post-copy push frames applied; \(pacer.framesSent) were sent")
+            }
             pacer.acknowledged(upTo: ack.offset)
             inFlight.acknowledge(upTo: ack.offset)
+        } else {
+            throw .local(.protocolViolation, reason: "ack for memory stream id \(ack.streamID) (0: rounds, 1: post-copy push)")
+        }
+    }
+
+    /// An ack or resume point says rounds up to `sequence - 1` and the bulk copy up to global page
+    /// `offset` were applied: neither may go past what was sent.
+    private func check(sequence: UInt64, offset: UInt64, in what: String) throws(LinkError) {
+        guard sequence <= UInt64(lastRoundEnd + 1) else {
+            throw .local(.protocolViolation, reason: "\(what) for memory says round \(sequence &- 1) was applied; "
+                         + (lastRoundEnd < 0 ? "no roundEnd was sent yet" : "the last roundEnd sent was round \(lastRoundEnd)"))
+        }
+        guard offset <= UInt64(totalPages) else {
+            throw .local(.protocolViolation, reason: "\(what) for memory says its bulk copy was applied up to page \(offset) of \(totalPages)")
         }
     }
 
     /// What was not acknowledged goes again: the bulk copy from the destination's high-water page,
     /// every unacknowledged round's pages, and pushed pages whose frames were not applied.
-    func resume(from point: ResumePoint?, phase: MigrationPhase) {
+    func resume(from point: ResumePoint?, phase: MigrationPhase) throws(LinkError) {
+        if let point { try check(sequence: point.sequence, offset: point.offset, in: "resume point") }
         let round = Int(point?.sequence ?? 0) - 1
         let highWater = Int(point?.offset ?? 0)
         completedRoundAtPeer = max(completedRoundAtPeer, round)
@@ -423,8 +455,11 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
     /// it may be lost, so their pages are needed again. `restarted` (that point's sequence is 1):
     /// the destination agent was restarted after hand-over and holds no page any more (the VM kept
     /// those it had), so every page is pushed again and every request answered again.
-    func resumePush(applied: UInt64, restarted: Bool) {
+    func resumePush(applied: UInt64, restarted: Bool) throws(LinkError) {
         guard options.mode.isPostcopy, !needed.isEmpty else { return }
+        guard restarted || applied <= pacer.framesSent else {
+            throw .local(.protocolViolation, reason: "resume point of \(applied) post-copy push frames applied; \(pacer.framesSent) were sent")
+        }
         if restarted {
             for set in needed { set.insertAll() }
             for set in requestServer?.delivered ?? [] { set.removeAll() }

@@ -20,6 +20,12 @@ public final class PageRequestServer: @unchecked Sendable {
     let pagesSent = SharedCounter()
     let dataBytes = SharedCounter()
     private let logger: Logger
+    /// Set when the `switchover` goes out: a request before it is a protocol violation (the
+    /// process still runs here, and a page sent early would be skipped by the push though it may change).
+    private let open = Locked<Bool>(false)
+
+    /// From now on (the `switchover` is going out) requests are answered.
+    func acceptRequests() { open.withLock { $0 = true } }
 
     /// Stops serving (closes the lane).
     public func stop() { lane?.close() }
@@ -56,12 +62,15 @@ public final class PageRequestServer: @unchecked Sendable {
     }
 
     private func answer(_ request: PageRequest, on link: PeerLink) throws(LinkError) {
+        guard open.withLock({ $0 }) else {
+            throw .local(.protocolViolation, reason: "pageRequest for page \(request.pageIndex) of region \(request.regionID) before switchover")
+        }
         guard let index = regions.firstIndex(where: { $0.id == request.regionID }) else {
-            throw .peer(.protocolViolation, reason: "pageRequest for unknown region \(request.regionID)")
+            throw .local(.protocolViolation, reason: "pageRequest for unknown region \(request.regionID)")
         }
         let region = regions[index]
         guard request.pageIndex < UInt64(region.pageCount) else {
-            throw .peer(.protocolViolation, reason: "pageRequest for page \(request.pageIndex) beyond region \(region.id) of \(region.pageCount) pages")
+            throw .local(.protocolViolation, reason: "pageRequest for page \(request.pageIndex) beyond region \(region.id) of \(region.pageCount) pages")
         }
         requests.add(1)
         latestFault.store(UInt64(index) << 40 | request.pageIndex, ordering: .releasing)
@@ -74,7 +83,7 @@ public final class PageRequestServer: @unchecked Sendable {
         } catch let error as LinkError {
             throw error
         } catch {
-            throw .peer(.storageFailure, reason: "reading pages \(first)+\(count) of region \(region.id): \(error)")
+            throw .local(.storageFailure, reason: "reading pages \(first)+\(count) of region \(region.id): \(error)")
         }
         for p in first..<(first + count) { delivered[index].insert(p) }
         pagesSent.add(UInt64(count))

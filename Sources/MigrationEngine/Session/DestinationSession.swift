@@ -116,6 +116,8 @@ public final class DestinationSession: @unchecked Sendable {
         var uffdListener: UFFDHandshakeListener? = nil
         var acceptor: LinkAcceptor? = nil
         var session = Switch()
+        /// The link the last `switchover` came on: a second one on the same link is a violation.
+        var switchoverLink: ObjectIdentifier? = nil
         var sourceDigests: [StreamDigest] = []
         var vmStarted = false
         var done = false
@@ -179,34 +181,50 @@ public final class DestinationSession: @unchecked Sendable {
                         if framesSincePublish >= 256 { publishResumePoints() }
                         switch frame.message {
                         case .diskLayout(let layout):
-                            try addDisk(layout)
+                            try addDisk(layout, afterSwitchover: session.mode != nil)
                             try startQEMUWhenReady(directory: directory)
                         case .memoryLayout(let layout):
                             if memory == nil {
+                                guard session.mode == nil else {
+                                    throw LinkError.local(.protocolViolation, reason: "memoryLayout after switchover: the layouts come first")
+                                }
+                                try GuestMemoryImage.check(layout)
                                 memory = try MemoryDestinationStream(layout: layout, prepagingWindow: options.prepagingWindow,
                                                                      urgentPriority: options.urgentPriority, logger: logger,
                                                                      backingFile: try makeRAMFile(for: layout))
                                 memory!.beforeAck = { [unowned self] in publishResumePoints() }
                                 try startQEMUWhenReady(directory: directory)
                             } else if memory!.image.layout != layout {
-                                throw LinkError.local(.layoutMismatch, reason: "a second, different memory layout")
+                                throw LinkError.local(.protocolViolation, reason: "a second, different memory layout "
+                                                      + "(\(layout.regions.count) regions of \(layout.pageSize)-byte pages after \(memory!.image.layout.regions.count))")
                             }
                         case .diskExtents(let extents):
-                            try disk(extents.diskID).receive(frame.message, on: link)
+                            try taking(try disk(extents.diskID), frame.header.type, vmStarted: vmStarted).receive(frame.message, on: link)
                             if state.phase == .handshake { state.move(to: .bulk) }
                         case .pageBatch, .pageDiscard:
                             guard let memory else { throw LinkError.unexpected(frame.header.type, expecting: "memoryLayout first") }
-                            try memory.receive(frame.message, on: link)
+                            if case .pageDiscard = frame.message, vmStarted {
+                                throw LinkError.local(.protocolViolation, reason: "pageDiscard after the VM started here: stale pages are dropped before it runs")
+                            }
+                            try taking(memory, frame.header.type, vmStarted: vmStarted).receive(frame.message, on: link)
                             if state.phase == .handshake { state.move(to: .bulk) }
                         case .roundEnd(let end):
-                            try stream(end.stream, end.streamID).receive(frame.message, on: link)
+                            try taking(try stream(end.stream, end.streamID), .roundEnd, vmStarted: vmStarted).receive(frame.message, on: link)
                             publishResumePoints()
                         case .switchover(let switchover):
-                            guard !vmStarted else { break }   // a repeated offer after a reconnect: the VM runs already
-                            guard switchover.vmStateLength <= 1 << 30 else {
-                                throw LinkError.local(.protocolViolation, reason: "VM state of \(switchover.vmStateLength) bytes (at most 1 GiB)")
+                            // Once per connection: a source offers again only on a new one, after a reconnect.
+                            guard switchoverLink != ObjectIdentifier(link) else {
+                                throw LinkError.local(.protocolViolation, reason: "a second switchover on one connection")
                             }
-                            session = Switch(mode: switchover.mode, at: ferry_monotonic_ns(), state: [UInt8](repeating: 0, count: Int(switchover.vmStateLength)))
+                            switchoverLink = ObjectIdentifier(link)
+                            if let mode = session.mode, mode != switchover.mode {
+                                throw LinkError.local(.protocolViolation, reason: "switchover mode \(switchover.mode.rawValue) after an offer in mode \(mode.rawValue)")
+                            }
+                            guard !vmStarted else { break }   // a repeated offer after a reconnect: the VM runs already
+                            guard switchover.vmStateLength <= Switch.maxStateLength else {
+                                throw LinkError.local(.protocolViolation, reason: "VM state of \(switchover.vmStateLength) bytes (at most \(Switch.maxStateLength))")
+                            }
+                            session = Switch(mode: switchover.mode, at: ferry_monotonic_ns(), stateLength: switchover.vmStateLength)
                             for disk in disks.values { try disk.switchover(postcopy: switchover.mode.contains(.diskPostcopy)) }
                             try memory?.switchover(postcopy: switchover.mode.contains(.memoryPostcopy))
                             if state.phase.isBeforeSwitchover { moveToSwitchover() }
@@ -214,13 +232,10 @@ public final class DestinationSession: @unchecked Sendable {
                                 "disk_bytes_to_come": "\(switchover.diskBytesToCome)", "pages_to_come": "\(switchover.memoryPagesToCome)",
                                 "state_bytes": "\(switchover.vmStateLength)", "mode": "\(switchover.mode.rawValue)"])
                         case .vmState(let chunk):
-                            guard chunk.totalLength == UInt64(session.state.count), chunk.offset + UInt64(chunk.payload.count) <= chunk.totalLength else {
-                                throw LinkError.local(.protocolViolation, reason: "vmState chunk \(chunk.offset)+\(chunk.payload.count) outside the announced \(session.state.count) bytes")
+                            guard session.mode != nil, !vmStarted else {
+                                throw LinkError.unexpected(.vmState, expecting: vmStarted ? "no VM state once the VM runs" : "switchover first")
                             }
-                            session.state.withUnsafeMutableBytes { out in
-                                (out.baseAddress! + Int(chunk.offset)).copyMemory(from: chunk.payload.bytes.baseAddress!, byteCount: chunk.payload.count)
-                            }
-                            session.stateReceived += UInt64(chunk.payload.count)
+                            try session.append(chunk)
                         case .complete(let theirs):
                             for digest in theirs.digests {
                                 sourceDigests.removeAll { $0.stream == digest.stream && $0.streamID == digest.streamID }
@@ -230,8 +245,8 @@ public final class DestinationSession: @unchecked Sendable {
                             let closing = vmStarted
                             if !vmStarted {
                                 guard let mode = session.mode else { throw LinkError.unexpected(.complete, expecting: "switchover first") }
-                                guard session.stateReceived == UInt64(session.state.count) else {
-                                    throw LinkError.local(.protocolViolation, reason: "complete with \(UInt64(session.state.count) - session.stateReceived) bytes of VM state missing")
+                                guard session.stateReceived == session.stateLength else {
+                                    throw LinkError.local(.protocolViolation, reason: "complete with \(session.stateLength - session.stateReceived) of \(session.stateLength) bytes of VM state missing")
                                 }
                                 // The VM starts only when it is safe.
                                 for stream in streams {
@@ -348,13 +363,30 @@ public final class DestinationSession: @unchecked Sendable {
 
     /// What the switchover brought: the mode, when, the VM state.
     private struct Switch {
+        /// The largest VM state a source may announce.
+        static let maxStateLength: UInt64 = 1 << 30
         var mode: SwitchoverMode?
         var at: UInt64 = 0
+        /// The announced length of the VM state.
+        var stateLength: UInt64 = 0
+        /// The VM state received so far: it grows with the chunks (in order), so an announced
+        /// length costs nothing until its bytes arrive.
         var state: [UInt8] = []
-        var stateReceived: UInt64 = 0
+        var stateReceived: UInt64 { UInt64(state.count) }
         var sinceSwitchover: UInt64 = 0
         init() {}
-        init(mode: SwitchoverMode, at: UInt64, state: [UInt8]) { self.mode = mode; self.at = at; self.state = state }
+        init(mode: SwitchoverMode, at: UInt64, stateLength: UInt64) { self.mode = mode; self.at = at; self.stateLength = stateLength }
+
+        /// Appends a `vmState` chunk: it must be of the announced blob and follow the bytes received.
+        mutating func append(_ chunk: VMStateChunk) throws(LinkError) {
+            guard chunk.totalLength == stateLength, chunk.offset == stateReceived,
+                  UInt64(chunk.payload.count) <= stateLength - stateReceived else {
+                throw .local(.protocolViolation, reason: "vmState chunk \(chunk.offset)+\(chunk.payload.count) of a \(chunk.totalLength)-byte blob; "
+                             + "expected the chunk at \(stateReceived) of the announced \(stateLength) bytes")
+            }
+            if state.isEmpty { state.reserveCapacity(Int(stateLength)) }   // address space only: pages are touched as bytes arrive
+            state.append(contentsOf: chunk.payload.bytes)
+        }
     }
 
     private func moveToSwitchover() {
@@ -550,14 +582,19 @@ public final class DestinationSession: @unchecked Sendable {
 
     // MARK: - Streams
 
-    private func addDisk(_ layout: DiskLayout) throws(LinkError) {
+    private func addDisk(_ layout: DiskLayout, afterSwitchover: Bool) throws(LinkError) {
         if let existing = disks[layout.diskID] {
-            guard existing.layout == layout else { throw .local(.layoutMismatch, reason: "disk \(layout.diskID) announced twice, differently") }
+            guard existing.layout == layout else {
+                throw .local(.protocolViolation, reason: "disk \(layout.diskID) announced twice, differently (\(existing.layout.sizeBytes) bytes in "
+                             + "\(existing.layout.blockSize)-byte blocks, then \(layout.sizeBytes) in \(layout.blockSize))")
+            }
             return
         }
+        guard !afterSwitchover else { throw .local(.protocolViolation, reason: "diskLayout of disk \(layout.diskID) after switchover: the layouts come first") }
         guard layout.diskID >= 1, Int(layout.diskID) <= options.disks.count else {
             throw .local(.layoutMismatch, reason: "the source migrates disk \(layout.diskID); this destination has \(options.disks.count) --disk target(s)")
         }
+        try DiskDestinationStream.check(layout)
         let door = self.door
         let stream = try DiskDestinationStream(layout: layout, target: options.disks[Int(layout.diskID) - 1], logger: logger,
                                                currentMainLink: { door.withLock { $0.current } })
@@ -568,6 +605,15 @@ public final class DestinationSession: @unchecked Sendable {
     private func disk(_ id: UInt32) throws(LinkError) -> DiskDestinationStream {
         guard let disk = disks[id] else { throw .unexpected(.diskExtents, expecting: "diskLayout of disk \(id) first") }
         return disk
+    }
+
+    /// `stream`, if it may take a `type` frame now: once the VM runs here, only a post-copy stream
+    /// does (its push); a pre-copy stream's data would change what the VM already uses.
+    private func taking(_ stream: any DestinationStream, _ type: MessageType, vmStarted: Bool) throws(LinkError) -> any DestinationStream {
+        guard !vmStarted || stream.isPostcopy else {
+            throw .local(.protocolViolation, reason: "\(type) for \(stream.label), a pre-copy stream, after the VM started here")
+        }
+        return stream
     }
 
     private func stream(_ type: StreamKind, _ id: UInt32) throws(LinkError) -> any DestinationStream {

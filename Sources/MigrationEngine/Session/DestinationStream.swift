@@ -24,6 +24,8 @@ protocol DestinationStream: AnyObject {
     func digest() -> StreamDigest
     /// Whether every byte has arrived (post-copy: the push ended).
     var isComplete: Bool { get }
+    /// Whether the stream was switched over in post-copy: only then does it take data after the VM started.
+    var isPostcopy: Bool { get }
     /// A new urgent lane for this stream (post-copy), replacing any earlier one.
     func attachUrgent(_ lane: PeerLink) throws(LinkError)
     /// Fills its part of the report.

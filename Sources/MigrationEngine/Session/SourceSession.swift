@@ -60,6 +60,9 @@ public final class SourceSession: @unchecked Sendable {
     // Published by the main link's reader thread, read under the link's lock.
     private var resumedAt: UInt64?
     private var peerCompletion: Wire.Completion?
+    /// Set (under the link's lock) before the `switchover` goes out: a `resumed` before it is a
+    /// protocol violation, not a hand-over.
+    private var offerMade = false
 
     /// A session migrating `disks` (each served by its own NBD server here) and, with `memory`, the
     /// memory of the VM process that `vm` pauses. Fails when a stream cannot be set up (a wrong
@@ -138,11 +141,11 @@ public final class SourceSession: @unchecked Sendable {
                         reconnects += 1
                         let points = newLink.agreement.peerResumePoints
                         for stream in streams {
-                            stream.resume(from: points.first { $0.stream == stream.streamType && $0.streamID == stream.streamID },
-                                          phase: state.phase)
+                            try stream.resume(from: points.first { $0.stream == stream.streamType && $0.streamID == stream.streamID },
+                                              phase: state.phase)
                         }
                         if let memory, let push = points.first(where: { $0.stream == .memory && $0.streamID == PushPacer.ackStreamID }) {
-                            memory.resumePush(applied: push.offset, restarted: push.sequence == 1)
+                            try memory.resumePush(applied: push.offset, restarted: push.sequence == 1)
                         }
                         if newLink.agreement.handedOver {
                             if resumedAt == nil { resumedAt = ferry_monotonic_ns() }
@@ -325,12 +328,21 @@ public final class SourceSession: @unchecked Sendable {
                 }
             } catch var error as LinkError {
                 if let link {
+                    // This side's verdict (an impossible resume point): the destination is told
+                    // why, as the reader tells it about frames (it already did if it failed).
+                    if case .local(let code, let reason) = error, link.failureSeen == nil {
+                        try? link.send(.error(.truncating(code: code, reason: reason)))
+                    }
                     wireBytes += link.bytesSent
                     link.close()
                     link.waitForReader()
-                    // A send that failed because the destination closed after an `error` frame: the
-                    // reader has that frame, and the destination's word is what counts, not the EPIPE.
-                    if let seen = link.failureSeen, case .peer = seen { error = seen }
+                    // A send that failed because the destination closed after an `error` frame, or
+                    // because the reader refused a frame: what the reader saw is what counts, not the EPIPE.
+                    if let seen = link.failureSeen, case .peer = seen {
+                        error = seen
+                    } else if let seen = link.failureSeen, !seen.isRetryable {
+                        error = seen
+                    }
                 }
                 link = nil
                 // The destination's closing digests arrived before the link went: nothing is left to do.
@@ -418,11 +430,12 @@ public final class SourceSession: @unchecked Sendable {
     /// the final data of pre-copy streams, the VM state, and `complete` with the digests the
     /// destination must find equal before it starts the VM.
     private func offer(on link: PeerLink, round: Int, state vmState: [UInt8]) throws {
-        for stream in streams { try stream.beforeSwitchover(on: link) }
+        for stream in streams { try stream.beforeSwitchover(on: link) }   // opens the urgent lanes to requests
         var mode: SwitchoverMode = []
         if memory?.isPostcopy == true { mode.insert(.memoryPostcopy) }
         if disks.contains(where: \.isPostcopy) { mode.insert(.diskPostcopy) }
         let diskBytes = disks.reduce(UInt64(0)) { $0 + $1.toCome }
+        link.publish { offerMade = true }
         try link.send(.switchover(Switchover(finalRound: UInt32(round), mode: mode, diskBytesToCome: diskBytes,
                                              memoryPagesToCome: memory?.toCome ?? 0, vmStateLength: UInt64(vmState.count))))
         state.offer()
@@ -526,14 +539,30 @@ public final class SourceSession: @unchecked Sendable {
             case .ack(let ack):
                 guard let stream = streams.first(where: { $0.streamType == ack.stream && ($0.streamID == ack.streamID || ack.stream == .memory) }) else {
                     if ack.stream == .control { return }
-                    throw .peer(.protocolViolation, reason: "ack for unknown stream \(ack.stream) \(ack.streamID)")
+                    throw .local(.protocolViolation, reason: "ack for unknown stream \(ack.stream) \(ack.streamID)")
                 }
-                link.publish { stream.acknowledged(ack) }
+                let refused: LinkError? = link.publish {
+                    do throws(LinkError) { try stream.acknowledged(ack) } catch { return error }
+                    return nil
+                }
+                if let refused { throw refused }
             case .resumed:
                 let now = ferry_monotonic_ns()
-                link.publish { if resumedAt == nil { resumedAt = now } }
+                let offered = link.publish { () -> Bool in
+                    if offerMade && resumedAt == nil { resumedAt = now }
+                    return offerMade
+                }
+                guard offered else { throw .local(.protocolViolation, reason: "resumed before the VM was offered (no switchover was sent)") }
             case .complete(let completion):
-                link.publish { peerCompletion = completion }
+                var named = Set<String>()
+                for digest in completion.digests where !named.insert("\(digest.stream) \(digest.streamID)").inserted {
+                    throw .local(.protocolViolation, reason: "complete names \(digest.stream) \(digest.streamID) twice")
+                }
+                let handedOver = link.publish { () -> Bool in
+                    if resumedAt != nil { peerCompletion = completion }
+                    return resumedAt != nil
+                }
+                guard handedOver else { throw .local(.protocolViolation, reason: "complete before resumed: the destination's digests come once the VM runs there") }
             case .keepalive:
                 break
             default:

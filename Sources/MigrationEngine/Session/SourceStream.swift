@@ -59,11 +59,13 @@ protocol SourceStream: AnyObject {
     /// Post-copy: pushes up to about `budget` bytes of what the destination still lacks; true once
     /// everything (and the stream's `roundEnd`) has been sent.
     func push(budget: Int, on link: PeerLink) throws(LinkError) -> Bool
-    /// The reader thread saw an acknowledgement for this stream.
-    func acknowledged(_ ack: Ack)
+    /// The reader thread saw an acknowledgement for this stream. One that names what was never
+    /// sent (a round whose `roundEnd` did not go, an offset past the end) is a protocol violation.
+    func acknowledged(_ ack: Ack) throws(LinkError)
     /// After a reconnect: the destination's resume point for this stream (nil: it has none), so
-    /// that everything it did not acknowledge goes again.
-    func resume(from point: ResumePoint?, phase: MigrationPhase)
+    /// that everything it did not acknowledge goes again. A point past what was sent is a
+    /// protocol violation, as for ``acknowledged(_:)``.
+    func resume(from point: ResumePoint?, phase: MigrationPhase) throws(LinkError)
     /// Stops its threads (urgent lane) at the end.
     func stop()
     /// Fills its part of the report.

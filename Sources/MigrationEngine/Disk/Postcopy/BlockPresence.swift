@@ -1,4 +1,5 @@
 import CFerryShims
+import Glibc
 
 /// Which blocks of a disk being received by post-copy have arrived, which an applier has claimed,
 /// and which have been asked for — three lock-free bitmaps shared by the NBD connections, the bulk
@@ -16,21 +17,25 @@ public final class BlockPresence: @unchecked Sendable {
     private let claimed: UnsafeMutablePointer<UInt64>
     private let requested: UnsafeMutablePointer<UInt64>
 
+    /// The bitmaps come zero-filled from the kernel (`calloc`): a large disk costs memory only for
+    /// the words its blocks touch.
     public init(blockCount: Int) {
         self.blockCount = blockCount
-        wordCount = (blockCount + 63) / 64
-        present = .allocate(capacity: max(1, wordCount))
-        claimed = .allocate(capacity: max(1, wordCount))
-        requested = .allocate(capacity: max(1, wordCount))
-        present.initialize(repeating: 0, count: max(1, wordCount))
-        claimed.initialize(repeating: 0, count: max(1, wordCount))
-        requested.initialize(repeating: 0, count: max(1, wordCount))
+        let words = (blockCount + 63) / 64
+        wordCount = words
+        func bitmap() -> UnsafeMutablePointer<UInt64> {
+            guard let bits = calloc(max(1, words), MemoryLayout<UInt64>.stride) else { fatalError("cannot allocate a bitmap of \(blockCount) blocks") }
+            return bits.assumingMemoryBound(to: UInt64.self)
+        }
+        present = bitmap()
+        claimed = bitmap()
+        requested = bitmap()
     }
 
     deinit {
-        present.deallocate()
-        claimed.deallocate()
-        requested.deallocate()
+        free(present)
+        free(claimed)
+        free(requested)
     }
 
     /// Claims `block` for writing from the network; false when another applier already has it.
