@@ -137,8 +137,9 @@ final class FakeSourceVersusDestAgentTests: XCTestCase {
     func testRightDiskDigestStartsTheVMAndServesTheDisk() throws {
         let rig = try DestAgentRig()
         let peer = try rig.connect()
-        // Both close after the closing digests (the destination reads until the source has closed).
-        let frames = try peer.run([.send(layout)] + bulk(peer) + offer(digest: rightDigest) + [.readUntil(.resumed), .readUntil(.complete), .cut])
+        // The source says goodbye after the closing digests and both close (the destination reads until then).
+        let frames = try peer.run([.send(layout)] + bulk(peer) + offer(digest: rightDigest) + [.readUntil(.resumed), .readUntil(.complete),
+                                                                                              .send(.ack(Ack.goodbye)), .cut])
         XCTAssertEqual(frames.lastCompletion?.digests, [StreamDigest(stream: .disk, streamID: 1, digest: rightDigest)])
         XCTAssertTrue(waitUntil(timeout: 30) { FileManager.default.fileExists(atPath: rig.marker) }, "the VM was not started: \(rig.agent.log)")
         XCTAssertTrue(rig.agent.log.contains("serving the migrated disk"), rig.agent.log)
@@ -189,7 +190,7 @@ final class FakeSourceVersusDestAgentTests: XCTestCase {
             guard case LinkError.peer(let code, _)? = error as? LinkError else { return XCTFail("not refused by the agent: \(error)") }
             XCTAssertEqual(code, .busy)
         }
-        try first.run(offer(digest: rightDigest) + [.readUntil(.resumed), .readUntil(.complete), .cut])
+        try first.run(offer(digest: rightDigest) + [.readUntil(.resumed), .readUntil(.complete), .send(.ack(Ack.goodbye)), .cut])
         XCTAssertTrue(waitUntil(timeout: 30) { FileManager.default.fileExists(atPath: rig.marker) }, rig.agent.log)
         XCTAssertEqual(rig.agent.waitForExit(timeout: 60), 0, rig.agent.log)
     }

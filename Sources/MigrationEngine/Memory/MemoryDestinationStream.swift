@@ -67,7 +67,9 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
         case .roundEnd(let end):
             if postcopy {   // after a post-copy switchover the only round is the push
                 pushEnded = true
-                logger.info("every page has arrived", metadata: ["pushed": "\(end.itemsSent)"])
+                faultService?.pushHasEnded()
+                logger.info(image.receivedCount == image.totalPages ? "every page has arrived" : "the push has ended",
+                            metadata: ["pushed": "\(end.itemsSent)", "missing": "\(image.totalPages - image.receivedCount)"])
             } else {
                 completedRound = max(completedRound, Int(end.round))
             }
@@ -166,6 +168,7 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
                                              logger: logger, onExit: onExit)
         service.start()
         lanes.withLock { $0.service = service }
+        if pushEnded { service.pushHasEnded() }
         service.populate()   // every page already here goes into the VM now, not on its first fault
     }
 
@@ -195,6 +198,7 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
                                              prepagingWindow: prepagingWindow, logger: logger, onExit: onExit)
         service.start()
         lanes.withLock { $0.service = service }
+        if pushEnded { service.pushHasEnded() }
         return service
     }
 

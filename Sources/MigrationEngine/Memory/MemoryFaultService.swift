@@ -23,6 +23,9 @@ public final class MemoryFaultService: @unchecked Sendable {
     private let urgent: Mutex<PeerLink?>
     /// Set when a new lane arrives: every outstanding request is asked again at once on it.
     private let askAgainNow = Atomic<Bool>(false)
+    /// Set once the source's push has ended (see ``pushHasEnded()``).
+    private let pushEnded = Atomic<Bool>(false)
+    private var lastSweep: UInt64 = 0
     private let prepagingWindow: Int
     private let logger: Logger
     /// The VMM's PID (SO_PEERCRED), to notice when it exits.
@@ -148,11 +151,17 @@ public final class MemoryFaultService: @unchecked Sendable {
         }
     }
 
+    /// The source's push has ended: every page not here by now was lost on the way (the window of
+    /// pre-paged pages in a reply on an urgent lane that dropped: the source counts them as sent
+    /// and never pushes them), and is asked for again.
+    public func pushHasEnded() { pushEnded.store(true, ordering: .releasing) }
+
     private func serve() throws {
         let pageSize = image.pageSize
         while !stopping.load(ordering: .relaxed) {
             let events = try box.server.nextEvents(timeoutMilliseconds: 100)
             retryOverdueRequests()
+            askForMissingPages()
             if events.isEmpty {
                 if vmHasExited() {
                     logger.info("the resumed VM has exited", metadata: ["pid": "\(vmPID)"])
@@ -245,6 +254,33 @@ public final class MemoryFaultService: @unchecked Sendable {
 
     /// Requests `page` and the missing pages after it (pre-paging; the window stops at pages here
     /// or already asked for).
+    /// After the push: asks for every page still missing, in windows, once a second until none is.
+    private func askForMissingPages() {
+        guard pushEnded.load(ordering: .acquiring), image.receivedCount < image.totalPages else { return }
+        let now = ferry_monotonic_ns()
+        guard now &- lastSweep >= Self.retryAfterNanoseconds else { return }
+        lastSweep = now
+        var missing = 0
+        for region in image.layout.regions.indices {
+            let first = image.firstPage[region]
+            let end = first + Int(image.layout.regions[region].size) / image.pageSize
+            for page in first..<end where !image.received.contains(page) && !image.removed.contains(page) {
+                image.requested.remove(page)
+                missing += 1
+            }
+            var page = first
+            while page < end {
+                if !image.received.contains(page) && !image.removed.contains(page) && !image.requested.contains(page) {
+                    try? request(page: page, region: region, since: now, recording: false)
+                }
+                page += 1
+            }
+        }
+        if missing > 0 {
+            logger.warning("pages still missing after the push (lost with a dropped urgent lane); asking for them", metadata: ["pages": "\(missing)"])
+        }
+    }
+
     private func request(page: Int, region: Int, since t0: UInt64, recording: Bool = true) throws {
         if image.requested.insert(page) { return }   // one request in flight is enough
         if recording {

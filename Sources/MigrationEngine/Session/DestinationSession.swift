@@ -730,7 +730,9 @@ public final class DestinationSession: @unchecked Sendable {
 
     /// After the closing `complete`: reads (and drops) what the source still sends until it closes,
     /// at most 10 s, so that it reads our `complete` before the connection goes away under it.
-    /// Returns true when the source said goodbye (it has this side's `complete`).
+    /// Returns true when the source has this side's `complete` for sure: it said goodbye, or it
+    /// stayed connected and silent for the whole 10 s (it is there, and had the digests long since).
+    /// False: the link dropped first, and the digests may have been lost with it.
     @discardableResult
     private func linger(on link: PeerLink) -> Bool {
         let deadline = ContinuousClock.now + .seconds(10)
@@ -739,16 +741,19 @@ public final class DestinationSession: @unchecked Sendable {
             link.setReceiveTimeout(max(0.05, Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18))
             do {
                 if case .ack(let ack) = try link.receive(during: "closing").message, ack == Ack.goodbye { return true }
-            } catch { return false }
+            } catch {
+                if case .timedOut = error { return true }
+                return false
+            }
         }
-        return false
+        return true
     }
 
     /// After the last `complete` went out on a link that then dropped before the source said
-    /// goodbye: the source may not have it, and it reconnects for it. Answers such reconnects with
-    /// `complete` again for up to the link timeout.
+    /// goodbye: the source may not have it, and it reconnects for it (within its backoff of at most
+    /// 2 s). Answers such reconnects with `complete` again for up to 10 s (the link timeout, if shorter).
     private func answerLateReconnects(with completion: Wire.Completion) {
-        let deadline = ContinuousClock.now + .milliseconds(Int(options.linkTimeout * 1000))
+        let deadline = ContinuousClock.now + .milliseconds(Int(min(options.linkTimeout, 10) * 1000))
         while ContinuousClock.now < deadline {
             let left = deadline - ContinuousClock.now
             guard let late = nextLink(timeout: Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18) else { return }
