@@ -23,7 +23,7 @@ sealed=$(swift build -c release --show-bin-path)
 unsealed=$(swift build -c release --scratch-path .build-unsealed --show-bin-path)
 wan=scripts/wan/wan-link.sh
 name=fseal
-work=$(mktemp -d /dev/shm/ferry-bench-seal.XXXXXX 2>/dev/null || mktemp -d /tmp/ferry-bench-seal.XXXXXX)   # tmpfs: the disks do not add their noise
+work=$(mktemp -d /tmp/ferry-bench-seal.XXXXXX)   # not tmpfs: a disk migration into tmpfs runs at 90 MB/s here (to be looked into), far below the seal
 cleanup() { bash "$wan" down "$name" >/dev/null 2>&1 || true; rm -rf "$work"; }
 trap cleanup EXIT
 (umask 077; head -c 32 /dev/urandom > "$work/key")
