@@ -98,13 +98,7 @@ final class Relay: @unchecked Sendable {
                 close(client)
                 continue
             }
-            let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            var target = sockaddr_in()
-            target.sin_family = sa_family_t(AF_INET)
-            target.sin_addr.s_addr = inet_addr("127.0.0.1")
-            target.sin_port = targetPort.bigEndian
-            let connected = withUnsafePointer(to: &target) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(server, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-            if connected != 0 { close(client); close(server); continue }
+            guard let server = connectToLoopback(port: targetPort) else { close(client); continue }
             sockets.withLock { $0.append(contentsOf: [client, server]) }
             let rate = bytesPerSecond
             Thread { [self] in Relay.pump(from: client, to: server, bytesPerSecond: rate, counting: self, relay: self, toTarget: true) }.start()

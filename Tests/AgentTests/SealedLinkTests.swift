@@ -148,13 +148,7 @@ private final class Flood: @unchecked Sendable {
         while index < total {
             var wave: [(fd: Int32, kind: Int)] = []
             for _ in 0..<min(atOnce, total - index) {
-                let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-                var address = sockaddr_in()
-                address.sin_family = sa_family_t(AF_INET)
-                address.sin_addr.s_addr = inet_addr("127.0.0.1")
-                address.sin_port = port.bigEndian
-                let rc = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-                if rc != 0 { close(fd); continue }
+                guard let fd = connectToLoopback(port: port) else { continue }
                 opened += 1
                 let kind = index % 4
                 index += 1

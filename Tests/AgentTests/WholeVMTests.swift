@@ -203,13 +203,7 @@ final class WholeVMTests: XCTestCase {
         var strays: [Int32] = []
         defer { for fd in strays { close(fd) } }
         func stray(garbage: Bool) {
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            var address = sockaddr_in()
-            address.sin_family = sa_family_t(AF_INET)
-            address.sin_addr.s_addr = inet_addr("127.0.0.1")
-            address.sin_port = rig.destPort.bigEndian
-            let rc = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-            XCTAssertEqual(rc, 0, "connect to dest-agent: errno \(errno)")
+            guard let fd = connectToLoopback(port: rig.destPort) else { return XCTFail("connect to dest-agent: errno \(errno)") }
             if garbage { _ = "GET / HTTP/1.0\r\n\r\n".withCString { send(fd, $0, 18, 0) } }
             strays.append(fd)
         }
