@@ -53,13 +53,14 @@ tmp=$(mktemp -d /tmp/ferry-vm.XXXXXX)
 chmod 755 "$tmp"
 link="fv$$"
 src_ram=/dev/shm/ferry-vm-$$-src
+ram_dir=$(mktemp -d /dev/shm/ferry-vm-ram.XXXXXX)   # dest-agent's RAM file: it must be gone once QEMU has it
 pids=()
 cleanup() {
   set +e
   for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null; done
   pkill -9 -f -- "-name ferry-vm-$$ " 2>/dev/null
   bash scripts/wan/wan-link.sh down "$link" >/dev/null 2>&1
-  rm -f "$src_ram" /dev/shm/ferry-ram-*-"$$"-* 2>/dev/null
+  rm -f "$src_ram" 2>/dev/null; rm -rf "$ram_dir"
   if [ -n "${FERRY_KEEP_LOGS:-}" ]; then mkdir -p "$FERRY_KEEP_LOGS/$link"; cp "$tmp"/*.log "$tmp"/*.json "$FERRY_KEEP_LOGS/$link/" 2>/dev/null; fi
   rm -rf "$tmp"
 }
@@ -99,7 +100,7 @@ dest_qemu="exec $qemu_common -S -incoming defer \
   -blockdev driver=nbd,server.type=unix,server.path=\$FERRY_NBD_SOCKET,export=vda,node-name=d0 \
   -qmp unix:\$FERRY_QMP_SOCKET,server=on,wait=off -serial file:$tmp/console-dst.log"
 ip netns exec "$link-dst" "$FERRY_BIN/dest-agent" --listen "127.0.0.1:$dest_port" --key-file "$tmp/key" \
-  --disk "$tmp/dst.img" --nbd "unix:$tmp/dst.sock" --vmm qemu --vm-command "$dest_qemu" \
+  --disk "$tmp/dst.img" --nbd "unix:$tmp/dst.sock" --vmm qemu --vm-command "$dest_qemu" --ram-dir "$ram_dir" \
   --work-dir "$tmp/dest-work" --report "$tmp/dst.json" --accept-timeout 120 ${FERRY_DEST_ARGS:-} > "$tmp/dest.log" 2>&1 &
 dest_pid=$!; pids+=("$dest_pid"); disown "$dest_pid"
 sleep 0.3
@@ -142,6 +143,10 @@ else
     [ "${dst_first:-0}" -ge "${src_pass:-0}" ] || { vm_verdict=FAIL vm_why="the destination's first pass $dst_first is behind the source's last $src_pass"; }
     if kill -0 "$src_qemu_pid" 2>/dev/null; then vm_verdict=FAIL vm_why="the source QEMU still runs after the hand-over"; fi
   fi
+fi
+# The guest's RAM never outlives QEMU in the tmpfs: dest-agent unlinks its file once QEMU maps it.
+if [ "$vm_verdict" = ok ] && [ -n "$(ls -A "$ram_dir")" ]; then
+  vm_verdict=FAIL vm_why="dest-agent left its RAM file in the tmpfs: $(ls "$ram_dir")"
 fi
 result="engine=ferry mode=$mode rate_mbit=$rate rtt_ms=$rtt status=${status:-none} vm=$where downtime_ms=$downtime total_ms=$total wire_bytes=$wire link_bytes=$link_bytes rounds=$rounds state_bytes=$state_bytes verdict=$vm_verdict"
 echo "result $result"

@@ -570,6 +570,9 @@ public final class DestinationSession: @unchecked Sendable {
             do {
                 let vm = try QEMUDestinationVM(command: start.command, environment: environment, qmpPath: qmpPath, ramFile: ramFile,
                                                ramSize: size, timeout: timeout, logger: logger)
+                // QEMU and this agent both hold it mapped now: the name goes, so that no way this
+                // agent or QEMU ends (a kill, a crash) leaves the guest's RAM behind in the tmpfs.
+                unlink(ramFile)
                 state.withLock { $0 = .ready(vm) }
             } catch {
                 logger.error("QEMU did not start", metadata: ["error": "\(error)"])
@@ -874,7 +877,7 @@ public final class DestinationSession: @unchecked Sendable {
     /// (with the work directory, if this agent made it).
     public func shutdown() {
         for server in nbdServers { server.shutdown(drain: true) }
-        if let ramFile { unlink(ramFile) }   // a running QEMU keeps its mapping
+        if let ramFile { unlink(ramFile) }   // gone already once QEMU started; a running QEMU keeps its mapping
         memory?.stop()
         if let directory = keptDirectory {
             unlink(directory.path + "/vm-state.bin")
