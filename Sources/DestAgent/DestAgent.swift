@@ -53,6 +53,9 @@ struct DestAgent: ParsableCommand {
     @OptionGroup(title: "Memory and VM start")
     var memory: MemoryOptions
 
+    @OptionGroup(title: "The VM's network")
+    var network: NetworkOptions
+
     func validate() throws {
         if disk.count != nbd.count { throw ValidationError("give one --nbd per --disk (got \(disk.count) --disk, \(nbd.count) --nbd)") }
         for text in nbd {
@@ -84,6 +87,7 @@ struct DestAgent: ParsableCommand {
         options.linkTimeout = linkTimeout
         options.acceptTimeout = acceptTimeout
         memory.apply(to: &options)
+        try network.apply(to: &options)
         let session = DestinationSession(options: options, logger: logger, vmExited: { SignalWaiter.wake() })
         let background = BackgroundMigration(reportPath: report, logger: logger) { session.run() }
         func finish() throws {

@@ -87,6 +87,9 @@ struct SourceAgent: ParsableCommand {
     @OptionGroup(title: "Memory migration")
     var memory: MemoryOptions
 
+    @OptionGroup(title: "The VM's network")
+    var network: NetworkOptions
+
     func validate() throws {
         if memory.hasVM && (dest == nil || keyFile == nil) { throw ValidationError("--vm (or --qmp) needs --dest HOST:PORT and --key-file") }
         if disk.isEmpty && !memory.hasVM { throw ValidationError("give --disk IMG (the VM's disk image), --vm PID (the VM process whose memory to migrate), or both") }
@@ -145,6 +148,7 @@ struct SourceAgent: ParsableCommand {
                                                throttleAboveFraction: throttleAbove, throttleTargetFraction: throttleTo)
             options.linkTimeout = linkTimeout
             do {
+                options.network = try network.tunnelOptions()
                 let pid = try memory.resolvePID(logger: logger)
                 let qemu = try memory.qemu(pid: pid, logger: logger)
                 sourceQEMU = qemu
@@ -183,6 +187,7 @@ struct SourceAgent: ParsableCommand {
                         logger.info("the source QEMU was told to quit", metadata: ["pid": "\(sourceQEMU.pid)"])
                     }
                     shutdownDisks(drain: false)
+                    if let session, session.tunnel != nil { lingerWithTunnel(session, report: result, logger: logger) }
                     return
                 }
                 if exitAfterMigration || served.isEmpty {
@@ -196,5 +201,35 @@ struct SourceAgent: ParsableCommand {
                 }
             }
         }
+    }
+
+    /// After the hand-over: the tunnel carries the VM's traffic for `--tunnel-linger` seconds or
+    /// until SIGTERM/SIGINT, then ends; the report is written again with what it carried.
+    private func lingerWithTunnel(_ session: SourceSession, report result: MigrationReport, logger: Logger) {
+        guard let tunnel = session.tunnel else { return }
+        logger.info("tunnel: carrying the VM's traffic to the destination", metadata: ["linger_s": "\(network.tunnelLinger)",
+                                                                                     "end": "SIGTERM, or the linger time"])
+        let deadline = ContinuousClock.now + .milliseconds(Int64(network.tunnelLinger * 1000))
+        Thread {
+            while ContinuousClock.now < deadline { usleep(200_000) }
+            SignalWaiter.wake()
+        }.start()
+        lingering: while ContinuousClock.now < deadline {
+            switch SignalWaiter.wait() {
+            case .stop(let signal):
+                logger.info("tunnel: ended by signal", metadata: ["signal": "\(signal)"])
+                break lingering
+            case .go, .workFinished:
+                continue
+            }
+        }
+        tunnel.stop()
+        var final = result
+        final.network = session.networkReport()
+        if let network = final.network {
+            logger.info("tunnel: ended", metadata: ["frames_to_vm": "\(network.tunnel.framesToVM)", "frames_from_vm": "\(network.tunnel.framesFromVM)",
+                                                    "bytes": "\(network.tunnel.bytesToVM + network.tunnel.bytesFromVM)", "dropped": "\(network.tunnel.dropped)"])
+        }
+        if let report { try? final.write(to: report) }
     }
 }

@@ -100,6 +100,19 @@ public enum Socket {
         }
     }
 
+    /// The address of a connected socket's peer.
+    ///
+    /// The corresponding C function is `getpeername`.
+    public static func peerAddress(of fd: Int32) throws(Errno) -> SocketAddress {
+        var address = try SocketAddress(unixPath: "/")
+        address.length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let rc = withUnsafeMutableBytes(of: &address.storage) { raw in
+            getpeername(fd, raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), &address.length)
+        }
+        if rc != 0 { throw Errno(rawValue: errno) }
+        return address
+    }
+
     /// The address a socket is bound to (with the port the kernel chose for port 0).
     ///
     /// The corresponding C function is `getsockname`.

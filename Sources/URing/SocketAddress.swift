@@ -105,14 +105,19 @@ public struct SocketAddress: Sendable, CustomStringConvertible {
         }
     }
 
-    public var description: String {
-        if let path = unixPath { return "unix:\(path)" }
+    /// The numeric host of an IP address ("" for a Unix socket).
+    public var host: String {
+        if unixPath != nil { return "" }
         var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
         let rc = withSockaddrPointer { pointer, length in
             getnameinfo(pointer, length, &host, socklen_t(host.count), nil, 0, NI_NUMERICHOST)
         }
-        let hostText = rc == 0 ? String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?"
-        return family == AF_INET6 ? "[\(hostText)]:\(port ?? 0)" : "\(hostText):\(port ?? 0)"
+        return rc == 0 ? String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?"
+    }
+
+    public var description: String {
+        if let path = unixPath { return "unix:\(path)" }
+        return family == AF_INET6 ? "[\(host)]:\(port ?? 0)" : "\(host):\(port ?? 0)"
     }
 }
 

@@ -24,9 +24,12 @@ public struct Features: OptionSet, Hashable, Sendable {
     /// Resume after a link drop (hello with mode `.resume`).
     public static let resume = Features(rawValue: 1 << 8)
 
-    /// Every bit v1 defines.
+    /// The tunnel lane: a connection of the session that carries the VM's Ethernet frames (`tunnelFrames`).
+    public static let tunnelLane = Features(rawValue: 1 << 9)
+
+    /// Every bit this version defines.
     public static let allKnown: Features = [.disk, .memory, .postcopy, .diskPostcopy, .zeroRuns,
-                                            .compression, .encryption, .urgentLane, .resume]
+                                            .compression, .encryption, .urgentLane, .resume, .tunnelLane]
 }
 
 /// The AEAD that seals every frame after the handshake (docs/wire.md, "Authentication and sealing").

@@ -101,6 +101,8 @@ public struct FrameDecoder: Sendable {
             message = .ack(try Ack.decode(from: &r))
         case .keepalive:
             message = .keepalive(try Keepalive.decode(from: &r))
+        case .tunnelFrames:
+            message = .tunnelFrames(try TunnelFrames.decode(from: &r))
         case .error:
             message = .error(try ErrorMessage.decode(from: &r))
         }

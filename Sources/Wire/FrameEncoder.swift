@@ -37,6 +37,7 @@ public enum FrameEncoder {
         case .resumed(let m): metadata = try m.metadataSize(as: type)
         case .ack(let m): metadata = try m.metadataSize(as: type)
         case .keepalive(let m): metadata = try m.metadataSize(as: type)
+        case .tunnelFrames(let m): metadata = try m.metadataSize(as: type)
         case .error(let m): metadata = try m.metadataSize(as: type)
         }
         let payload = message.payload.count
@@ -134,6 +135,7 @@ public enum FrameEncoder {
         case .resumed(let m): m.write(to: &w)
         case .ack(let m): m.write(to: &w)
         case .keepalive(let m): m.write(to: &w)
+        case .tunnelFrames(let m): m.write(to: &w)
         case .error(let m): m.write(to: &w)
         }
         assert(w.offset == prefix, "metadata of \(type) wrote \(w.offset) bytes, sized \(prefix)")

@@ -48,6 +48,8 @@ public enum Message: Equatable, Sendable {
     case keepalive(Keepalive)
     /// An error with a code and a reason.
     case error(ErrorMessage)
+    /// The VM's Ethernet frames, over the tunnel lane.
+    case tunnelFrames(TunnelFrames)
 
     /// The header type of this message.
     public var type: MessageType {
@@ -73,6 +75,7 @@ public enum Message: Equatable, Sendable {
         case .resumed: return .resumed
         case .ack: return .ack
         case .keepalive: return .keepalive
+        case .tunnelFrames: return .tunnelFrames
         case .error: return .error
         }
     }
@@ -85,6 +88,7 @@ public enum Message: Equatable, Sendable {
         case .pageBatch(let m): return m.payload
         case .pageReply(_, let m): return m.payload
         case .vmState(let m): return m.payload
+        case .tunnelFrames(let m): return m.payload
         default: return .empty
         }
     }

@@ -27,6 +27,8 @@ public enum MessageType: UInt8, CaseIterable, Sendable {
     case ack = 0x40
     case keepalive = 0x41
     case error = 0x42
+    // Network.
+    case tunnelFrames = 0x50
 
     /// Whether frames of this type travel on the urgent lane by default
     /// (the post-copy requests, their replies, and `diskSkip`).

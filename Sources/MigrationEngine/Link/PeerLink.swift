@@ -238,6 +238,11 @@ public final class PeerLink: @unchecked Sendable {
         (try? Socket.setOption(descriptor, SOL_SOCKET, SO_PRIORITY, priority)) != nil
     }
 
+    /// The peer's numeric host ("" when unknown).
+    public var peerHost: String { (try? Socket.peerAddress(of: descriptor))?.host ?? "" }
+    /// This side's numeric host on the connection ("" when unknown).
+    public var localHost: String { (try? Socket.localAddress(of: descriptor))?.host ?? "" }
+
     /// Shuts the connection down in both directions; the reader ends with `closed`.
     public func close() {
         closed.store(true, ordering: .relaxed)

@@ -99,6 +99,12 @@ public final class QEMUDestinationVM: @unchecked Sendable {
         _ = try qmp.execute("cont")
     }
 
+    /// Has the guest's NICs announce themselves (QMP `announce-self`: RARPs from each NIC's MAC),
+    /// so that the bridge here and the switches beyond it learn at once where the VM now is.
+    public func announce() throws {
+        _ = try qmp.execute("announce-self", QEMUAnnounce.arguments)
+    }
+
     /// Whether QEMU still runs.
     public var isAlive: Bool { Glibc.kill(pid, 0) == 0 }
 

@@ -55,7 +55,19 @@ public final class QEMUSourceVM: @unchecked Sendable {
     /// Runs the guest again here after a failed migration (QMP `cont`; it also takes the disks
     /// back from the inactive state QEMU's own migration leaves them in).
     public func resume() throws {
-        try lock.withLock { _ = try qmp.execute("cont") }
+        try lock.withLock {
+            _ = try qmp.execute("cont")
+            // Its NICs tell the network it is here again (a tunnel had claimed its MAC).
+            _ = try? qmp.execute("announce-self", QEMUAnnounce.arguments)
+        }
+    }
+
+    /// The MAC addresses of the guest's NICs (QMP `query-rx-filter`), in QEMU's order.
+    public func nicMACs() throws -> [MACAddress] {
+        try lock.withLock {
+            let filters = (try qmp.execute("query-rx-filter")) as? [[String: Any]] ?? []
+            return filters.compactMap { ($0["main-mac"] as? String).flatMap(MACAddress.init(parsing:)) }
+        }
     }
 
     /// Whether the guest runs (QMP `query-status`).
@@ -135,4 +147,10 @@ public final class QEMUSourceVM: @unchecked Sendable {
         }
         return found
     }
+}
+
+/// The arguments of QMP `announce-self`: five RARP rounds from each NIC, 50 ms apart at first
+/// (QEMU's own defaults after an incoming migration).
+enum QEMUAnnounce {
+    static var arguments: [String: Any] { ["initial": 50, "max": 550, "rounds": 5, "step": 100] }
 }

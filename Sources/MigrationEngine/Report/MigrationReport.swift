@@ -42,8 +42,27 @@ public struct MigrationReport: Codable, Sendable {
     public var phase: String = ""
     /// The memory part, when a process's memory was migrated.
     public var memory: MemoryReport?
+    /// The network part, when the VM's traffic was tunnelled (docs/network.md).
+    public var network: NetworkReport?
 
     public init(role: String) { self.role = role }
+
+    /// What the tunnel between the old and the new host carried for the VM.
+    public struct NetworkReport: Codable, Sendable {
+        /// The bridge the VM's NIC is on here, and this agent's port on it.
+        public var bridge: String = ""
+        public var port: String = ""
+        /// The VM's MAC and IPv4 addresses (given or seen in its frames).
+        public var vmMac: String = ""
+        public var vmAddresses: [String] = []
+        /// Frames and bytes carried to the VM (old host to new) and from it (new host to old), and dropped.
+        public var tunnel: TunnelCounters = TunnelCounters()
+        /// How long the tunnel carried traffic after the hand-over, in seconds (so far, or in all).
+        public var tunnelSeconds: Double = 0
+        /// The --on-network-moved hook's outcome ("" when there was none).
+        public var hook: String = ""
+        public init() {}
+    }
 
     /// The disk part of a report.
     public struct DiskReport: Codable, Sendable {

@@ -41,6 +41,11 @@ public struct DestinationOptions: Sendable {
     /// Start a QEMU before switchover and load its device state at switchover (instead of
     /// `onSwitchover` and `uffdSocket`).
     public var qemu: QEMUStartOptions?
+    /// The VM's network here, when its traffic is to follow it from the source (a tunnel lane).
+    public var network: TunnelOptions?
+    /// Runs once the VM runs here and its traffic is tunnelled: the place for a dynamic-DNS update
+    /// or a route change, so that new connections come to this host (docs/network.md).
+    public var onNetworkMoved: String?
 
     public init(listen: SocketAddress, key: SharedKey) {
         self.listen = listen
@@ -80,6 +85,14 @@ public final class DestinationSession: @unchecked Sendable {
     private var ramFile: String?
     /// How long the VM start's steps took (ms), for the report.
     private var startSteps: [String: Double] = [:]
+    /// The VM's end of the tunnel here, when its network follows it.
+    public private(set) var tunnel: EthernetTunnel?
+    /// When the VM began to run here (the tunnel's traffic counts from then).
+    private var runningSince: UInt64 = 0
+    /// The `--on-network-moved` hook's outcome.
+    private let hookOutcome = Locked<String>("")
+    /// The acceptor, kept after the migration while a tunnel takes its lanes.
+    private var lingeringAcceptor: LinkAcceptor?
 
     /// What the acceptor's threads need to know and hand over.
     private struct Door {
@@ -130,13 +143,18 @@ public final class DestinationSession: @unchecked Sendable {
                 vmStarted = memory != nil   // post-copy: the VM runs and still pulls its memory
             }
             if let path = options.uffdSocket, !door.withLock({ $0.handedOver }) { uffdListener = try UFFDHandshakeListener(path: path) }
+            if let network = options.network, tunnel == nil {
+                tunnel = try EthernetTunnel.make(side: .destination, options: network, logger: logger)
+                tunnel!.start()
+            }
             let listener: URing.OwnedDescriptor
             do { listener = try Socket.listen(on: options.listen) } catch {
                 throw SetupError("cannot listen on \(options.listen): \(error)")
             }
             let door = self.door
             let accepting = LinkAcceptor(listener: listener, key: options.key, receiveTimeout: options.receiveTimeout, logger: logger,
-                                         decide: { (hello: Hello) throws(LinkError) in try Self.admit(hello, door: door) },
+                                         decide: { [hasTunnel = tunnel != nil] (hello: Hello) throws(LinkError) in
+                                             try Self.admit(hello, door: door, tunnel: hasTunnel) },
                                          deliver: { [self] link in arrived(link) })
             accepting.start()
             acceptor = accepting
@@ -321,7 +339,12 @@ public final class DestinationSession: @unchecked Sendable {
             failure = failure ?? "\(error)"
         }
         if let completion = unconfirmedCompletion { answerLateReconnects(with: completion) }
-        acceptor?.stop()
+        if tunnel != nil && state.owner == .destination {
+            lingeringAcceptor = acceptor   // the source reopens the tunnel lane after any drop
+        } else {
+            acceptor?.stop()
+            tunnel?.stop()
+        }
         _ = uffdListener.take()
         if state.owner != .destination, options.qemu != nil {
             // It must not run here: the VM runs on at the source. A start still under way ends first.
@@ -351,6 +374,7 @@ public final class DestinationSession: @unchecked Sendable {
         report.downtimeSteps = startSteps
         report.vmLocation = state.owner == .destination ? "destination" : "source"
         report.phase = "\(state.phase)"
+        if let tunnel { report.network = networkReport(tunnel) }
         if let failure {
             report.status = "failed"
             report.reason = failure
@@ -472,6 +496,7 @@ public final class DestinationSession: @unchecked Sendable {
             throw .peer(.vmStartFailed, reason: reason)
         }
         door.withLock { $0.handedOver = true }
+        networkMoved()
         let since = ferry_monotonic_ns() &- session.at
         try link.send(.resumed(VMResumed(sinceSwitchoverNanoseconds: since)))
         logger.info("the VM runs here", metadata: ["since_switchover_ms": "\(String(format: "%.1f", Double(since) / 1e6))",
@@ -628,9 +653,19 @@ public final class DestinationSession: @unchecked Sendable {
     // MARK: - Links
 
     /// Decides whether to take a hello: a new session when none is held, the held one resumed,
-    /// or an urgent lane of the held one. Runs on the acceptor's handshake threads.
-    private static func admit(_ hello: Hello, door: Locked<Door>) throws(LinkError) -> SessionHandshake.Admission {
+    /// or an urgent or tunnel lane of the held one. Runs on the acceptor's handshake threads.
+    private static func admit(_ hello: Hello, door: Locked<Door>, tunnel: Bool) throws(LinkError) -> SessionHandshake.Admission {
         var (held, points, handedOver) = door.withLock { ($0.sessionID, $0.resumePoints, $0.handedOver) }
+        if hello.features.contains(.tunnelLane) {
+            // Opened right after the main link's handshake, which may not have reached the session yet.
+            for _ in 0..<100 where held == nil {
+                usleep(20_000)
+                held = door.withLock { $0.sessionID }
+            }
+            guard tunnel else { throw .peer(.featureMismatch, reason: "this destination has no tunnel for the VM's network (dest-agent --vm-bridge)") }
+            guard let held, hello.sessionID == held else { throw .peer(.unknownSession, reason: "a tunnel lane for no session held here") }
+            return .init(features: [.tunnelLane])
+        }
         if hello.features.contains(.urgentLane) {
             // The source opens a lane right after its main link's handshake, which may not have
             // reached the session yet (it is delivered once the handshake returns): wait a little.
@@ -658,6 +693,10 @@ public final class DestinationSession: @unchecked Sendable {
     /// claims or resumes the session and replaces the current one (which is closed, so the
     /// session's loop moves on to it).
     private func arrived(_ link: PeerLink) {
+        if link.agreement.features.contains(.tunnelLane) {
+            if let tunnel { tunnel.attach(link) } else { link.close() }
+            return
+        }
         if link.agreement.features.contains(.urgentLane) {
             linkArrived.lock()
             door.withLock { $0.lanes.append((link.agreement.features, link)) }
@@ -866,6 +905,7 @@ public final class DestinationSession: @unchecked Sendable {
 
     /// Fills the fault figures into a report (call again when the VM has run on).
     public func refresh(_ report: inout MigrationReport) {
+        if let tunnel { report.network = networkReport(tunnel) }
         guard let service = faultService, report.memory != nil else { return }
         service.summarize(into: &report.memory!)
     }
@@ -876,6 +916,8 @@ public final class DestinationSession: @unchecked Sendable {
     /// Stops serving: the NBD servers (drained) and the fault service; the VM state blob is removed
     /// (with the work directory, if this agent made it).
     public func shutdown() {
+        lingeringAcceptor?.stop()
+        tunnel?.stop()
         for server in nbdServers { server.shutdown(drain: true) }
         if let ramFile { unlink(ramFile) }   // gone already once QEMU started; a running QEMU keeps its mapping
         memory?.stop()
@@ -884,6 +926,43 @@ public final class DestinationSession: @unchecked Sendable {
             // A QEMU started here keeps its monitor socket in the directory: the operator's handle on the VM.
             if !FileManager.default.fileExists(atPath: HandOverJournal.path(in: directory.path)) && qemu?.isAlive != true { directory.remove() }
         }
+    }
+
+    // MARK: - Network
+
+    private func networkReport(_ tunnel: EthernetTunnel) -> MigrationReport.NetworkReport {
+        tunnel.report(seconds: runningSince == 0 ? 0 : Double(ferry_monotonic_ns() &- runningSince) / 1e9, hook: hookOutcome.withLock { $0 })
+    }
+
+    /// The VM runs here: what the tunnel held for it goes in, its NICs announce themselves (QEMU),
+    /// and `--on-network-moved` runs, on a thread of its own (never in the downtime), once the VM's
+    /// address is known (given, or seen in its frames within 2 s).
+    private func networkMoved() {
+        guard let tunnel else { return }
+        runningSince = ferry_monotonic_ns()
+        tunnel.vmRunning()
+        if let qemu {
+            do { try qemu.announce() } catch { logger.warning("announce-self failed", metadata: ["error": "\(error)"]) }
+        }
+        guard let command = options.onNetworkMoved else { return }
+        let (logger, outcome, listen) = (logger, hookOutcome, options.listen)
+        let oldHost = door.withLock { $0.current?.peerHost } ?? ""
+        let newHost = door.withLock { $0.current?.localHost } ?? listen.host
+        let thread = Thread {
+            for _ in 0..<200 where tunnel.vmAddresses.isEmpty { usleep(10_000) }
+            let environment = ["FERRY_VM_MAC": tunnel.vmMAC.map { "\($0)" } ?? "", "FERRY_VM_ADDRESSES": tunnel.vmAddresses.joined(separator: " "),
+                               "FERRY_NEW_HOST": newHost, "FERRY_OLD_HOST": oldHost, "FERRY_VM_BRIDGE": tunnel.tapBridge]
+            do {
+                _ = try ShellCommand.run(command, environment: environment, timeout: 60)
+                outcome.withLock { $0 = "ok" }
+                logger.info("--on-network-moved ran", metadata: ["vm_addresses": "\(tunnel.vmAddresses)", "new_host": "\(newHost)"])
+            } catch {
+                outcome.withLock { $0 = "failed: \(error)" }
+                logger.error("--on-network-moved failed", metadata: ["error": "\(error)"])
+            }
+        }
+        thread.name = "ferry-network-hook"
+        thread.start()
     }
 
     private func seconds(since instant: ContinuousClock.Instant) -> Double {

@@ -24,6 +24,8 @@ public struct SessionOptions: Sendable {
     /// Bytes one stream sends before the next stream's turn in the bulk copy and the post-copy
     /// push: how disk and memory share the link.
     public var sliceBytes: Int = 4 << 20
+    /// The VM's network here, when its traffic is to follow it to the destination (a tunnel lane).
+    public var network: TunnelOptions?
 
     public init(destination: SocketAddress, key: SharedKey) {
         self.destination = destination
@@ -56,6 +58,11 @@ public final class SourceSession: @unchecked Sendable {
     private var progress = ProgressLine()
     private let cancelled = Atomic<Bool>(false)
     private let openLinks = Mutex<[PeerLink]>([])
+    /// The VM's end of the tunnel here, when its network follows it: it outlives the migration
+    /// (the agent stops it after `--tunnel-linger`).
+    public let tunnel: EthernetTunnel?
+    /// When the tunnel began to carry the VM's traffic (the pause).
+    public private(set) var tunnelSince: UInt64 = 0
 
     // Published by the main link's reader thread, read under the link's lock.
     private var resumedAt: UInt64?
@@ -78,6 +85,20 @@ public final class SourceSession: @unchecked Sendable {
         if let memory = self.memory { all.append(memory) }
         guard !all.isEmpty else { throw SetupError("nothing to migrate: give a disk, a VM's memory, or both") }
         streams = all
+        if var network = options.network {
+            if network.vmMAC == nil, let qemu = vm?.qemu {
+                let macs = try qemu.nicMACs()
+                guard macs.count == 1 else {
+                    throw SetupError("the VM's QEMU has \(macs.count) NICs (\(macs)): name the one on bridge \(network.bridge) with --vm-mac")
+                }
+                network.vmMAC = macs[0]
+            }
+            guard network.vmMAC != nil else { throw SetupError("--vm-bridge needs the VM's MAC: give --vm-mac (or --vmm qemu, whose NIC tells it)") }
+            tunnel = try EthernetTunnel.make(side: .source, options: network, logger: logger)
+            tunnel!.start()
+        } else {
+            tunnel = nil
+        }
     }
 
     /// Stops the migration from another thread (SIGTERM): the links close and ``run()`` fails,
@@ -161,6 +182,7 @@ public final class SourceSession: @unchecked Sendable {
                         state.move(to: .handshake)
                         report.setupTimeMs = seconds(since: start) * 1000
                         for stream in streams { try stream.announce(on: newLink) }
+                        startTunnelLane()
                         bulkStart = .now
                         state.move(to: hasPrecopy ? .bulk : .switchover)
                         if hasPrecopy {
@@ -274,6 +296,10 @@ public final class SourceSession: @unchecked Sendable {
                         pausedAt = ferry_monotonic_ns()
                         try vm?.pause()
                         vmPaused = true
+                        if let tunnel {
+                            tunnel.takeOver()   // what arrives for the VM now goes to the destination
+                            tunnelSince = ferry_monotonic_ns()
+                        }
                         let stoppedAt = ferry_monotonic_ns()
                         // The state before the last scan: whatever the VMM writes while saving it is caught.
                         vmState = try vm?.state() ?? []
@@ -393,6 +419,7 @@ public final class SourceSession: @unchecked Sendable {
                     kill(vm.pid, SIGCONT)   // harmless when it was never stopped
                 }
                 for stream in streams { stream.thaw() }
+                tunnel?.handBack()
                 report.reason = "\(failure); the VM keeps running at the source"
             case .offered, .unsettled:
                 state.leaveUnsettled()
@@ -423,8 +450,27 @@ public final class SourceSession: @unchecked Sendable {
             if report.status == "completed" { report.memory!.remaining = 0 }
         }
         report.disk = report.disks.first
+        report.network = networkReport()
         return report
     }
+
+    /// The report's network part now (nil without a tunnel).
+    public func networkReport() -> MigrationReport.NetworkReport? {
+        guard let tunnel else { return nil }
+        return tunnel.report(seconds: tunnelSince == 0 ? 0 : Double(ferry_monotonic_ns() &- tunnelSince) / 1e9)
+    }
+
+    /// Opens the tunnel lane (once), and keeps it open after drops for as long as the tunnel lives.
+    private func startTunnelLane() {
+        guard let tunnel, !tunnelLaneStarted else { return }
+        tunnelLaneStarted = true
+        let (destination, key, sessionID) = (options.destination, options.key, sessionID)
+        tunnel.keepLaneOpen {
+            try PeerLink.connect(to: destination, key: key, sessionID: sessionID, features: [.tunnelLane],
+                                 mode: .new, resumePoints: [], receiveTimeout: 30)
+        }
+    }
+    private var tunnelLaneStarted = false
 
     /// The offer, in one go: the urgent lanes of post-copy streams, hybrid discards, `switchover`,
     /// the final data of pre-copy streams, the VM state, and `complete` with the digests the

@@ -1,0 +1,20 @@
+// Network devices: what Swift cannot import from glibc (ioctl is variadic).
+#ifndef FERRY_NET_H
+#define FERRY_NET_H
+#include <sys/select.h>
+
+/// Creates (or attaches to) the tap device `name` (IFF_TAP | IFF_NO_PI: one Ethernet frame per read
+/// or write), non-blocking and close-on-exec; a device created here goes away with the descriptor.
+/// An empty `name` lets the kernel pick one. The actual name is written to `actual` (16 bytes).
+/// Returns the descriptor or -errno.
+int ferry_tap_open(const char *name, char *actual);
+
+/// Makes `ifname` a port of bridge `bridge` (SIOCBRADDIF). 0 or -errno.
+int ferry_bridge_add_port(const char *bridge, const char *ifname);
+
+/// Sets `ifname` up (SIOCSIFFLAGS with IFF_UP). 0 or -errno.
+int ferry_link_set_up(const char *ifname);
+
+/// The hardware address of `ifname` in the low 48 bits of *mac (SIOCGIFHWADDR). 0 or -errno.
+int ferry_link_mac(const char *ifname, unsigned long long *mac);
+#endif
