@@ -10,6 +10,8 @@
  *   disk=MB/s    disk written [2]; 0 = no disk        diskset=MiB disk area the writer cycles over [32]
  *   dev=PATH     block device [/dev/vda] (a regular file works too, for trying it on a host)
  *   diskio=KiB   size of one disk read or write [32]: up to diskio/4 consecutive blocks per I/O
+ *   echo=PORT    TCP echo server on 0.0.0.0:PORT [0 = none] (the network itself is set up by guest/init
+ *                from ferry.ip=ADDR/PREFIX, which is not passed on to ferry-guest)
  *
  * Memory. An anonymous region of `mem` MiB; every 4 KiB page holds a header
  * {magic "FRYPAGE1", boot id, page index, pass} and 508 words derived from (boot, page, pass).
@@ -41,6 +43,14 @@
  * An I/O error (or a device that cannot be opened) is reported as FAIL io-error; blocks whose
  * write failed are not checked on their next visit (their content is unknown).
  *
+ * Echo. With echo=PORT a thread of its own serves TCP on PORT: every byte a client sends comes back,
+ * unchanged and in order, on the same connection. One epoll loop, non-blocking sockets, TCP_NODELAY,
+ * a 4 KiB buffer per connection (reading stops while it is full: back-pressure, nothing dropped), at
+ * most ECHO_MAX_CONN connections at once (more wait in the listen backlog). A client's error or
+ * reset only closes that connection. It sleeps in epoll_wait when idle and touches none of the
+ * checker's memory, so the memory and disk checks go on undisturbed. Echo failures are not
+ * checker failures (they do not count in failures=).
+ *
  * Console lines (one write(2) per line, so lines of different threads never interleave):
  *   ferry-guest: start boot=<8 hex> mem_mib=.. dirty_mbs=.. disk_mbs=.. diskset_mib=.. dev=..
  *   ferry-guest: ready boot=.. pages=.. blocks=.. diskio_kib=..   (memory filled, disk opened)
@@ -52,6 +62,9 @@
  *   ferry-guest: verdict ok|FAIL boot=.. mem_pass=.. disk_step=.. failures=..   (end of every memory
  *                sweep; every 10 s if there is no memory sweeper)
  *   ferry-guest: note: ... / ferry-guest: error: ...  (a clamped disk set; a bad parameter: exit 2)
+ *   ferry-guest: echo listening on <port>                  (once, with echo=)
+ *   ferry-guest: echo open <addr>:<port> n=<open conns>    (a connection accepted)
+ *   ferry-guest: echo close <addr>:<port> in=<bytes> out=<bytes> eof|reset|error <errno text>
  * The boot id is random, so a reboot is recognisable; counters that keep growing across a
  * migration show the guest did not reboot.
  */
@@ -60,6 +73,9 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <linux/fs.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -67,9 +83,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -101,7 +119,7 @@ _Static_assert(sizeof(struct page) == PAGE, "page layout");
 _Static_assert(sizeof(struct record) == PAGE, "record layout");
 
 /* Parameters. */
-static unsigned long opt_mem = 64, opt_dirty = 8, opt_disk = 2, opt_diskset = 32, opt_diskio = 32;
+static unsigned long opt_mem = 64, opt_dirty = 8, opt_disk = 2, opt_diskset = 32, opt_diskio = 32, opt_echo = 0;
 static const char *opt_dev = "/dev/vda";
 
 static uint64_t boot_id;
@@ -483,6 +501,180 @@ static void *writer(void *arg)
     return NULL;
 }
 
+/* ---------------------------------------------------------------- echo server */
+
+#define ECHO_BUF 4096
+#define ECHO_MAX_CONN 256
+
+struct echo_conn {
+    int fd;
+    uint32_t start, end;       /* bytes buf[start..end) read and not yet written back */
+    uint64_t in, out;
+    int eof;                   /* the client shut its side: close once everything is written back */
+    uint32_t events;           /* what epoll waits for */
+    char peer[48];
+    char buf[ECHO_BUF];
+};
+
+static int echo_epfd = -1;
+static unsigned echo_open;
+
+static void echo_close(struct echo_conn *c, const char *why, int err)
+{
+    epoll_ctl(echo_epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    echo_open--;
+    out_line("ferry-guest: echo close %s in=%" PRIu64 " out=%" PRIu64 " %s%s%s", c->peer, c->in, c->out, why,
+             err ? " " : "", err ? strerror(err) : "");
+    free(c);
+}
+
+static void echo_want(struct echo_conn *c, uint32_t events)
+{
+    if (events == c->events)
+        return;
+    struct epoll_event ev = {.events = events, .data.ptr = c};
+    if (epoll_ctl(echo_epfd, EPOLL_CTL_MOD, c->fd, &ev) == 0)
+        c->events = events;
+}
+
+/* Moves what can move without blocking: writes back what is buffered, reads while there is room.
+ * Returns 0 when the connection was closed (c is freed). */
+static int echo_serve(struct echo_conn *c)
+{
+    for (;;) {
+        while (c->start < c->end) {
+            ssize_t w = send(c->fd, c->buf + c->start, c->end - c->start, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (w < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    break;
+                echo_close(c, errno == ECONNRESET || errno == EPIPE ? "reset" : "error", errno);
+                return 0;
+            }
+            c->start += (uint32_t)w;
+            c->out += (uint64_t)w;
+        }
+        if (c->start == c->end)
+            c->start = c->end = 0;
+        if (c->eof) {
+            if (c->start == c->end) {
+                echo_close(c, "eof", 0);
+                return 0;
+            }
+            echo_want(c, EPOLLOUT);
+            return 1;
+        }
+        if (c->start > 0 && c->end == ECHO_BUF) { /* room only at the front: compact */
+            memmove(c->buf, c->buf + c->start, c->end - c->start);
+            c->end -= c->start;
+            c->start = 0;
+        }
+        if (c->end == ECHO_BUF) { /* full and the client does not read: wait until it does */
+            echo_want(c, EPOLLOUT);
+            return 1;
+        }
+        ssize_t r = recv(c->fd, c->buf + c->end, ECHO_BUF - c->end, MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                echo_want(c, c->start < c->end ? EPOLLIN | EPOLLOUT : EPOLLIN);
+                return 1;
+            }
+            echo_close(c, errno == ECONNRESET ? "reset" : "error", errno);
+            return 0;
+        }
+        if (r == 0)
+            c->eof = 1;
+        c->end += (uint32_t)r;
+        c->in += (uint64_t)r;
+    }
+}
+
+static void *echo_server(void *arg)
+{
+    (void)arg;
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int one = 1;
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)opt_echo),
+                             .sin_addr.s_addr = htonl(INADDR_ANY)};
+    if (lfd < 0 || setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+        bind(lfd, (struct sockaddr *)&sa, sizeof sa) != 0 || listen(lfd, 64) != 0) {
+        out_line("ferry-guest: error: echo server on port %lu: %s", opt_echo, strerror(errno));
+        if (lfd >= 0)
+            close(lfd);
+        return NULL;
+    }
+    echo_epfd = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event lev = {.events = EPOLLIN, .data.ptr = NULL}; /* NULL: the listener */
+    if (echo_epfd < 0 || epoll_ctl(echo_epfd, EPOLL_CTL_ADD, lfd, &lev) != 0) {
+        out_line("ferry-guest: error: echo server epoll: %s", strerror(errno));
+        close(lfd);
+        return NULL;
+    }
+    out_line("ferry-guest: echo listening on %lu", opt_echo);
+    int accepting = 1;
+    struct epoll_event evs[32];
+    for (;;) {
+        /* Not accepting (too many connections, or out of descriptors): look again in 100 ms. */
+        int n = epoll_wait(echo_epfd, evs, 32, accepting ? -1 : 100);
+        if (n < 0) {
+            if (errno != EINTR)
+                sleep_ns(SLICE_NS); /* never spin */
+            continue;
+        }
+        for (int k = 0; k < n; k++)
+            if (evs[k].data.ptr)
+                echo_serve(evs[k].data.ptr);
+        if (!accepting && echo_open < ECHO_MAX_CONN && epoll_ctl(echo_epfd, EPOLL_CTL_ADD, lfd, &lev) == 0)
+            accepting = 1;
+        while (accepting) {
+            struct sockaddr_in peer;
+            socklen_t plen = sizeof peer;
+            int fd = accept4(lfd, (struct sockaddr *)&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (fd < 0) {
+                if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO)
+                    continue;
+                if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                    epoll_ctl(echo_epfd, EPOLL_CTL_DEL, lfd, NULL);
+                    accepting = 0;
+                }
+                break; /* EAGAIN: nothing more to accept */
+            }
+            struct echo_conn *c = malloc(sizeof *c);
+            if (!c) {
+                close(fd);
+                continue;
+            }
+            c->fd = fd;
+            c->start = c->end = 0;
+            c->in = c->out = 0;
+            c->eof = 0;
+            c->events = EPOLLIN;
+            char ip[INET_ADDRSTRLEN] = "?";
+            inet_ntop(AF_INET, &peer.sin_addr, ip, sizeof ip);
+            snprintf(c->peer, sizeof c->peer, "%s:%u", ip, (unsigned)ntohs(peer.sin_port));
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+            if (epoll_ctl(echo_epfd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+                close(fd);
+                free(c);
+                continue;
+            }
+            echo_open++;
+            out_line("ferry-guest: echo open %s n=%u", c->peer, echo_open);
+            echo_serve(c); /* data may have come with the connection */
+            if (echo_open >= ECHO_MAX_CONN) {
+                epoll_ctl(echo_epfd, EPOLL_CTL_DEL, lfd, NULL);
+                accepting = 0;
+            }
+        }
+    }
+    return NULL;
+}
+
 /* ---------------------------------------------------------------- main */
 
 static int parse_ulong(const char *s, unsigned long *out)
@@ -516,6 +708,8 @@ static int parse_arg(const char *arg)
         return parse_ulong(v, &opt_diskset);
     if (KEY("diskio"))
         return parse_ulong(v, &opt_diskio);
+    if (KEY("echo"))
+        return parse_ulong(v, &opt_echo);
     if (KEY("dev")) {
         opt_dev = v;
         return *v ? 0 : -1;
@@ -541,17 +735,22 @@ int main(int argc, char **argv)
 {
     for (int a = 1; a < argc; a++)
         if (parse_arg(argv[a]) != 0) {
-            out_line("ferry-guest: error: bad parameter '%s' (expected mem= dirty= disk= diskset= dev= diskio=)", argv[a]);
+            out_line("ferry-guest: error: bad parameter '%s' (expected mem= dirty= disk= diskset= dev= diskio= echo=)", argv[a]);
             return 2;
         }
     if (opt_mem > (1ul << 20) || opt_dirty > 100000 || opt_disk > 100000 || opt_diskset > (1ul << 30) ||
-        opt_diskio < 4 || opt_diskio > 1024 || opt_diskio % 4) {
-        out_line("ferry-guest: error: parameter out of range (diskio: a multiple of 4 from 4 to 1024)");
+        opt_diskio < 4 || opt_diskio > 1024 || opt_diskio % 4 || opt_echo > 65535) {
+        out_line("ferry-guest: error: parameter out of range (diskio: a multiple of 4 from 4 to 1024; echo: a port)");
         return 2;
     }
     boot_id = new_boot_id();
     out_line("ferry-guest: start boot=%08" PRIx64 " mem_mib=%lu dirty_mbs=%lu disk_mbs=%lu diskset_mib=%lu dev=%s",
              boot_id, opt_mem, opt_dirty, opt_disk, opt_diskset, opt_dev);
+
+    /* The echo server first: it needs none of the memory and answers while the pages are filled. */
+    pthread_t echo_thread;
+    if (opt_echo && pthread_create(&echo_thread, NULL, echo_server, NULL) != 0)
+        out_line("ferry-guest: error: cannot start the echo server");
 
     npages = (uint64_t)opt_mem * (1u << 20) / PAGE;
     if (npages) {

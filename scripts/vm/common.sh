@@ -12,11 +12,12 @@ vm_guest() {
   return 0
 }
 
-# vm_qemu_base NAME MEM_MIB DIRTY_MBS DISK_MBS: prints the QEMU command line both hosts share (no RAM
-# backend, disk node, monitor or console: each script adds its own). The guest keeps 64 MiB of
-# pages and writes a 16 MiB set of its disk, checking both.
+# vm_qemu_base NAME MEM_MIB DIRTY_MBS DISK_MBS [APPEND]: prints the QEMU command line both hosts share
+# (no RAM backend, disk node, monitor or console: each script adds its own). The guest keeps 64 MiB
+# of pages and writes a 16 MiB set of its disk, checking both. APPEND (optional) adds words to the
+# kernel command line, e.g. "ferry.ip=10.78.5.10/24 ferry.echo=7777" (no quotes or spaces inside a word).
 vm_qemu_base() {
-  local args="console=ttyS0 panic=-1 ferry.mem=64 ferry.dirty=$3 ferry.disk=$4 ferry.diskset=16"
+  local args="console=ttyS0 panic=-1 ferry.mem=64 ferry.dirty=$3 ferry.disk=$4 ferry.diskset=16${5:+ $5}"
   printf '%s' "qemu-system-x86_64 -name $1 -accel tcg -m $2 -smp 1 -nodefaults -no-user-config -display none \
 -kernel $vm_kernel -initrd $vm_initrd -append '$args' -device virtio-blk-pci,drive=d0"
 }
