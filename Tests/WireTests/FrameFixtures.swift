@@ -65,6 +65,18 @@ final class SamplePayloads {
     let vmState = Buffer(count: 777)
     let reply = Buffer(count: 2 * 4096)
     let empty = Buffer(count: 0)
+    /// Two tunnel records: a 60-byte and a 1514-byte frame, each after its u16 length.
+    let tunnel = Buffer(tunnelRecords([60, 1514]))
+}
+
+/// `lengths.count` tunnel records (u16 length, little-endian, then that many bytes).
+func tunnelRecords(_ lengths: [Int]) -> [UInt8] {
+    var out: [UInt8] = []
+    for (n, length) in lengths.enumerated() {
+        out += [UInt8(length & 0xff), UInt8(length >> 8)]
+        out += (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ n) }
+    }
+    return out
 }
 
 func sampleSession() -> SessionID { SessionID(Array(1...16).map(UInt8.init))! }
@@ -133,6 +145,8 @@ func sampleMessages(_ p: SamplePayloads, includeMaximal: Bool = true) -> [Messag
     m.append(.ack(Ack(stream: .disk, streamID: 1, sequence: 123_456, offset: 1 << 35)))
     m.append(.keepalive(Keepalive(timestampNanoseconds: 1_700_000_000_000_000_000, isEcho: false)))
     m.append(.keepalive(Keepalive(timestampNanoseconds: 5, isEcho: true)))
+    m.append(.tunnelFrames(TunnelFrames(vmMAC: 0x5254_0012_3456, frameCount: 0, payload: Payload(p.empty.view))))
+    m.append(.tunnelFrames(TunnelFrames(vmMAC: 0x5254_0012_3456, frameCount: 2, payload: Payload(p.tunnel.view))))
     m.append(.error(ErrorMessage(code: .authenticationFailed, reason: "proof mismatch for session 0102")))
     m.append(.error(ErrorMessage(code: .unknown(999), reason: "")))
     m.append(.error(ErrorMessage(code: .storageFailure, reason: "pwrite at 0x1000000+65536 failed: ENOSPC – ünïcödé ✓")))
