@@ -136,6 +136,7 @@ if [ "$net" = 1 ]; then
   bash scripts/net/vm-net.sh cli "$link" python3 scripts/net/echo-client.py stream "${vm_ip%/*}" "$echo_port" \
     --interval-ms 10 --until-file "$tmp/stop-echo" --json "$tmp/echo.json" > "$tmp/echo.log" 2>&1 & echo_pid=$!; pids+=("$echo_pid")
   sleep 1
+  retrans_before=$(bash scripts/net/vm-net.sh cli "$link" cat /proc/net/snmp | awk '/^Tcp:/ { n++; if (n == 2) print $13 }')
 fi
 kill -USR2 "$source_pid"
 say "migrating ($mode)"
@@ -185,14 +186,15 @@ if [ "$net" = 1 ]; then
   new_conn=FAIL
   bash scripts/net/vm-net.sh cli "$link" python3 scripts/net/echo-client.py once "${vm_ip%/*}" "$echo_port" --timeout 10 > "$tmp/echo-once.log" 2>&1 && new_conn=ok
   touch "$tmp/stop-sniff"; sleep 0.5
+  retrans=$(( $(bash scripts/net/vm-net.sh cli "$link" cat /proc/net/snmp | awk '/^Tcp:/ { n++; if (n == 2) print $13 }') - retrans_before ))
   gap=$(vm_field "$tmp/echo.json" max_gap_ms); echo_verdict=$(vm_field "$tmp/echo.json" verdict)
   goal=$(python3 -c "print(round(float('${downtime:-0}' or 0) + 2 * $rtt, 1))")
   leaks=$(vm_field "$tmp/sniff-link.json" plaintext_frames); control=$(vm_field "$tmp/sniff-client.json" plaintext_frames)
   tunnel_to=$(vm_field "$tmp/src.json" network.tunnel.frames_to_vm); tunnel_from=$(vm_field "$tmp/dst.json" network.tunnel.frames_from_vm)
   say "echo stream: $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('sent %d received %d lost %d dup %d reset %s; RTT p50 %.1f p99 %.1f ms; longest gap %.1f ms' % (d['sent'], d['received'], d['lost'], d['duplicated'], d['reset'], d['rtt_ms']['p50'] or 0, d['rtt_ms']['p99'] or 0, d['max_gap_ms']))" "$tmp/echo.json" 2>/dev/null || cat "$tmp/echo.log")"
-  say "longest gap between replies ${gap} ms; goal: under downtime + 2 RTT = ${goal} ms; new connection: $new_conn; tunnel frames to the VM $tunnel_to, from it $tunnel_from"
+  say "longest gap between replies ${gap} ms; goal: under downtime + 2 RTT = ${goal} ms; new connection: $new_conn; tunnel frames to the VM $tunnel_to, from it $tunnel_from; the client's TCP retransmitted $retrans segments"
   say "capture of the agents' link: ${leaks:-?} frames with an echo message in the clear (the client's port, the control: ${control:-?})"
-  net_result="echo=${echo_verdict:-none} echo_max_gap_ms=$gap gap_goal_ms=$goal new_connection=$new_conn link_plaintext_frames=$leaks control_plaintext_frames=$control tunnel_frames_to_vm=$tunnel_to tunnel_frames_from_vm=$tunnel_from"
+  net_result="echo=${echo_verdict:-none} echo_max_gap_ms=$gap gap_goal_ms=$goal new_connection=$new_conn link_plaintext_frames=$leaks control_plaintext_frames=$control tunnel_frames_to_vm=$tunnel_to tunnel_frames_from_vm=$tunnel_from client_retransmits=$retrans"
   if [ "$vm_verdict" = ok ]; then
     if [ "$echo_status" != 0 ] || [ "$echo_verdict" != ok ]; then vm_verdict=FAIL vm_why="the echo connection broke: $(cat "$tmp/echo.log" | tail -n 3)"
     elif [ "$new_conn" != ok ]; then vm_verdict=FAIL vm_why="a new connection to the VM failed: $(tail -n 2 "$tmp/echo-once.log")"

@@ -3,6 +3,9 @@
 #include <fcntl.h>
 #include <linux/if.h>
 #include <linux/if_tun.h>
+#include <linux/neighbour.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
 #include <linux/sockios.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -80,5 +83,55 @@ int ferry_link_mac(const char *ifname, unsigned long long *mac) {
         *mac = v;
     }
     close(s);
+    return rc;
+}
+
+int ferry_bridge_pin_mac(const char *ifname, unsigned long long mac, int add) {
+    int s = control_socket();
+    if (s < 0) return s;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
+    int rc = ioctl(s, SIOCGIFINDEX, &ifr) < 0 ? -errno : 0;
+    close(s);
+    if (rc != 0) return rc;
+
+    int nl = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    if (nl < 0) return -errno;
+    struct {
+        struct nlmsghdr header;
+        struct ndmsg neighbour;
+        struct rtattr attribute;
+        unsigned char address[8];
+    } request;
+    memset(&request, 0, sizeof request);
+    request.header.nlmsg_len = NLMSG_LENGTH(sizeof(struct ndmsg)) + RTA_LENGTH(6);
+    request.header.nlmsg_type = add ? RTM_NEWNEIGH : RTM_DELNEIGH;
+    request.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK | (add ? NLM_F_CREATE | NLM_F_REPLACE : 0);
+    request.header.nlmsg_seq = 1;
+    request.neighbour.ndm_family = AF_BRIDGE;
+    request.neighbour.ndm_ifindex = ifr.ifr_ifindex;
+    request.neighbour.ndm_state = NUD_NOARP;
+    request.neighbour.ndm_flags = NTF_MASTER | (add ? NTF_STICKY : 0);
+    request.attribute.rta_type = NDA_LLADDR;
+    request.attribute.rta_len = RTA_LENGTH(6);
+    for (int i = 0; i < 6; i++) request.address[i] = (unsigned char)(mac >> (40 - 8 * i));
+    struct sockaddr_nl kernel = { .nl_family = AF_NETLINK };
+    if (sendto(nl, &request, request.header.nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof kernel) < 0) {
+        rc = -errno;
+    } else {
+        char answer[512];
+        ssize_t n = recv(nl, answer, sizeof answer, 0);
+        if (n < 0) rc = -errno;
+        else {
+            struct nlmsghdr *h = (struct nlmsghdr *)answer;
+            if (NLMSG_OK(h, (unsigned)n) && h->nlmsg_type == NLMSG_ERROR) {
+                struct nlmsgerr *e = NLMSG_DATA(h);
+                rc = e->error;   /* 0 or -errno */
+            }
+        }
+    }
+    close(nl);
+    if (!add && rc == -ENOENT) rc = 0;
     return rc;
 }

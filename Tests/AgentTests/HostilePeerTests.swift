@@ -377,6 +377,34 @@ final class HostilePeerTests: XCTestCase {
                    reason: "diskLayout of disk 7 first", image: UInt64(disk.count))
     }
 
+    /// The VM's Ethernet frames on the main link, not on a tunnel lane: refused.
+    func testTunnelFramesOnTheMainLinkAreAProtocolViolation() throws {
+        let frame: Message = .tunnelFrames(TunnelFrames(vmMAC: 0x5254_0000_0001, frameCount: 0, payload: .empty))
+        try refuse({ _ in [.send(self.layout), .send(frame)] }, reason: "unexpected tunnelFrames", image: UInt64(disk.count))
+    }
+
+    /// A tunnel lane to a destination that has no bridge for the VM (no --vm-bridge) is refused in
+    /// the handshake, saying so; the session's main link is not disturbed.
+    func testTunnelLaneWithoutABridgeIsRefused() throws {
+        let rig = try DestRig()
+        let session = SessionID.random()
+        let peer = try FakePeer.source(port: rig.port, key: rig.key, session: session)
+        peer.stepTimeout = 30
+        try peer.run([.send(layout)])
+        XCTAssertThrowsError(try FakePeer.source(port: rig.port, key: rig.key, session: session, features: [.tunnelLane])) { error in
+            // An authenticated refusal reads as the peer's own word; either way: the code and the reason.
+            switch error as? LinkError {
+            case .peer(let code, let reason)?, .refusedByPeer(let code, let reason)?:
+                XCTAssertEqual(code, .featureMismatch)
+                XCTAssertTrue(reason.contains("--vm-bridge"), reason)
+            default:
+                XCTFail("\(error)")
+            }
+        }
+        try peer.run([.send(.keepalive(Keepalive(timestampNanoseconds: 1, isEcho: false)))])
+        XCTAssertTrue(rig.agent.child.isRunning, "dest-agent ended: \(rig.agent.log)")
+    }
+
     /// Frames only a destination sends, from a source: each is refused (a fresh agent for each).
     func testDestinationFramesFromASourceAreProtocolViolations() throws {
         let frames: [Message] = [

@@ -10,7 +10,7 @@ struct TunnelFramesTests {
         // The header of a real (empty) batch, then hand-made metadata and records.
         let real = try! frameBytes(.tunnelFrames(TunnelFrames(vmMAC: 0, frameCount: 0, payload: .empty)))
         var bytes = Array(real[0..<12]) + [UInt8](repeating: 0, count: 16) + records
-        putU32(&bytes, 8, UInt32(16 + records.count))
+        putU32(&bytes, 0, UInt32(16 + records.count))
         putU64(&bytes, 12, mac)
         putU16(&bytes, 20, count)
         return bytes

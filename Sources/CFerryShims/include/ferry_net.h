@@ -17,4 +17,9 @@ int ferry_link_set_up(const char *ifname);
 
 /// The hardware address of `ifname` in the low 48 bits of *mac (SIOCGIFHWADDR). 0 or -errno.
 int ferry_link_mac(const char *ifname, unsigned long long *mac);
+/// Pins (`add` != 0) or unpins the bridge's forwarding entry for `mac` (low 48 bits) to port `ifname`:
+/// a static, sticky entry (RTM_NEWNEIGH, NTF_MASTER | NTF_STICKY, NUD_NOARP), which frames from the
+/// same MAC on another port do not move (`bridge fdb replace MAC dev IFNAME master static sticky`).
+/// 0 or -errno (unpinning an entry that is not there is 0).
+int ferry_bridge_pin_mac(const char *ifname, unsigned long long mac, int add);
 #endif

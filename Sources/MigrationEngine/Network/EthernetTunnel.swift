@@ -26,12 +26,14 @@ public struct TunnelCounters: Sendable, Codable, Equatable {
 /// lane, so that its connections survive the move (Bradford et al. 2007; docs/network.md). Each
 /// agent has a port on the bridge the VM's NIC is on (``TapDevice``).
 ///
-/// Source (the old host), from ``takeOver()`` at the pause on: it claims the VM's MAC on its bridge
-/// (a RARP from the VM's address through its port, as QEMU's `announce-self` does), so what arrives
-/// for the VM comes to this port, and sends it over the lane: frames to the VM's MAC, ARP
-/// broadcasts for the VM's addresses, IPv6 multicast. What the lane brings (the VM's own frames,
-/// and only those) goes into the bridge. ``handBack()`` stops it when the migration fails before
-/// hand-over and the VM runs on here.
+/// Source (the old host), from ``takeOver()`` just before the pause on: it claims the VM's MAC on
+/// its bridge — a static, sticky forwarding entry to its port, which the VM's own last frames from
+/// its NIC cannot move back, and a RARP from the VM's address through the port, as QEMU's
+/// `announce-self` sends, for the switches beyond — so that what arrives for the VM comes to this
+/// port and none of it is left in the paused VM's queue, and sends it over the lane: frames to the
+/// VM's MAC, ARP broadcasts for the VM's addresses, IPv6 multicast. What the lane brings (the VM's
+/// own frames, and only those) goes into the bridge. ``handBack()`` releases the MAC when the
+/// migration fails before hand-over and the VM runs on here.
 ///
 /// Destination (the new host): what the lane brings for the VM is held until ``vmRunning()``, then
 /// written into the bridge in order, and from then on at once; the VM's own frames that reach this
@@ -57,6 +59,11 @@ public final class EthernetTunnel: @unchecked Sendable {
     private let counts = Mutex(TunnelCounters())
     private let addresses = Mutex<Set<UInt32>>([])
     private let readerDone = Atomic<Bool>(false)
+    /// Destination: when the VM began to run here, and when its first frame after that reached this port (monotonic ns).
+    private let runningAt = Atomic<UInt64>(0)
+    private let firstFrameAt = Atomic<UInt64>(0)
+    /// The VM's MAC is pinned to this port (source, from the takeover).
+    private let pinned = Atomic<Bool>(false)
     /// At most this much is held for a VM that does not run yet (a few round trips of a busy VM).
     private static let heldBytesMax = 4 << 20
 
@@ -88,6 +95,12 @@ public final class EthernetTunnel: @unchecked Sendable {
         }
     }
 
+    /// Destination: milliseconds from the VM's start here to its first frame on this bridge (nil before).
+    public var firstFrameAfterStartMs: Double? {
+        let (start, first) = (runningAt.load(ordering: .relaxed), firstFrameAt.load(ordering: .relaxed))
+        return start == 0 || first == 0 ? nil : Double(first &- start) / 1e6
+    }
+
     /// What it carried so far.
     public var counters: TunnelCounters { counts.withLock { $0 } }
 
@@ -101,16 +114,24 @@ public final class EthernetTunnel: @unchecked Sendable {
     /// Ends the tunnel: the lane closes, the tap is no longer read.
     public func stop() {
         stopped.store(true, ordering: .relaxed)
+        unpin()
         lane.withLock { $0?.close(); $0 = nil }
         for _ in 0..<50 where !readerDone.load(ordering: .relaxed) { usleep(10_000) }
     }
 
     // MARK: - Moments of the migration
 
-    /// Source, at the pause: the VM's traffic on this segment comes to this port and over the lane.
+    /// Source, right before the pause: the VM's traffic on this segment comes to this port and over
+    /// the lane (frames that arrive before the VM stops are delivered at the destination instead).
     public func takeOver() {
         guard side == .source, let vm = vmMAC else { return }
         forwarding.store(true, ordering: .releasing)
+        let rc = tap.pin(vm, true)
+        if rc != 0 {
+            logger.warning("tunnel: cannot pin the VM's MAC to this port (a frame the VM sends before it stops may pull its traffic back)",
+                           metadata: ["error": "\(String(cString: strerror(-rc)))"])
+        }
+        pinned.store(rc == 0, ordering: .relaxed)
         announce(vm)
         logger.info("tunnel: traffic for the VM now goes to the new host", metadata: ["vm_mac": "\(vm)", "port": "\(tap.name)"])
     }
@@ -118,6 +139,7 @@ public final class EthernetTunnel: @unchecked Sendable {
     /// Source: the migration failed before hand-over; the VM runs on here (its VMM announces it again).
     public func handBack() {
         guard side == .source, forwarding.exchange(false, ordering: .acquiringAndReleasing) else { return }
+        unpin()
         logger.info("tunnel: the VM runs on here; its traffic stays on this segment")
     }
 
@@ -127,8 +149,15 @@ public final class EthernetTunnel: @unchecked Sendable {
         held.withLock { held in
             for frame in held.frames { frame.withUnsafeBytes { _ = tap.write($0) } }
             held = ([], 0)
+            runningAt.store(ferry_monotonic_ns(), ordering: .relaxed)
             forwarding.store(true, ordering: .releasing)
         }
+    }
+
+    private func unpin() {
+        guard pinned.exchange(false, ordering: .relaxed), let vm = vmMAC else { return }
+        let rc = tap.pin(vm, false)
+        if rc != 0 { logger.warning("tunnel: cannot unpin the VM's MAC", metadata: ["error": "\(String(cString: strerror(-rc)))"]) }
     }
 
     /// A RARP from `vm` through this port, as QEMU's `announce-self` sends: the bridge learns that
@@ -285,6 +314,11 @@ public final class EthernetTunnel: @unchecked Sendable {
         if source.rawValue == vm { learnAddress(frame) }
         switch side {
         case .destination:
+            // The VM's own first frame (its VMM's RARP announcements do not count).
+            if source.rawValue == vm && etherType(frame) != 0x8035 && firstFrameAt.load(ordering: .relaxed) == 0 && runningAt.load(ordering: .relaxed) != 0 {
+                firstFrameAt.store(ferry_monotonic_ns(), ordering: .relaxed)
+                logger.info("tunnel: the VM's first frame here", metadata: ["after_start_ms": "\(String(format: "%.1f", firstFrameAfterStartMs ?? 0))"])
+            }
             return source.rawValue == vm
         case .source:
             guard forwarding.load(ordering: .acquiring), source.rawValue != vm else { return false }

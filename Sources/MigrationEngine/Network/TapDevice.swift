@@ -41,6 +41,12 @@ public final class TapDevice: @unchecked Sendable {
 
     deinit { close(fd) }
 
+    /// Pins `mac` to this port in the bridge (a static, sticky forwarding entry: frames from that MAC
+    /// on another port do not move it), or unpins it. 0 or -errno.
+    public func pin(_ mac: MACAddress, _ on: Bool) -> Int32 {
+        ferry_bridge_pin_mac(name, mac.rawValue, on ? 1 : 0)
+    }
+
     /// Waits up to `milliseconds` for a frame to read; false on timeout.
     public func waitReadable(milliseconds: Int32) -> Bool {
         var entry = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)

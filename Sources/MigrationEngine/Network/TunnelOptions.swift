@@ -73,6 +73,7 @@ extension EthernetTunnel {
         report.tunnel = counters
         report.tunnelSeconds = seconds
         report.hook = hook
+        report.firstFrameMs = firstFrameAfterStartMs
         return report
     }
 }

@@ -59,6 +59,8 @@ public struct MigrationReport: Codable, Sendable {
         public var tunnel: TunnelCounters = TunnelCounters()
         /// How long the tunnel carried traffic after the hand-over, in seconds (so far, or in all).
         public var tunnelSeconds: Double = 0
+        /// Destination: from the VM's start here to its first frame on this bridge, in milliseconds.
+        public var firstFrameMs: Double?
         /// The --on-network-moved hook's outcome ("" when there was none).
         public var hook: String = ""
         public init() {}

@@ -455,6 +455,7 @@ public final class DestinationSession: @unchecked Sendable {
                 }
                 let t2 = ferry_monotonic_ns()
                 try qemu.loadStateAndRun(statePath: statePath)
+                vmRunsHere()
                 startSteps = ["qemu_wait_ms": Double(t1 &- t0) / 1e6, "uffd_attach_ms": Double(t2 &- t1) / 1e6,
                               "state_load_and_cont_ms": Double(ferry_monotonic_ns() &- t2) / 1e6]
             } else {
@@ -465,6 +466,7 @@ public final class DestinationSession: @unchecked Sendable {
                     let handshake = try awaitVM(listener)
                     try memory.startFaultService(handshake, onExit: vmExited)
                 }
+                vmRunsHere()
             }
             var journal = HandOverJournal(session: "\(link.agreement.sessionID)", digests: [:], disks: [],
                                           memoryPostcopy: mode.contains(.memoryPostcopy))
@@ -934,22 +936,27 @@ public final class DestinationSession: @unchecked Sendable {
         tunnel.report(seconds: runningSince == 0 ? 0 : Double(ferry_monotonic_ns() &- runningSince) / 1e9, hook: hookOutcome.withLock { $0 })
     }
 
-    /// The VM runs here: what the tunnel held for it goes in, its NICs announce themselves (QEMU),
-    /// and `--on-network-moved` runs, on a thread of its own (never in the downtime), once the VM's
-    /// address is known (given, or seen in its frames within 2 s).
-    private func networkMoved() {
+    /// The VM has just started here (before the journal, so its first moments overlap the sync):
+    /// what the tunnel held for it goes in, and its NICs announce themselves (QEMU).
+    private func vmRunsHere() {
         guard let tunnel else { return }
         runningSince = ferry_monotonic_ns()
         tunnel.vmRunning()
         if let qemu {
             do { try qemu.announce() } catch { logger.warning("announce-self failed", metadata: ["error": "\(error)"]) }
         }
-        guard let command = options.onNetworkMoved else { return }
+    }
+
+    /// The VM is handed over: `--on-network-moved` runs, on a thread of its own (never in the
+    /// downtime), once the VM's address is known (given, or seen in its frames within 10 s: a
+    /// post-copy VM may take seconds to send its first frame).
+    private func networkMoved() {
+        guard let tunnel, let command = options.onNetworkMoved else { return }
         let (logger, outcome, listen) = (logger, hookOutcome, options.listen)
         let oldHost = door.withLock { $0.current?.peerHost } ?? ""
         let newHost = door.withLock { $0.current?.localHost } ?? listen.host
         let thread = Thread {
-            for _ in 0..<200 where tunnel.vmAddresses.isEmpty { usleep(10_000) }
+            for _ in 0..<1000 where tunnel.vmAddresses.isEmpty { usleep(10_000) }
             let environment = ["FERRY_VM_MAC": tunnel.vmMAC.map { "\($0)" } ?? "", "FERRY_VM_ADDRESSES": tunnel.vmAddresses.joined(separator: " "),
                                "FERRY_NEW_HOST": newHost, "FERRY_OLD_HOST": oldHost, "FERRY_VM_BRIDGE": tunnel.tapBridge]
             do {

@@ -294,12 +294,12 @@ public final class SourceSession: @unchecked Sendable {
                         }
                         // ONE pause: the VM first, then every disk.
                         pausedAt = ferry_monotonic_ns()
+                        if let tunnel {
+                            tunnel.takeOver()   // from now what arrives for the VM goes to the destination: none is left in the paused VM's queue
+                            tunnelSince = pausedAt
+                        }
                         try vm?.pause()
                         vmPaused = true
-                        if let tunnel {
-                            tunnel.takeOver()   // what arrives for the VM now goes to the destination
-                            tunnelSince = ferry_monotonic_ns()
-                        }
                         let stoppedAt = ferry_monotonic_ns()
                         // The state before the last scan: whatever the VMM writes while saving it is caught.
                         vmState = try vm?.state() ?? []

@@ -39,17 +39,21 @@ public struct TunnelFrames: Equatable, Sendable {
         }
     }
 
-    /// Checks that `records` holds exactly `count` well-formed records; returns the offset of the
-    /// first bad one, or nil.
-    static func firstBadRecord(_ records: UnsafeRawBufferPointer, count: Int) -> (offset: Int, length: Int)? {
+    /// Checks that `records` (at frame offset `base`) holds exactly `count` well-formed records:
+    /// the error for the first that is not, or nil.
+    static func check(_ records: UnsafeRawBufferPointer, count: Int, base: Int) -> WireError? {
         var at = 0
         for _ in 0..<count {
-            guard records.count - at >= 2 else { return (at, 0) }
+            let left = records.count - at
+            guard left >= 2 else { return .truncated(type: .tunnelFrames, field: "frame length", offset: base + at, needed: 2, available: left) }
             let length = Int(records[at]) | Int(records[at + 1]) << 8
-            guard length >= minFrameLength, length <= maxFrameLength, records.count - at - 2 >= length else { return (at, length) }
+            guard length >= minFrameLength, length <= maxFrameLength else {
+                return .invalidValue(type: .tunnelFrames, field: "frame length", offset: base + at, value: UInt64(length))
+            }
+            guard left - 2 >= length else { return .truncated(type: .tunnelFrames, field: "frame", offset: base + at + 2, needed: length, available: left - 2) }
             at += 2 + length
         }
-        return at == records.count ? nil : (at, records.count - at)
+        return at == records.count ? nil : .trailingBytes(type: .tunnelFrames, offset: base + at, count: records.count - at)
     }
 
     static func decode(from r: inout ByteReader) throws(WireError) -> TunnelFrames {
@@ -62,9 +66,7 @@ public struct TunnelFrames: Equatable, Sendable {
         try r.reserved(6, "reserved")
         let recordsAt = r.frameOffset
         let records = r.rest()
-        if let bad = firstBadRecord(records, count: Int(count)) {
-            throw .invalidValue(type: .tunnelFrames, field: "frame length", offset: recordsAt + bad.offset, value: UInt64(bad.length))
-        }
+        if let error = check(records, count: Int(count), base: recordsAt) { throw error }
         return TunnelFrames(vmMAC: mac, frameCount: Int(count), payload: Payload(records))
     }
 
@@ -73,9 +75,7 @@ public struct TunnelFrames: Equatable, Sendable {
         if frameCount < 0 || frameCount > Self.maxFrames {
             throw .limitExceeded(type: type, field: "frameCount", value: frameCount, max: Self.maxFrames)
         }
-        if let bad = Self.firstBadRecord(payload.bytes, count: frameCount) {
-            throw .invalidValue(type: type, field: "frame length", offset: FrameHeader.size + 16 + bad.offset, value: UInt64(bad.length))
-        }
+        if let error = Self.check(payload.bytes, count: frameCount, base: FrameHeader.size + 16) { throw error }
         return 16
     }
 
