@@ -91,7 +91,7 @@ if [ "$net" = 1 ]; then
   say "VM network: bridge fbr at each host, VM $vm_ip ($vm_mac), client $client_ip on the source's side"
   qemu_common="$(vm_qemu_base "ferry-vm-$$" "$mem" "$dirty" "$disk_rate" "ferry.ip=$vm_ip ferry.echo=$echo_port") \
 $(bash scripts/net/vm-net.sh qemu-args "$link") -machine pc,memory-backend=ram"
-  net_source_args="--vm-bridge fbr --tunnel-linger 30"
+  net_source_args="--vm-bridge fbr --tunnel-linger 900"   # until the end of this script
   net_dest_args=(--vm-bridge fbr --on-network-moved "env | grep ^FERRY_ | sort > $tmp/network-moved.env")
 else
   qemu_common="$(vm_qemu_base "ferry-vm-$$" "$mem" "$dirty" "$disk_rate") -machine pc,memory-backend=ram"
