@@ -35,7 +35,9 @@ public final class ChildProcess {
     /// The signal that ended the child, once reaped (nil: it exited).
     public private(set) var terminatingSignal: Int32?
     /// The child's peak resident set size in KiB over its whole life, once reaped (`ru_maxrss`
-    /// from `wait4`).
+    /// from `wait4`). Beware: at `exec` the kernel folds the spawning process's resident set (this
+    /// test process's, shared until then) into it, so it is at least that; an agent's own peak is
+    /// its report's `peak_resident_bytes` (`VmHWM`).
     public private(set) var peakResidentKilobytes: Int?
 
     /// Starts `path` with `arguments`. `environment` replaces the test's environment when given.

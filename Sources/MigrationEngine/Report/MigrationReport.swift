@@ -44,6 +44,8 @@ public struct MigrationReport: Codable, Sendable {
     public var memory: MemoryReport?
     /// The network part, when the VM's traffic was tunnelled (docs/network.md).
     public var network: NetworkReport?
+    /// This agent's peak resident set so far, in bytes, when the report was written (`VmHWM`).
+    public var peakResidentBytes: UInt64 = 0
 
     public init(role: String) { self.role = role }
 
@@ -180,7 +182,9 @@ public struct MigrationReport: Codable, Sendable {
 
     /// Writes the report as pretty JSON with snake_case keys.
     public func write(to path: String) throws {
-        try jsonData().write(to: URL(fileURLWithPath: path), options: .atomic)   // readers never see half a report
+        var report = self
+        report.peakResidentBytes = HostMemory.peakResidentBytes() ?? 0
+        try report.jsonData().write(to: URL(fileURLWithPath: path), options: .atomic)   // readers never see half a report
     }
 
     /// The report as JSON.

@@ -146,6 +146,7 @@ public final class DestinationSession: @unchecked Sendable {
             if let network = options.network, tunnel == nil {
                 tunnel = try EthernetTunnel.make(side: .destination, options: network, logger: logger)
                 tunnel!.start()
+                if door.withLock({ $0.handedOver }) { vmRunsHere() }   // restarted after hand-over: the VM runs here already
             }
             let listener: URing.OwnedDescriptor
             do { listener = try Socket.listen(on: options.listen) } catch {

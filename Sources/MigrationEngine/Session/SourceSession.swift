@@ -419,7 +419,10 @@ public final class SourceSession: @unchecked Sendable {
                     kill(vm.pid, SIGCONT)   // harmless when it was never stopped
                 }
                 for stream in streams { stream.thaw() }
-                tunnel?.handBack()
+                if let tunnel {
+                    tunnel.handBack()   // the VM's MAC is its own port's again
+                    tunnel.stop()
+                }
                 report.reason = "\(failure); the VM keeps running at the source"
             case .offered, .unsettled:
                 state.leaveUnsettled()
