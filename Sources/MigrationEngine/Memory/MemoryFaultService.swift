@@ -48,16 +48,6 @@ public final class MemoryFaultService: @unchecked Sendable {
     private let pendingSince: UnsafeMutablePointer<UInt64>
     private static let pendingSlots = 1 << 16
     private var nextRequestID: UInt64 = 1
-    /// The last pre-paging windows of recent access streams: the faulting page, where the window
-    /// ended, its size, when it was last used. A fault ahead of one's faulting page, within a window
-    /// past its end, is that stream going on sequentially (the VM scanning its memory), and its next
-    /// window doubles, up to ``maxPrepagingWindow``; any other fault starts a stream of its own at
-    /// the base window, in the least recently used slot. Hines & Gopalan's pre-paging, grown with
-    /// how far an access runs.
-    private var accessStreams = [(start: Int, end: Int, size: Int, used: UInt64)](repeating: (-1, -1, 0, 0), count: 4)
-    private var accessClock: UInt64 = 0
-    /// The largest pre-paging window, in pages (1 MiB of 4 KiB pages: 40 ms at 200 Mbit/s, after the faulting page itself).
-    static let maxPrepagingWindow = 256
 
     /// Serves the VM of `handshake` from `image`; missing pages are requested on `urgent` (nil: every
     /// page must already be here, as in pre-copy). `onExit` runs when the VM has gone.
@@ -303,23 +293,11 @@ public final class MemoryFaultService: @unchecked Sendable {
         let regionFirst = image.firstPage[region]
         let regionEnd = regionFirst + Int(image.layout.regions[region].size) / image.pageSize
         // The window starts at the faulting page: the source answers it alone first, then the rest.
-        var size = prepagingWindow
-        var slot = -1
-        if recording {
-            accessClock += 1
-            if let stream = accessStreams.firstIndex(where: { $0.start >= 0 && page > $0.start && page < $0.end + $0.size }) {
-                slot = stream
-                size = min(accessStreams[stream].size * 2, Self.maxPrepagingWindow)
-            } else {
-                slot = accessStreams.indices.min { accessStreams[$0].used < accessStreams[$1].used }!
-            }
-        }
         let low = page
         var high = page + 1
-        while high < regionEnd && high - low < size && !image.received.contains(high) && !image.requested.insert(high) {
+        while high < regionEnd && high - low < prepagingWindow && !image.received.contains(high) && !image.requested.insert(high) {
             high += 1
         }
-        if slot >= 0 { accessStreams[slot] = (low, high, size, accessClock) }
         let id = nextRequestID
         nextRequestID += 1
         pendingSince[Int(id & UInt64(Self.pendingSlots - 1))] = t0
