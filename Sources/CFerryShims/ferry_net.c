@@ -29,72 +29,58 @@ int ferry_tap_open(const char *name, char *actual) {
     return fd;
 }
 
-static int control_socket(void) {
+/* One interface ioctl on a throw-away socket: `ifr` names `ifname` and carries the argument and
+ * the answer. 0 or -errno. */
+static int interface_ioctl(const char *ifname, unsigned long request, struct ifreq *ifr) {
     int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    return s < 0 ? -errno : s;
+    if (s < 0) return -errno;
+    strncpy(ifr->ifr_name, ifname, IFNAMSIZ - 1);
+    ifr->ifr_name[IFNAMSIZ - 1] = 0;
+    int rc = ioctl(s, request, ifr) < 0 ? -errno : 0;
+    close(s);
+    return rc;
+}
+
+static int interface_index(const char *ifname) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    int rc = interface_ioctl(ifname, SIOCGIFINDEX, &ifr);
+    return rc < 0 ? rc : ifr.ifr_ifindex;
 }
 
 int ferry_bridge_add_port(const char *bridge, const char *ifname) {
-    int s = control_socket();
-    if (s < 0) return s;
+    int index = interface_index(ifname);
+    if (index < 0) return index;
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
-    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
-    int rc = 0;
-    if (ioctl(s, SIOCGIFINDEX, &ifr) < 0) rc = -errno;
-    else {
-        int index = ifr.ifr_ifindex;
-        memset(&ifr, 0, sizeof ifr);
-        strncpy(ifr.ifr_name, bridge, IFNAMSIZ - 1);
-        ifr.ifr_ifindex = index;
-        if (ioctl(s, SIOCBRADDIF, &ifr) < 0) rc = -errno;
-    }
-    close(s);
-    return rc;
+    ifr.ifr_ifindex = index;
+    return interface_ioctl(bridge, SIOCBRADDIF, &ifr);
 }
 
 int ferry_link_set_up(const char *ifname) {
-    int s = control_socket();
-    if (s < 0) return s;
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
-    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
-    int rc = 0;
-    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) rc = -errno;
-    else {
-        ifr.ifr_flags |= IFF_UP;
-        if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) rc = -errno;
-    }
-    close(s);
-    return rc;
+    int rc = interface_ioctl(ifname, SIOCGIFFLAGS, &ifr);
+    if (rc != 0) return rc;
+    ifr.ifr_flags |= IFF_UP;
+    return interface_ioctl(ifname, SIOCSIFFLAGS, &ifr);
 }
 
 int ferry_link_mac(const char *ifname, unsigned long long *mac) {
-    int s = control_socket();
-    if (s < 0) return s;
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
-    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
-    int rc = 0;
-    if (ioctl(s, SIOCGIFHWADDR, &ifr) < 0) rc = -errno;
-    else {
-        unsigned long long v = 0;
-        for (int i = 0; i < 6; i++) v = v << 8 | (unsigned char)ifr.ifr_hwaddr.sa_data[i];
-        *mac = v;
-    }
-    close(s);
-    return rc;
+    int rc = interface_ioctl(ifname, SIOCGIFHWADDR, &ifr);
+    if (rc != 0) return rc;
+    unsigned long long v = 0;
+    for (int i = 0; i < 6; i++) v = v << 8 | (unsigned char)ifr.ifr_hwaddr.sa_data[i];
+    *mac = v;
+    return 0;
 }
 
 int ferry_bridge_pin_mac(const char *ifname, unsigned long long mac, int add) {
-    int s = control_socket();
-    if (s < 0) return s;
-    struct ifreq ifr;
-    memset(&ifr, 0, sizeof ifr);
-    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
-    int rc = ioctl(s, SIOCGIFINDEX, &ifr) < 0 ? -errno : 0;
-    close(s);
-    if (rc != 0) return rc;
+    int index = interface_index(ifname);
+    if (index < 0) return index;
+    int rc = 0;
 
     int nl = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
     if (nl < 0) return -errno;
@@ -110,7 +96,7 @@ int ferry_bridge_pin_mac(const char *ifname, unsigned long long mac, int add) {
     request.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK | (add ? NLM_F_CREATE | NLM_F_REPLACE : 0);
     request.header.nlmsg_seq = 1;
     request.neighbour.ndm_family = AF_BRIDGE;
-    request.neighbour.ndm_ifindex = ifr.ifr_ifindex;
+    request.neighbour.ndm_ifindex = index;
     request.neighbour.ndm_state = NUD_NOARP;
     request.neighbour.ndm_flags = NTF_MASTER | (add ? NTF_STICKY : 0);
     request.attribute.rta_type = NDA_LLADDR;

@@ -104,23 +104,21 @@ public enum Socket {
     ///
     /// The corresponding C function is `getpeername`.
     public static func peerAddress(of fd: Int32) throws(Errno) -> SocketAddress {
-        var address = try SocketAddress(unixPath: "/")
-        address.length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let rc = withUnsafeMutableBytes(of: &address.storage) { raw in
-            getpeername(fd, raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), &address.length)
-        }
-        if rc != 0 { throw Errno(rawValue: errno) }
-        return address
+        try address(of: fd, getpeername)
     }
 
     /// The address a socket is bound to (with the port the kernel chose for port 0).
     ///
     /// The corresponding C function is `getsockname`.
     public static func localAddress(of fd: Int32) throws(Errno) -> SocketAddress {
+        try address(of: fd, getsockname)
+    }
+
+    private static func address(of fd: Int32, _ call: (Int32, UnsafeMutablePointer<sockaddr>?, UnsafeMutablePointer<socklen_t>?) -> Int32) throws(Errno) -> SocketAddress {
         var address = try SocketAddress(unixPath: "/")
         address.length = socklen_t(MemoryLayout<sockaddr_storage>.size)
         let rc = withUnsafeMutableBytes(of: &address.storage) { raw in
-            getsockname(fd, raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), &address.length)
+            call(fd, raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), &address.length)
         }
         if rc != 0 { throw Errno(rawValue: errno) }
         return address
