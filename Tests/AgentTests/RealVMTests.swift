@@ -18,7 +18,7 @@ import XCTest
 /// - post-copy and hybrid at the same speeds (the destination QEMU knows nothing of Ferry: its
 ///   missing pages fault into an injected userfaultfd);
 /// - dest-agent killed during the bulk copy: the source reports the failure and the guest runs on
-///   at the source, intact (its disk still served).
+///   at the source, intact (its disk still served), its network connection undisturbed.
 /// - with --net, the VM's network follows it (issue 12): a client on the source's side exchanges a
 ///   message every 10 ms with the guest's echo server through a whole pre-copy and a whole
 ///   post-copy migration across 200 Mbit/s and 40 ms, over the agents' tunnel lane: never reset,
@@ -71,10 +71,15 @@ final class RealVMTests: XCTestCase {
     func testHybridAt300Mbit() throws { XCTAssertEqual(try migrate(["--mode", "hybrid", "--rate", "300"])["status"], "completed") }
     func testHybridAt100Mbit() throws { XCTAssertEqual(try migrate(["--mode", "hybrid", "--rate", "100"])["status"], "completed") }
 
+    /// With its network (--net): the client's connection to the guest at the source goes on
+    /// undisturbed, nothing crossed the tunnel, and the hook did not run.
     func testDestinationKilledBeforeSwitchoverLeavesTheGuestRunningAtTheSource() throws {
-        let result = try migrate(["--mode", "precopy", "--rate", "100", "--kill-dest-before-switchover"])
+        let result = try migrate(["--mode", "precopy", "--rate", "100", "--kill-dest-before-switchover", "--net"])
         XCTAssertEqual(result["status"], "failed")
         XCTAssertEqual(result["vm"], "source")
+        XCTAssertEqual(result["echo"], "ok", "the guest's connection at the source: \(result)")
+        XCTAssertEqual(result["new_connection"], "ok")
+        XCTAssertEqual(result["tunnel_frames_to_vm"], "0", "traffic went to a destination that never took the VM")
     }
 
     /// A QEMU whose RAM Ferry cannot move below it is refused before anything moves, with the

@@ -29,10 +29,11 @@ vm_wait_for() {
   return 1
 }
 
-# vm_field FILE KEY.PATH: a value from a JSON file ('' when absent).
+# vm_field FILE KEY.PATH: a value from a JSON file ('' when absent, or when the file is).
 vm_field() {
   python3 -c "import json,sys
-v=json.load(open(sys.argv[1]))
+try: v=json.load(open(sys.argv[1]))
+except (OSError, ValueError): v={}
 for k in sys.argv[2].split('.'): v=v.get(k) if isinstance(v,dict) else None
 print('' if v is None else v)" "$1" "$2"
 }
