@@ -66,8 +66,11 @@ final class DiskMigrationTests: XCTestCase {
             try FioWriter(socket: sourceSocket, rate: rate, seconds: seconds, output: dir.file("fio.json"), log: dir.file("fio.log"))
         }
 
+        /// The agent's report `name`, waiting up to 10 s for it: an agent logs that the migration
+        /// ended just before it writes the report (atomically), so a test that saw the line may be early.
         func report(_ name: String, log: @autoclosure () -> String) throws -> [String: Any] {
-            try E2E.report(dir.file(name), log: log())
+            _ = waitUntil(timeout: 10) { FileManager.default.fileExists(atPath: dir.file(name)) }
+            return try E2E.report(dir.file(name), log: log())
         }
 
         func imagesEqual(file: StaticString = #filePath, line: UInt = #line) throws {
