@@ -32,6 +32,7 @@ enum ResumeMode {
             _ = connection
             _ = uffd.release()
             let memory = WorkloadMemory(regions: mappings.map { ($0.baseHostVirtAddr, $0.size) })
+            memory.finishesInterruptedWrite = true
             announce(memory, mode: "resume")
             return memory
         } catch {

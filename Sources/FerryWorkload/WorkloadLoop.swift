@@ -8,6 +8,7 @@ import ProcessMemory
 ///     verify            touch and verify every page            -> {"event":"verified",...,"p50_us":...}
 ///                       and, with a disk, every mirrored block -> ...,"disk_blocks":N,"disk_equal":N,
 ///                                                                 "disk_lagging":N,"disk_torn":N[,"disk_first_torn":P]
+///                       "interrupted_writes" is 1 when a resumed workload finished the write its pause cut
 ///     digest            SHA-256 of the memory                  -> {"event":"digest","sha256":"..."}
 ///     rate BYTES        set the dirty rate (bytes/s; 0 stops)  -> {"event":"rate","bytes_per_sec":N}
 ///     drop P1 P2 ...    madvise(MADV_DONTNEED) these pages     -> {"event":"dropped","count":N}
@@ -139,7 +140,7 @@ struct WorkloadLoop {
             if let disk {
                 do { diskReport = try disk.verify(against: memory).json } catch { Output.error("\(error)") }
             }
-            Output.line("{\"event\":\"verified\",\"pages\":\(memory.totalPages),\"valid\":\(r.valid),\"untouched\":\(r.untouched),\"corrupt\":\(r.corrupt),\"p50_us\":\(fmt(percentile(sorted, 0.5))),\"p90_us\":\(fmt(percentile(sorted, 0.9))),\"p99_us\":\(fmt(percentile(sorted, 0.99))),\"max_us\":\(fmt(percentile(sorted, 1.0)))\(diskReport)}")
+            Output.line("{\"event\":\"verified\",\"pages\":\(memory.totalPages),\"valid\":\(r.valid),\"untouched\":\(r.untouched),\"corrupt\":\(r.corrupt),\"interrupted_writes\":\(memory.interruptedWrites),\"p50_us\":\(fmt(percentile(sorted, 0.5))),\"p90_us\":\(fmt(percentile(sorted, 0.9))),\"p99_us\":\(fmt(percentile(sorted, 0.99))),\"max_us\":\(fmt(percentile(sorted, 1.0)))\(diskReport)}")
         case "digest":
             Output.line("{\"event\":\"digest\",\"sha256\":\"\(memory.digest())\"}")
         case "rate":

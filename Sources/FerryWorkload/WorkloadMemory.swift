@@ -12,6 +12,11 @@ final class WorkloadMemory {
     var pagesWritten = 0
     var pagesVerified = 0
     var corrupt = 0
+    /// Resume mode: a page found stopped inside its rewrite (`WorkloadPattern.interruptedFill`) is the write the
+    /// source's pause interrupted; finish it, as a vCPU running on would, once. Any other such page is corrupt.
+    var finishesInterruptedWrite = false
+    /// Interrupted writes finished (at most 1).
+    var interruptedWrites = 0
     var firstCorrupt: [(page: Int, word: Int)] = []
 
     init(regions: [(base: UInt64, size: UInt64)]) {
@@ -42,6 +47,13 @@ final class WorkloadMemory {
         case .untouched: return 0
         case .valid(let g): return g
         case .corrupt(let word):
+            if finishesInterruptedWrite && interruptedWrites == 0,
+               let g = WorkloadPattern.interruptedFill(pointer(page), index: UInt64(page), pageSize: pageSize) {
+                WorkloadPattern.fill(pointer(page), index: UInt64(page), generation: g, pageSize: pageSize)
+                interruptedWrites += 1
+                Output.line("{\"event\":\"interrupted_write_finished\",\"page\":\(page),\"generation\":\(g)}")
+                return g
+            }
             corrupt += 1
             if firstCorrupt.count < 16 {
                 firstCorrupt.append((page, word))

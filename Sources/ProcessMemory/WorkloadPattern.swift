@@ -33,6 +33,31 @@ public enum WorkloadPattern {
         words[0] = index
     }
 
+    /// The generation a page was being rewritten to when its writer was stopped inside `fill`, or nil when `page` is
+    /// not exactly such a page. `fill` stores words 2... in ascending order, then word 1 (the generation), then word 0
+    /// (the index), so a pause between two of its stores leaves: word 0 still the old one (0 for a page never written);
+    /// words 2... the new pattern up to some word and the old one after it (zeros for generation 0), with word 1 still
+    /// the old generation; or every word new but word 0 (the first write of a page: word 0 still 0). A VM's vCPU finishes
+    /// such a write when it runs on at a destination; a process restarted there must finish it itself.
+    public static func interruptedFill(_ page: UnsafeRawPointer, index: UInt64, pageSize: Int = 4096) -> UInt64? {
+        let words = page.assumingMemoryBound(to: UInt64.self)
+        let count = pageSize / 8
+        if words[1] == 1 && words[0] == 0 {
+            let s = seed(index: index, generation: 1)
+            for w in 2..<count where words[w] != s ^ (UInt64(w) &* k3) { return nil }
+            return 1
+        }
+        let from = words[1]
+        guard from < UInt64.max, words[0] == (from == 0 ? 0 : index) else { return nil }
+        let new = seed(index: index, generation: from + 1)
+        var w = 2
+        while w < count && words[w] == new ^ (UInt64(w) &* k3) { w += 1 }
+        guard w > 2 else { return nil }
+        let old = seed(index: index, generation: from)
+        while w < count && words[w] == (from == 0 ? 0 : old ^ (UInt64(w) &* k3)) { w += 1 }
+        return w == count ? from + 1 : nil
+    }
+
     /// Checks page `index` in `page`.
     @inlinable
     public static func verify(_ page: UnsafeRawPointer, index: UInt64, pageSize: Int = 4096) -> Verdict {

@@ -481,23 +481,9 @@ private struct DiskCheck {
         }
     }
 
-    /// Whether `memory` is page `page` stopped inside its rewrite from generation `from` (zeros for 0) to `from + 1`:
-    /// `fill` writes words 2... in order, then word 1 (the generation), then word 0 (the index). So word 0 is still
-    /// the old one; words 2... are the new pattern up to some word and the old one after it, with word 1 still the
-    /// old generation, or all new with word 1 the new one (a page untouched before: word 0 still 0).
+    /// Whether `memory` is page `page` stopped inside its rewrite from generation `from` to `from + 1`.
     static func midFill(_ memory: UnsafeRawPointer, page: Int, from: UInt64) -> Bool {
-        var old = [UInt64](repeating: 0, count: 512)
-        var new = [UInt64](repeating: 0, count: 512)
-        if from > 0 { old.withUnsafeMutableBytes { WorkloadPattern.fill($0.baseAddress!, index: UInt64(page), generation: from) } }
-        new.withUnsafeMutableBytes { WorkloadPattern.fill($0.baseAddress!, index: UInt64(page), generation: from + 1) }
-        let words = memory.assumingMemoryBound(to: UInt64.self)
-        guard words[0] == old[0] else { return false }
-        var w = 2
-        while w < 512 && words[w] == new[w] { w += 1 }
-        let newUpTo = w
-        while w < 512 && words[w] == old[w] { w += 1 }
-        guard w == 512 else { return false }
-        return words[1] == from || (words[1] == from + 1 && newUpTo == 512)
+        WorkloadPattern.interruptedFill(memory, index: UInt64(page)) == from + 1
     }
 }
 
