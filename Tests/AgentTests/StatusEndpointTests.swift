@@ -2,6 +2,7 @@ import FerryTestSupport
 import Foundation
 import Glibc
 import XCTest
+import MigrationEngine
 
 /// `--metrics`: both agents serve Prometheus metrics and a query-migrate-shaped status while a whole VM
 /// (ferry-workload with its disk) migrates over a slow link. Scraped every 100 ms: the byte counters rise, the
@@ -143,5 +144,27 @@ final class StatusEndpointTests: XCTestCase {
         XCTAssertGreaterThan(Self.sample(metrics, "ferry_ram_faults_total", "kind=\"missing\"") ?? 0, 0, metrics)
         XCTAssertGreaterThan(Self.sample(metrics, "ferry_postcopy_fault_latency_seconds_count", "kind=\"missing\"") ?? 0, 0, metrics)
         rig.verifyResumed()
+    }
+}
+
+/// The terminal's progress line, as `virsh migrate --verbose` draws it.
+final class ProgressLineTests: XCTestCase {
+    func testTheLineShowsPhaseRoundPercentRatesThrottleAndETA() throws {
+        var fds: [Int32] = [0, 0]
+        XCTAssertEqual(pipe(&fds), 0)
+        defer { close(fds[0]) }
+        var line = ProgressLine(enabled: true, fd: fds[1])
+        line.update(phase: .round(3), sentBytes: 96 << 20, totalBytes: 128 << 20, dirtyRate: 4e6, bandwidth: 25e6,
+                    throttled: true, remainingBytes: 50_000_000, parts: "disk 1 100%, memory 50%", force: true)
+        line.finish()
+        close(fds[1])
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        let n = read(fds[0], &buffer, buffer.count)
+        let text = String(decoding: buffer[0..<max(0, n)], as: UTF8.self)
+        for part in ["round 3", " 75%", "96.0 MiB sent of 128.0 MiB", "(disk 1 100%, memory 50%)", "25.0 MB/s", "dirty 4.0 MB/s",
+                     "throttle ON", "ETA 2.0 s"] {
+            XCTAssertTrue(text.contains(part), "'\(part)' missing from \(text.debugDescription)")
+        }
+        XCTAssertTrue(text.hasPrefix("\r\u{1B}[K") && text.hasSuffix("\n"), text.debugDescription)
     }
 }
