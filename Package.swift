@@ -13,6 +13,7 @@ let package = Package(
         .executable(name: "ferry-bench", targets: ["FerryBench"]),
         .executable(name: "ferry-nbd-serve", targets: ["FerryNBDServe"]),
         .executable(name: "ferry-workload", targets: ["FerryWorkload"]),
+        .executable(name: "ferry-delay-relay", targets: ["FerryDelayRelay"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -81,6 +82,8 @@ let package = Package(
                                          .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                          .product(name: "Logging", package: "swift-log")],
                           swiftSettings: swift6),
+        // The emulated WAN's delay relay (scripts/wan/wan-link.sh): C, epoll and a timerfd, no Swift runtime.
+        .executableTarget(name: "FerryDelayRelay", path: "Sources/FerryDelayRelay"),
         // Benchmarks: figures side by side with a peer, never timed unit tests.
         .executableTarget(name: "FerryBench",
                           dependencies: ["URing", "Wire", "MigrationEngine", "CLibCrypto",
