@@ -33,6 +33,8 @@ let package = Package(
                        providers: [.apt(["libxxhash-dev"])]),
         .systemLibrary(name: "CLibCrypto", pkgConfig: "libcrypto",
                        providers: [.apt(["libssl-dev"])]),
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd",
+                       providers: [.apt(["libzstd-dev"])]),
         .target(name: "CFerryShims"),
 
         // io_uring: an owned ring, typed operations, completions by tag.
@@ -65,7 +67,7 @@ let package = Package(
         .target(name: "QMP", dependencies: ["CFerryShims"], swiftSettings: swift6),
         // The migration engine shared by both agents: link, sessions, phases.
         .target(name: "MigrationEngine",
-                dependencies: ["Wire", "URing", "NBDBridge", "ProcessMemory", "QMP", "CXXHash", "CFerryShims", "CLibCrypto",
+                dependencies: ["Wire", "URing", "NBDBridge", "ProcessMemory", "QMP", "CXXHash", "CFerryShims", "CLibCrypto", "CZstd",
                                .product(name: "SystemPackage", package: "swift-system"),
                                .product(name: "Logging", package: "swift-log"),
                                .product(name: "Crypto", package: "swift-crypto"),
