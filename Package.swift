@@ -108,6 +108,6 @@ let package = Package(
         .testTarget(name: "WireTests", dependencies: ["Wire", "FerryTestSupport"], swiftSettings: swift6),
         .testTarget(name: "NBDBridgeTests", dependencies: ["NBDBridge", "CNBD", "FerryTestSupport"], swiftSettings: swift6),
         .testTarget(name: "ProcessMemoryTests", dependencies: ["ProcessMemory", "FerryWorkload", "FerryTestSupport"], swiftSettings: swift6),
-        .testTarget(name: "AgentTests", dependencies: ["MigrationEngine", "Wire", "ProcessMemory", "SourceAgent", "DestAgent", "FerryTestSupport"], swiftSettings: swift6),
+        .testTarget(name: "AgentTests", dependencies: ["MigrationEngine", "Wire", "ProcessMemory", "SourceAgent", "DestAgent", "FerryTestSupport", "CZstd"], swiftSettings: swift6),
     ]
 )
