@@ -95,9 +95,17 @@ for ns in "$nsa" "$nsb"; do
   # 200 Mbit/s each way; the queue holds ~4 ms at that rate.
   ip netns exec "$ns" tc qdisc add dev wan0 root tbf rate 200mbit burst 100000 latency 50ms
 done
-timeout 10 ip netns exec "$nsa" ping -c1 -W2 "$wan_b" >/dev/null || fail "the WAN does not carry traffic"
-# Traffic between the hosts goes only over the WAN (no route via the controller).
-if ip netns exec "$nsa" ping -c1 -W1 "$mgmt_b" >/dev/null 2>&1; then fail "host a reaches host b's management address"; fi
+# The WAN carries traffic (nothing listens on port 9 there: refused, not unreachable) and traffic
+# between the hosts goes only over it (no route via the controller).
+reach() {  # the link takes a moment to come up: up to 5 s
+  for _ in $(seq 50); do
+    case "$(timeout 2 ip netns exec "$1" bash -c "exec 3<>/dev/tcp/$2/9" 2>&1)" in *'Connection refused'*) return 0 ;; esac
+    sleep 0.1
+  done
+  return 1
+}
+reach "$nsa" "$wan_b" && reach "$nsb" "$wan_a" || fail "the WAN does not carry traffic"
+if timeout 5 ip netns exec "$nsa" bash -c "exec 3<>/dev/tcp/$mgmt_b/22" 2>/dev/null; then fail "host a reaches host b's management address"; fi
 
 # --- Private directories per host, mount points ---------------------------------------------
 for d in /opt/ferry /etc/ferry /var/lib/ferry /run/ferry /run/sshd; do
@@ -172,11 +180,10 @@ packages='[liburing2, libssl3, libxxhash0]'
   echo "    ferry_agent_unit_dir: /etc/ferry/systemd"
   echo "    ferry_agent_listen_address: '{{ ferry_agent_migration_address }}'"
   echo "    ferry_agent_log_level: debug"
-  echo "    ferry_vm: vm1"
 } > "$T/inventory.yml"
 mkdir -m 700 "$T/controller"
 export ANSIBLE_CONFIG="$repo/deploy/ansible.cfg" ANSIBLE_SSH_CONTROL_PATH_DIR="$T/cp" ANSIBLE_LOCAL_TEMP="$T/ansible-tmp"
-export ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 ANSIBLE_HOST_KEY_CHECKING=True
+export ANSIBLE_CALLBACKS_ENABLED=${FERRY_DEPLOY_CALLBACKS-ansible.posix.profile_tasks} ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 ANSIBLE_HOST_KEY_CHECKING=True
 
 play() {  # play NAME TIMEOUT PLAYBOOK ARGS...: runs ansible-playbook, log in $T/NAME.log
   local name=$1 limit=$2; shift 2
@@ -220,7 +227,7 @@ for k in source dest; do
 done
 
 # --- The VM on host a ---------------------------------------------------------------------------
-vm_args=(-e "vm_workload=$T/bin/ferry-workload" -e vm_memory=64M -e vm_rate_bytes=4194304)
+vm_args=(-e ferry_vm=vm1 -e "vm_workload=$T/bin/ferry-workload" -e vm_memory=64M -e vm_rate_bytes=4194304)
 play vm-install 120 "$here/vm.yml" -e vm_action=install "${vm_args[@]}" || fail "installing the VM files"
 play vm-start 120 "$here/vm.yml" -e vm_action=start -e vm_hosts=ferry-a "${vm_args[@]}" || fail "starting the VM on host a"
 vm_pid=$(cat "$T/a/run/vm1.pid")
@@ -228,7 +235,7 @@ ip netns pids "$nsa" | grep -qx "$vm_pid" || fail "the VM (pid $vm_pid) is not o
 log "the VM runs on host a (pid $vm_pid)"
 
 migrate() {  # migrate FROM TO NAME
-  play "$3" 400 "$repo/deploy/migrate.yml" -e ferry_source_host="$1" -e ferry_dest_host="$2" \
+  play "$3" 400 "$repo/deploy/migrate.yml" -e ferry_vm=vm1 -e ferry_source_host="$1" -e ferry_dest_host="$2" \
     -e ferry_agent_mode="$mode" -e ferry_agent_max_downtime=0.3 \
     -e '{"ferry_agent_on_switchover": "/var/lib/ferry/testvm/vm-start.sh resume"}'
 }
