@@ -276,7 +276,9 @@ check_vm_on() {  # check_vm_on HOST NS DIR
 
 # --- A -> B -------------------------------------------------------------------------------------
 migrate ferry-a ferry-b migrate-ab || fail "migrate.yml a -> b"
-check_reports "$T/a" "$T/b" "${FERRY_DEPLOY_REQUIRE_WP:-1}" || fail "reports of a -> b"
+# Pre-copy rounds (precopy, hybrid) must use the kernel's write-protect tracking on the fresh VM.
+require_wp=${FERRY_DEPLOY_REQUIRE_WP:-$([ "$mode" = postcopy ] && echo 0 || echo 1)}
+check_reports "$T/a" "$T/b" "$require_wp" || fail "reports of a -> b"
 check_vm_on b "$nsb" "$T/b"
 # The VM never runs again at the source: its old process is gone or stopped.
 if [ -r "/proc/$vm_pid/stat" ]; then
