@@ -5,9 +5,10 @@
 #    /opt/ferry, /etc/ferry, /var/lib/ferry and /run/ferry give each host its own install, config,
 #    key, work and runtime directories;
 #  - a management link from the controller (this namespace) to each host for ssh, and an emulated
-#    WAN between the hosts for the agents: a veth pair shaped with tc tbf at 200 Mbit/s on both ends,
-#    no added delay (scripts/wan's delay relay is a per-port TCP forwarder; the agents' listen port
-#    could go through it, but this test keeps the link plain);
+#    WAN between the hosts for the agents: a veth pair shaped with tc tbf at 200 Mbit/s on both ends;
+#    no added delay by default. FERRY_DEPLOY_RTT_MS=N adds N ms of round trip to the agents' traffic
+#    with scripts/wan/delay-relay.py (a per-port TCP forwarder, so not for ssh): each host's
+#    dest-agent then listens on its loopback and the relay on its WAN address forwards to it;
 #  - ansible-playbook install.yml twice (the second must report changed=0), the rendered units
 #    checked with systemd-analyze verify and security --offline, the "VM" (ferry-workload) started
 #    on host A, migrate.yml moves it to B (the VM runs there and verifies, reports say completed and
@@ -24,6 +25,7 @@ bin_dir=${FERRY_BIN_DIR:-$repo/.build/debug}
 mode=${FERRY_DEPLOY_MODE:-precopy}
 back=${FERRY_DEPLOY_BACK:-1}
 max_exposure=${FERRY_DEPLOY_MAX_EXPOSURE:-5.0}
+rtt_ms=${FERRY_DEPLOY_RTT_MS:-0}
 [ "$(id -u)" = 0 ] || { echo "deploy test: needs root (namespaces, sshd, ptrace)" >&2; exit 2; }
 for tool in ansible-playbook sshd ssh ssh-keygen unshare nsenter ip tc systemd-analyze; do
   command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || { echo "deploy test: missing $tool" >&2; exit 2; }
@@ -181,7 +183,11 @@ packages='[liburing2, libssl3, libxxhash0]'
   echo "    ferry_agent_key_local_path: $T/controller/ferry.key"
   echo "    ferry_agent_service_manager: none"
   echo "    ferry_agent_unit_dir: /etc/ferry/systemd"
-  echo "    ferry_agent_listen_address: '{{ ferry_agent_migration_address }}'"
+  if [ "$rtt_ms" -gt 0 ]; then
+    echo "    ferry_agent_listen_address: 127.0.0.1"
+  else
+    echo "    ferry_agent_listen_address: '{{ ferry_agent_migration_address }}'"
+  fi
   echo "    ferry_agent_log_level: debug"
 } > "$T/inventory.yml"
 mkdir -m 700 "$T/controller"
@@ -228,6 +234,18 @@ for k in source dest; do
   log "systemd-analyze security --offline: $k-agent exposure $score (max $max_exposure)"
   awk -v s="$score" -v m="$max_exposure" 'BEGIN{exit !(s <= m)}' || { cat "$T/security-$k.log"; fail "$k unit exposure $score > $max_exposure"; }
 done
+
+# --- Round-trip time on the agents' WAN path (FERRY_DEPLOY_RTT_MS) --------------------------------
+if [ "$rtt_ms" -gt 0 ]; then
+  for pair in "$nsa:$wan_a" "$nsb:$wan_b"; do
+    ip netns exec "${pair%%:*}" setsid /usr/bin/python3 "$repo/scripts/wan/delay-relay.py" "${pair#*:}" 7070 127.0.0.1 7070 \
+      "$(awk "BEGIN{print $rtt_ms/2}")" </dev/null >"$T/relay-${pair%%:*}.log" 2>&1 &
+  done
+  for pair in "$nsa:$wan_a" "$nsb:$wan_b"; do
+    for _ in $(seq 50); do timeout 1 ip netns exec "${pair%%:*}" bash -c "exec 3<>/dev/tcp/${pair#*:}/7070" 2>/dev/null && break; sleep 0.1; done
+  done
+  log "agents' WAN path: +$rtt_ms ms round trip (delay relay on each host's WAN address, port 7070)"
+fi
 
 # --- The VM on host a ---------------------------------------------------------------------------
 vm_args=(-e ferry_vm=vm1 -e "vm_workload=$T/bin/ferry-workload" -e vm_memory=64M -e vm_rate_bytes=4194304)
@@ -314,4 +332,4 @@ else
 fi
 
 ok=1
-log "PASS in $(( $(date +%s) - start_time ))s (mode $mode, back-migration $([ "$back" = 1 ] && echo yes || echo skipped))"
+log "PASS in $(( $(date +%s) - start_time ))s (mode $mode, rtt +$rtt_ms ms, back-migration $([ "$back" = 1 ] && echo yes || echo skipped))"
