@@ -192,7 +192,13 @@ packages='[liburing2, libssl3, libxxhash0]'
 } > "$T/inventory.yml"
 mkdir -m 700 "$T/controller"
 export ANSIBLE_CONFIG="$repo/deploy/ansible.cfg" ANSIBLE_SSH_CONTROL_PATH_DIR="$T/cp" ANSIBLE_LOCAL_TEMP="$T/ansible-tmp"
-export ANSIBLE_CALLBACKS_ENABLED=${FERRY_DEPLOY_CALLBACKS-ansible.posix.profile_tasks} ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 ANSIBLE_HOST_KEY_CHECKING=True
+# Task timings in the logs when the ansible package (ansible.posix) is there; not needed otherwise.
+if [ -z "${FERRY_DEPLOY_CALLBACKS+set}" ]; then
+  FERRY_DEPLOY_CALLBACKS=
+  [ -f /usr/lib/python3/dist-packages/ansible_collections/ansible/posix/plugins/callback/profile_tasks.py ] &&
+    FERRY_DEPLOY_CALLBACKS=ansible.posix.profile_tasks
+fi
+export ANSIBLE_CALLBACKS_ENABLED=$FERRY_DEPLOY_CALLBACKS ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 ANSIBLE_HOST_KEY_CHECKING=True
 
 play() {  # play NAME TIMEOUT PLAYBOOK ARGS...: runs ansible-playbook, log in $T/NAME.log
   local name=$1 limit=$2; shift 2
