@@ -315,6 +315,8 @@ fi
 # The agents run with the runtime the role installed (ferry-exec's LD_LIBRARY_PATH).
 dest_pid=$(cat "$T/b/var/log/dest-vm1.pid")
 grep -q ' /opt/ferry/lib/libswiftCore.so$' "/proc/$dest_pid/maps" || fail "dest-agent on host b does not use /opt/ferry/lib"
+# Nothing but the source reached dest-agent (migrate.yml waits for its port without connecting).
+if grep 'refused a connection' "$T/b/var/log/dest-vm1.log"; then fail "dest-agent on host b refused a stray connection"; fi
 
 # --- B -> A (separately switchable: FERRY_DEPLOY_BACK=0) ------------------------------------------
 if [ "$back" = 1 ]; then
