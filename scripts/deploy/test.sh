@@ -34,6 +34,10 @@ for b in source-agent dest-agent ferry-workload; do
   [ -x "$bin_dir/$b" ] || { echo "deploy test: no $bin_dir/$b (swift build first)" >&2; exit 2; }
 done
 
+# One run at a time: runs share the mount points made (and removed) below, and the CPU.
+exec 9>/run/lock/ferry-deploy-test.lock
+flock -w 600 9 || { echo "deploy test: another run holds /run/lock/ferry-deploy-test.lock" >&2; exit 2; }
+
 start_time=$(date +%s)
 T=$(mktemp -d /tmp/ferry-deploy.XXXXXX)
 chmod 755 "$T"
@@ -110,9 +114,10 @@ reach "$nsa" "$wan_b" && reach "$nsb" "$wan_a" || fail "the WAN does not carry t
 if timeout 5 ip netns exec "$nsa" bash -c "exec 3<>/dev/tcp/$mgmt_b/22" 2>/dev/null; then fail "host a reaches host b's management address"; fi
 
 # --- Private directories per host, mount points ---------------------------------------------
-for d in /opt/ferry /etc/ferry /var/lib/ferry /run/ferry /run/sshd; do
+for d in /opt/ferry /etc/ferry /var/lib/ferry /run/ferry; do
   if [ ! -e "$d" ]; then mkdir -p "$d"; created_dirs+=("$d"); fi
 done
+mkdir -p /run/sshd   # sshd's privilege separation directory (Debian's sshd makes it too; left in place)
 for h in a b; do mkdir -p "$T/$h"/{opt,etc,var,run}; chmod 700 "$T/$h"/*; done
 
 # --- sshd per host ----------------------------------------------------------------------------
