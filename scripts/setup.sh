@@ -9,6 +9,7 @@ packages=(
   iperf3 iproute2 coreutils procps                 # link benchmarks, network namespaces
   valgrind                                         # scripts/fuzz.sh: the Wire hot path's allocation check
   qemu-system-x86 busybox-static gcc cpio xz-utils # scripts/guest/build.sh: the test guest (QEMU, its initramfs, vmlinux)
+  ansible-core ansible-lint openssh-server python3-apt   # deploy/: playbooks, lint, the deploy test's per-host sshd, the apt task
 )
 missing=()
 for package in "${packages[@]}"; do
