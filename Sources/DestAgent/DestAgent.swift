@@ -79,6 +79,9 @@ struct DestAgent: ParsableCommand {
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
 
+    @Option(name: .long, help: ArgumentHelp("Serve the migration live over HTTP at this address: GET /metrics (Prometheus text: bytes received, phase, faults, and the fault latency as a histogram) and GET /status (JSON in QEMU's query-migrate shape). Example: --metrics tcp:127.0.0.1:9188.", valueName: "tcp:HOST:PORT"))
+    var metrics: String?
+
     func run() throws {
         SignalWaiter.blockAll()
         let logger = AgentLogging.make(label: "ferry.dest", level: logLevel)
@@ -86,6 +89,7 @@ struct DestAgent: ParsableCommand {
         options.disks = try zip(disk, nbd).map { DiskTarget(imagePath: $0, nbdEndpoint: try NBDEndpoint.parse($1), exportName: exportName) }
         options.linkTimeout = linkTimeout
         options.acceptTimeout = acceptTimeout
+        if let metrics { options.status = try StatusEndpoint.serve(metrics, role: "destination", logger: logger) }
         memory.apply(to: &options)
         try network.apply(to: &options)
         let session = DestinationSession(options: options, logger: logger, vmExited: { SignalWaiter.wake() })

@@ -75,6 +75,9 @@ struct SourceAgent: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Write the JSON migration report here.", valueName: "PATH"))
     var report: String?
 
+    @Option(name: .long, help: ArgumentHelp("Serve the migration live over HTTP at this address: GET /metrics (Prometheus text: bytes, remaining, dirty rate, round, phase, throttle, as QEMU's query-migrate names them) and GET /status (JSON in query-migrate's shape). Example: --metrics tcp:127.0.0.1:9187.", valueName: "tcp:HOST:PORT"))
+    var metrics: String?
+
     @Flag(name: .customLong("migrate-on-signal"), help: "Serve the disks and wait for SIGUSR2 before migrating (the agent runs beside the VM for its whole life; the operator or a drill says when to move it).")
     var migrateOnSignal = false
 
@@ -148,6 +151,7 @@ struct SourceAgent: ParsableCommand {
                                                throttleAboveFraction: throttleAbove, throttleTargetFraction: throttleTo)
             options.linkTimeout = linkTimeout
             do {
+                if let metrics { options.status = try StatusEndpoint.serve(metrics, role: "source", logger: logger) }
                 options.network = try network.tunnelOptions()
                 let pid = try memory.resolvePID(logger: logger)
                 let qemu = try memory.qemu(pid: pid, logger: logger)

@@ -244,14 +244,14 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
         }
     }
 
-    func fill(_ report: inout MigrationReport) {
+    func fill(_ report: inout MigrationReport, final: Bool) {
         var disk = MigrationReport.DiskReport()
         disk.diskID = layout.diskID
         disk.total = layout.sizeBytes
         disk.blockSize = Int(layout.blockSize)
         disk.transferred = image.dataBytes.load(ordering: .relaxed)
         disk.duplicate = image.zeroBytes.load(ordering: .relaxed)
-        disk.digest = "\(image.hashes.digest())"
+        if final { disk.digest = "\(image.hashes.digest())" }
         if let urgent = serving.withLock({ $0.urgent }) {
             disk.postcopyRequests = urgent.requestsSent
             disk.postcopyBytes = urgent.bytesReceived

@@ -280,7 +280,7 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
         endThrottle()
     }
 
-    func fill(_ report: inout MigrationReport) {
+    func fill(_ report: inout MigrationReport, final: Bool) {
         var disk = MigrationReport.DiskReport()
         disk.diskID = options.diskID
         disk.total = store.size
@@ -296,7 +296,12 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
         disk.throttleSeconds = throttleSeconds
         disk.throttledWrites = server.throttle.writesDelayed
         disk.throttleDelayMs = Double(server.throttle.totalDelayNanoseconds) / 1e6
-        disk.digest = "\(chunks.hashes.digest())"
+        if final {
+            disk.digest = "\(chunks.hashes.digest())"
+        } else {
+            disk.remaining = bulkRemaining + UInt64(bitmap.dirtyCount) * UInt64(blockSize)
+            disk.throttleActive = isThrottled
+        }
         report.disks.append(disk)
     }
 }

@@ -27,6 +27,20 @@ public final class LatencyRecorder: @unchecked Sendable {
     /// Samples recorded so far.
     public var count: Int { Int(ferry_counter_load(counterCell)) }
 
+    /// Calls `body` with each sample kept from slot `cursor` on and returns where to go on next time. A slot
+    /// whose sample is still being written (0) ends the walk there, to be read next time.
+    public func forEach(from cursor: Int, _ body: (UInt64) -> Void) -> Int {
+        var slot = cursor
+        let end = min(count, capacity)
+        while slot < end {
+            let sample = samples[slot]
+            if sample == 0 { break }
+            body(sample)
+            slot += 1
+        }
+        return slot
+    }
+
     /// Percentiles of what was recorded, in microseconds (allocates: call at the end).
     public func summary() -> MigrationReport.LatencySummary {
         let n = min(count, capacity)

@@ -209,7 +209,7 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
         }
     }
 
-    func fill(_ report: inout MigrationReport) {
+    func fill(_ report: inout MigrationReport, final: Bool) {
         var memory = MigrationReport.MemoryReport()
         memory.mode = postcopy ? "postcopy" : "precopy"
         memory.total = UInt64(image.totalPages) * UInt64(image.pageSize)
@@ -217,8 +217,8 @@ final class MemoryDestinationStream: DestinationStream, @unchecked Sendable {
         memory.normal = image.dataPagesApplied.value
         memory.duplicate = image.zeroPagesApplied.value
         memory.transferred = image.dataPagesApplied.value * UInt64(image.pageSize)
-        memory.digest = "\(image.digest())"
-        faultService?.summarize(into: &memory)
+        if final { memory.digest = "\(image.digest())" }
+        faultService?.summarize(into: &memory, percentiles: final)
         report.memory = memory
     }
 

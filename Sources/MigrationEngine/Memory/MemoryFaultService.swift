@@ -310,11 +310,12 @@ public final class MemoryFaultService: @unchecked Sendable {
         }
     }
 
-    /// Fills the fault part of a memory report.
-    public func summarize(into memory: inout MigrationReport.MemoryReport) {
+    /// Fills the fault part of a memory report (the latency percentiles sort every sample: only at the end).
+    public func summarize(into memory: inout MigrationReport.MemoryReport, percentiles: Bool = true) {
         memory.faultsOnReceived = faultsOnReceived.value
         memory.faultsOnMissing = faultsOnMissing.value
         memory.postcopyRequests = requestsSent.value
+        guard percentiles else { return }
         memory.faultLatencyReceived = receivedLatency.summary()
         memory.faultLatencyMissing = missingLatency.summary()
     }

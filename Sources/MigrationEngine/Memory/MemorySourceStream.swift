@@ -486,7 +486,7 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
 
     func stop() { requestServer?.stop() }
 
-    func fill(_ report: inout MigrationReport) {
+    func fill(_ report: inout MigrationReport, final: Bool) {
         var memory = MigrationReport.MemoryReport()
         memory.mode = options.mode.rawValue
         memory.trackingMethod = trackingMethod
@@ -506,7 +506,7 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
         memory.transferred = builder.dataPages * UInt64(pageSize) + (requestServer?.dataBytes.value ?? 0)
         memory.precopyBytes = (frozen ? dataPagesAtFreeze : builder.dataPages) * UInt64(pageSize)
         memory.postcopyBytes = memory.transferred - min(memory.transferred, memory.precopyBytes + downtimeBytes)
-        memory.digest = "\(hashes.digest())"
+        if final { memory.digest = "\(hashes.digest())" }
         // Not yet at the destination: what the push has left, or the pages dirtied since they were sent.
         memory.remaining = options.mode.isPostcopy && !needed.isEmpty
             ? UInt64(needed.reduce(0) { $0 + $1.count }) * UInt64(pageSize)

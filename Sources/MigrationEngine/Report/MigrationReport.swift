@@ -104,6 +104,11 @@ public struct MigrationReport: Codable, Sendable {
         public var postcopyRequests: UInt64 = 0
         /// Block size of dirty tracking.
         public var blockSize: Int = 0
+        /// Source, while migrating: bytes not yet sent (the bulk copy's rest and the blocks dirty now; QEMU's
+        /// `remaining`). Not in the final report.
+        public var remaining: UInt64?
+        /// Source, while migrating: whether the write throttle is on. Not in the final report.
+        public var throttleActive: Bool?
         public init() {}
     }
 

@@ -12,6 +12,8 @@ import Wire
 public struct DestinationOptions: Sendable {
     /// Where to accept the source's connections.
     public var listen: SocketAddress
+    /// Where the live status goes (`--metrics`), if anywhere.
+    public var status: StatusBoard?
     /// The shared key both agents hold.
     public var key: SharedKey
     /// Where each disk goes and is served (disk id N goes to the N-th target).
@@ -134,6 +136,7 @@ public final class DestinationSession: @unchecked Sendable {
         var sourceDigests: [StreamDigest] = []
         var vmStarted = false
         var done = false
+        var publishedPhase = state.phase
 
         do {
             let directory = try options.workDirectory.map { try PrivateDirectory(at: $0) } ?? PrivateDirectory(prefix: "ferry-dest")
@@ -159,6 +162,7 @@ public final class DestinationSession: @unchecked Sendable {
                                          deliver: { [self] link in arrived(link) })
             accepting.start()
             acceptor = accepting
+            publishStatus(start: start, setupTimeMs: 0, reconnects: 0, downtimeNs: 0, force: true)
             logger.info("waiting for the source", metadata: ["listen": "\(options.listen)", "uffd_socket": "\(options.uffdSocket ?? "-")",
                                                               "disks": "\(options.disks.count)"])
 
@@ -197,6 +201,11 @@ public final class DestinationSession: @unchecked Sendable {
                         if queuedLanes.load(ordering: .relaxed) > 0 { attachLanes() }
                         try checkQEMU()
                         framesSincePublish += 1
+                        if state.phase != publishedPhase || options.status?.due() == true {
+                            publishStatus(start: start, setupTimeMs: report.setupTimeMs, reconnects: reconnects,
+                                          downtimeNs: session.sinceSwitchover, force: state.phase != publishedPhase)
+                            publishedPhase = state.phase
+                        }
                         if framesSincePublish >= 256 { publishResumePoints() }
                         switch frame.message {
                         case .diskLayout(let layout):
@@ -356,7 +365,7 @@ public final class DestinationSession: @unchecked Sendable {
         }
         if state.owner != .destination, let ramFile { unlink(ramFile) }
         if !state.phase.isTerminal && state.owner != .destination, let failure { state.move(to: .failed(failure)) }
-        for stream in streams { stream.fill(&report) }
+        for stream in streams { stream.fill(&report, final: true) }
         report.disk = report.disks.first
         if let directory = workDirectory {
             if state.owner != .destination {
@@ -383,7 +392,37 @@ public final class DestinationSession: @unchecked Sendable {
         } else {
             report.status = "completed"
         }
+        if let status = options.status {
+            showFaultLatencies(on: status)
+            status.publish(phase: state.phase, report: report)
+        }
         return report
+    }
+
+    /// Publishes a live snapshot on the status board (`--metrics`) when one is due, or now when `force`.
+    private func publishStatus(start: ContinuousClock.Instant, setupTimeMs: Double, reconnects: Int, downtimeNs: UInt64,
+                               force: Bool = false) {
+        guard let status = options.status, force || status.due() else { return }
+        showFaultLatencies(on: status)
+        var live = MigrationReport(role: "destination")
+        live.setupTimeMs = setupTimeMs
+        live.totalTimeMs = seconds(since: start) * 1000
+        live.reconnects = reconnects
+        live.downtimeMs = Double(downtimeNs) / 1e6
+        live.phase = "\(state.phase)"
+        live.vmLocation = state.owner == .destination ? "destination" : "source"
+        for stream in streams { stream.fill(&live, final: false) }
+        live.disk = live.disks.first
+        if let tunnel { live.network = networkReport(tunnel) }
+        status.publish(phase: state.phase, report: live)
+    }
+
+    /// The fault service's latency recorders, read by the status endpoint at each scrape (the service outlives
+    /// the session: the VM's faults go on after the report).
+    private func showFaultLatencies(on status: StatusBoard) {
+        guard let faults = memory?.faultService else { return }
+        status.addFaultLatency(kind: "missing", faults.missingLatency)
+        status.addFaultLatency(kind: "received", faults.receivedLatency)
     }
 
     /// What the switchover brought: the mode, when, the VM state.

@@ -28,8 +28,9 @@ protocol DestinationStream: AnyObject {
     var isPostcopy: Bool { get }
     /// A new urgent lane for this stream (post-copy), replacing any earlier one.
     func attachUrgent(_ lane: PeerLink) throws(LinkError)
-    /// Fills its part of the report.
-    func fill(_ report: inout MigrationReport)
+    /// Fills its part of the report. `final` false: a live snapshot for the status endpoint, without the digest
+    /// or percentiles (cheap enough to publish every 200 ms from the session's thread).
+    func fill(_ report: inout MigrationReport, final: Bool)
     /// Stops its threads at the end of the agent.
     func stop()
 }

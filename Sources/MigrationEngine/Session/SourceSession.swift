@@ -11,6 +11,8 @@ import Wire
 public struct SessionOptions: Sendable {
     /// The dest-agent.
     public var destination: SocketAddress
+    /// Where the live status goes (`--metrics`), if anywhere.
+    public var status: StatusBoard?
     /// The shared key both agents hold.
     public var key: SharedKey
     /// When to switch over and when to throttle: ONE decision over every stream's remaining bytes.
@@ -108,6 +110,7 @@ public final class SourceSession: @unchecked Sendable {
         openLinks.withLock { for link in $0 { link.close() } }
     }
 
+    private var status: StatusBoard? { options.status }
     private var hasPrecopy: Bool { streams.contains { $0.hasPrecopy } }
     private var hasPostcopy: Bool { streams.contains { $0.isPostcopy } }
 
@@ -118,6 +121,8 @@ public final class SourceSession: @unchecked Sendable {
         var link: PeerLink? = nil
         var linkDownSince: ContinuousClock.Instant? = nil
         var wireBytes: UInt64 = 0
+        /// The final count of bytes on the wire (set once every link is closed).
+        var wireBytesNow: UInt64 = 0
         var reconnects = 0
         var failure: String? = nil
         var vmPaused = false
@@ -140,8 +145,38 @@ public final class SourceSession: @unchecked Sendable {
             return Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
         }
         func sentSoFar() -> UInt64 { wireBytes + (link?.bytesSent ?? 0) }
+        /// What the report says now: the common part the session measures (time, the link's throughput, each
+        /// stream's dirty rate at the last round), then each stream's part. `final` false: a live snapshot.
+        func fillReport(_ report: inout MigrationReport, final: Bool) {
+            report.vmLocation = state.owner.location
+            report.phase = "\(state.phase)"
+            report.totalTimeMs = seconds(since: start) * 1000
+            report.mbps = bandwidth * 8 / 1e6
+            report.reconnects = reconnects
+            report.wireBytes = final ? wireBytesNow : sentSoFar()
+            for stream in streams { stream.fill(&report, final: final) }
+            for index in report.disks.indices { report.disks[index].dirtyRate = dirtyRates["disk \(report.disks[index].diskID)"] ?? 0 }
+            if report.memory != nil {
+                report.memory!.dirtyRate = dirtyRates["memory"] ?? 0
+                report.memory!.dirtyPagesRate = report.memory!.dirtyRate / Double(report.memory!.pageSize)
+                report.memory!.mbps = report.mbps
+                report.memory!.vmStateBytes = UInt64(vmState.count)
+            }
+            report.disk = report.disks.first
+            report.network = networkReport()
+        }
+        /// Publishes a live snapshot on the status board (`--metrics`) when one is due, or now when `force`.
+        func publishStatus(force: Bool = false) {
+            guard let status, force || status.due() else { return }
+            var live = report
+            fillReport(&live, final: false)
+            status.publish(phase: state.phase, report: live, throttled: disks.contains { $0.isThrottled })
+        }
 
+        var publishedPhase = state.phase
         migration: while !state.phase.isTerminal {
+            publishStatus(force: state.phase != publishedPhase)
+            publishedPhase = state.phase
             do {
                 if cancelled.load(ordering: .relaxed) { throw SetupError("cancelled") }
                 // 1. A link: the first connection, or a reconnect that resumes the session.
@@ -436,24 +471,10 @@ public final class SourceSession: @unchecked Sendable {
         } else {
             report.status = "completed"
         }
-        report.vmLocation = state.owner.location
-        report.phase = "\(state.phase)"
-        report.totalTimeMs = seconds(since: start) * 1000
-        report.mbps = bandwidth * 8 / 1e6
-        report.reconnects = reconnects
-        report.wireBytes = wireBytes
-        for stream in streams { stream.fill(&report) }
-        // The session measures what is common: each stream's dirty rate at the last round, the link's throughput.
-        for index in report.disks.indices { report.disks[index].dirtyRate = dirtyRates["disk \(report.disks[index].diskID)"] ?? 0 }
-        if report.memory != nil {
-            report.memory!.dirtyRate = dirtyRates["memory"] ?? 0
-            report.memory!.dirtyPagesRate = report.memory!.dirtyRate / Double(report.memory!.pageSize)
-            report.memory!.mbps = report.mbps
-            report.memory!.vmStateBytes = UInt64(vmState.count)
-            if report.status == "completed" { report.memory!.remaining = 0 }
-        }
-        report.disk = report.disks.first
-        report.network = networkReport()
+        wireBytesNow = wireBytes
+        fillReport(&report, final: true)
+        if report.status == "completed" { report.memory?.remaining = 0 }
+        status?.publish(phase: state.phase, report: report)
         return report
     }
 

@@ -68,6 +68,7 @@ protocol SourceStream: AnyObject {
     func resume(from point: ResumePoint?, phase: MigrationPhase) throws(LinkError)
     /// Stops its threads (urgent lane) at the end.
     func stop()
-    /// Fills its part of the report.
-    func fill(_ report: inout MigrationReport)
+    /// Fills its part of the report. `final` false: a live snapshot for the status endpoint, without the digest
+    /// or percentiles (cheap enough to publish every 200 ms from the session's thread).
+    func fill(_ report: inout MigrationReport, final: Bool)
 }
