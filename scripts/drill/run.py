@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts"
 MEM_MIB = 160          # QEMU RAM; the guest keeps 64 MiB of pages in it (scripts/vm/common.sh)
 METRICS_SRC, METRICS_DST = 9464, 9465   # inside each namespace's own loopback
+WORKLOAD_MIB = 64      # ferry-workload's memory (the backend without QEMU)
 CUT_AFTER_BYTES = 24 << 20              # cut once this much has crossed the link
 CUT_SECONDS = 2
 CELL_TIMEOUT = 600
@@ -150,7 +151,7 @@ def load_json(path):
         return {}
 
 
-def run_cell(c, celldir, metrics):
+def run_cell(c, celldir, metrics, backend):
     """Runs one migration script for cell c; returns the row (script result + what the runner adds)."""
     celldir.mkdir(parents=True, exist_ok=True)
     keep = celldir / "keep"
@@ -158,8 +159,11 @@ def run_cell(c, celldir, metrics):
     args = ["--mode", c["mode"], "--rate", str(c["rate"]), "--rtt", str(c["rtt"]), "--mem", str(MEM_MIB),
             "--dirty", str(c["dirty"]), "--disk-rate", str(c["disk_rate"])]
     if c["engine"] == "ferry":
-        cmd = ["bash", str(SCRIPTS / "migrate-vm.sh")] + args
-        prefix = "fv"
+        if backend == "vm":
+            cmd, prefix = ["bash", str(SCRIPTS / "migrate-vm.sh")] + args, "fv"
+        else:
+            args[args.index("--mem") + 1] = str(WORKLOAD_MIB)
+            cmd, prefix = ["bash", str(SCRIPTS / "drill" / "migrate-workload.sh")] + args, "fw"
         src_args, dst_args = [f"--max-time {FERRY_MAX_TIME}"], []
         if c["disk"] == "post":
             src_args.append("--disk-postcopy")
@@ -269,6 +273,20 @@ def guest_rates(console_src, console_dst):
     return rate(before), rate(during), rate(dst)
 
 
+def workload_rates(kept):
+    """ferry-workload's own ops/s: its reports before the migration started (start.count of them),
+    during it (at the source), and after it (the resumed workload, while it still dirtied)."""
+    src = [r for r in read_jsonl(kept / "source.jsonl") if r.get("event") == "report"]
+    dst = [r for r in read_jsonl(kept / "resumed.jsonl") if r.get("event") == "report"]
+    try:
+        n = int(open(kept / "start.count").read().strip())
+    except (OSError, ValueError):
+        n = 0
+    mean = lambda rs: statistics.mean(r["ops_per_sec"] for r in rs) if rs else None
+    # (the first report covers the fill; the resumed one's last ones follow 'rate 0')
+    return mean(src[1:n]), mean(src[n:]), mean(dst[:3])
+
+
 def switch_from_log(path):
     """Seconds from 'migrating memory' to 'VM paused' in the source log (its stamps have 1 s steps)."""
     import datetime
@@ -314,8 +332,11 @@ def enrich(row, c, kept, cut):
     else:
         row["pages_on_demand"] = qemu.get("postcopy_requests")
         row["fault_p50_ms"] = row["fault_p99_ms"] = None
-    if kept:
+    if kept and (kept / "source.jsonl").exists():
+        b, d, a = workload_rates(kept)
+    elif kept:
         b, d, a = guest_rates(kept / "console-src.log", kept / "console-dst.log")
+    if kept:
         row["guest_rate_before"], row["guest_rate_during"], row["guest_rate_after"] = b, d, a
         row["slowdown_during_pct"] = round(100 * (1 - d / b), 1) if b and d is not None else None
         row["slowdown_after_pct"] = round(100 * (1 - a / b), 1) if b and a is not None else None
@@ -459,11 +480,27 @@ CSV_FIELDS = ["cell", "engine", "mode", "disk", "rate_mbit", "rtt_ms", "dirty_mb
 
 def write_outputs(rows, out):
     json.dump(rows, open(out / "results.json", "w"), indent=1)
+    (out / "table.md").write_text(markdown_table(rows))
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+
+
+def markdown_table(rows):
+    head = ("| cell | engine | mode | disk | Mbit/s | RTT ms | mem MB/s | disk MB/s | status | downtime ms | total s | "
+            "link MB | rounds | on demand | fault p50/p99 ms | slowdown % | verdict |")
+    out = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for r in rows:
+        faults = f"{fmt(r.get('fault_p50_ms'))}/{fmt(r.get('fault_p99_ms'))}" if r.get("fault_p50_ms") is not None else ""
+        out.append(f"| {r['cell']}{' (cut)' if r.get('cut') else ''} | {r['engine']} | {r['mode']} | {r['disk']} | "
+                   f"{r['rate_mbit']} | {r['rtt_ms']} | {r['dirty_mbs']} | {r['disk_rate_mbs']} | {r.get('status', '')} | "
+                   f"{fmt(r.get('downtime_ms'), 0)} | {fmt((fnum(r.get('total_ms')) or 0) / 1000) if r.get('total_ms') not in (None, '') else '-'} | "
+                   f"{fmt((fnum(r.get('link_bytes')) or 0) / 1e6, 0)} | {r.get('rounds', '')} | "
+                   f"{'' if r.get('pages_on_demand') is None else r.get('pages_on_demand')} | {faults} | "
+                   f"{'' if r.get('slowdown_during_pct') is None else r['slowdown_during_pct']} | {r.get('verdict', '')} |")
+    return "\n".join(out) + "\n"
 
 
 def main():
@@ -476,6 +513,9 @@ def main():
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="start no new cell after this many minutes (default: none for --quick, 90 for --full)")
     ap.add_argument("--list", action="store_true", help="print the cells and exit")
+    ap.add_argument("--backend", choices=("auto", "vm", "workload"), default="auto",
+                    help="vm: a real guest under QEMU (scripts/migrate-vm.sh); workload: ferry-workload "
+                         "(scripts/drill/migrate-workload.sh, no QEMU rows); auto: vm where QEMU is installed")
     a = ap.parse_args()
     cells = quick_cells() if a.quick else full_cells()
     if a.only:
@@ -487,16 +527,27 @@ def main():
     if os.geteuid() != 0:
         print("drill: needs root (network namespaces)", file=sys.stderr)
         return 2
-    if not shutil.which("qemu-system-x86_64"):
-        print("drill: qemu-system-x86_64 is missing (scripts/setup.sh installs it); the drills migrate a real guest", file=sys.stderr)
+    backend = a.backend
+    if backend == "auto":
+        backend = "vm" if shutil.which("qemu-system-x86_64") else "workload"
+    if backend == "vm" and not shutil.which("qemu-system-x86_64"):
+        print("drill: --backend vm needs qemu-system-x86_64 (scripts/setup.sh installs it)", file=sys.stderr)
         return 2
+    if backend == "workload":
+        if not os.environ.get("FERRY_BIN"):
+            print("drill: --backend workload needs FERRY_BIN (source-agent, dest-agent, ferry-workload)", file=sys.stderr)
+            return 2
+        dropped = [c["id"] for c in cells if c["engine"] == "qemu"]
+        cells = [c for c in cells if c["engine"] != "qemu"]
+        if dropped:
+            print(f"drill: workload backend: no QEMU rows ({len(dropped)} cells left out)", flush=True)
     limit = a.max_minutes if a.max_minutes is not None else (None if a.quick else 90)
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     fbin = os.environ.get("FERRY_BIN")
     metrics = bool(fbin) and agent_has_metrics(os.path.join(fbin, "source-agent")) and \
         agent_has_metrics(os.path.join(fbin, "dest-agent"))
-    print(f"drill: {len(cells)} cells; live status endpoint: {'yes' if metrics else 'no (final reports only)'}", flush=True)
+    print(f"drill: backend {backend}; {len(cells)} cells; live status endpoint: {'yes' if metrics else 'no (final reports only)'}", flush=True)
     t_start = time.time()
     rows, skipped = [], []
     for i, c in enumerate(cells):
@@ -507,7 +558,7 @@ def main():
         celldir = out / "cells" / c["id"]
         if celldir.exists():
             shutil.rmtree(celldir)
-        row = run_cell(c, celldir, metrics)
+        row = run_cell(c, celldir, metrics, backend)
         png = out / f"timeline-{c['id']}.png"
         try:
             timeline(row, celldir, png)
