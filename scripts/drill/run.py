@@ -283,8 +283,18 @@ def workload_rates(kept):
     except (OSError, ValueError):
         n = 0
     mean = lambda rs: statistics.mean(r["ops_per_sec"] for r in rs) if rs else None
-    # (the first report covers the fill; the resumed one's last ones follow 'rate 0')
     return mean(src[1:n]), mean(src[n:]), mean(dst[:3])
+
+
+def workload_stall_ms(kept, interval=0.5):
+    """The workload paces itself by count, so its mean rate hides a stall: the longest gap between
+    two of its reports (each --report-interval 0.5 s), less the interval, at the source during the
+    migration and in the resumed workload (post-copy faults)."""
+    gaps = []
+    for name, rows in (("source.jsonl", None), ("resumed.jsonl", None)):
+        ts = [r["t"] for r in read_jsonl(kept / name) if r.get("event") == "report" and "t" in r]
+        gaps += [b - a for a, b in zip(ts, ts[1:])]
+    return round(max(0.0, max(gaps) - interval) * 1000) if gaps else None
 
 
 def switch_from_log(path):
@@ -338,6 +348,7 @@ def enrich(row, c, kept, cut):
         row["fault_p50_ms"] = row["fault_p99_ms"] = None
     if kept and (kept / "source.jsonl").exists():
         b, d, a = workload_rates(kept)
+        row["workload_max_stall_ms"] = workload_stall_ms(kept)
     elif kept:
         b, d, a = guest_rates(kept / "console-src.log", kept / "console-dst.log")
     if kept:
@@ -429,6 +440,8 @@ def timeline(row, celldir, png):
             ax.axvline(switch, color="red", ls="--", lw=1)
         if row.get("cut_at"):
             ax.axvspan(row["cut_at"] - t0, row["cut_at"] - t0 + CUT_SECONDS, color="orange", alpha=0.3)
+    last = max([t - t0 for t, _ in thr] + [0])
+    axes[3].set_xlim(-2, last + 1)   # (the boot before the migration is not shown)
     if switch is not None:
         axes[0].text(switch, axes[0].get_ylim()[1] * 0.9, " " + switch_note, color="red", fontsize=8)
     fig.tight_layout()
@@ -479,7 +492,7 @@ def matrix_chart(rows, key, ylabel, png, scale=1.0):
 
 CSV_FIELDS = ["cell", "engine", "mode", "disk", "rate_mbit", "rtt_ms", "dirty_mbs", "disk_rate_mbs", "cut", "status",
               "verdict", "downtime_ms", "total_ms", "wire_bytes", "link_bytes", "rounds", "pages_on_demand",
-              "faults_on_missing", "fault_p50_ms", "fault_p99_ms", "slowdown_during_pct", "slowdown_after_pct",
+              "faults_on_missing", "fault_p50_ms", "fault_p99_ms", "slowdown_during_pct", "slowdown_after_pct", "workload_max_stall_ms",
               "throttle_s", "reconnects", "link_resumed", "mirror_ms", "total_incl_disk_ms", "run_s", "timeline", "why"]
 
 
