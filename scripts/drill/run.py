@@ -201,6 +201,8 @@ def run_cell(c, celldir, metrics, backend):
                 rows = [r for r in read_jsonl(src_samples) if r.get("tx_bytes") is not None]
                 if rows and rows[-1]["tx_bytes"] - rows[0]["tx_bytes"] >= CUT_AFTER_BYTES:
                     cut["at"] = time.time()
+                    live = [r["status"].get("status") for r in rows if r.get("status")]
+                    cut["status_before"] = live[-1] if live else None
                     cut["at_bytes"] = rows[-1]["tx_bytes"] - rows[0]["tx_bytes"]
                     r = subprocess.run(["bash", str(SCRIPTS / "wan" / "wan-link.sh"), "cut", link, str(CUT_SECONDS)],
                                        capture_output=True, text=True, timeout=60)
@@ -361,11 +363,14 @@ def enrich(row, c, kept, cut):
         if kept and (kept / "source.log").exists():
             resumed = open(kept / "source.log", errors="replace").read().count("link resumed")
         row["cut_at_bytes"], row["link_resumed"] = cut.get("at_bytes"), resumed
+        row["cut_status_before"] = cut.get("status_before")
         why = None
         if not cut["done"]:
             why = f"the link was never cut (nothing crossed {CUT_AFTER_BYTES >> 20} MiB, or the cut failed: {cut['output']})"
         elif (fnum(row.get("link_bytes")) or 0) <= (cut.get("at_bytes") or 0) * 1.05:
             why = "the cut came after the migration had sent nearly everything"
+        elif cut.get("status_before") not in (None, "active", "postcopy-active", "setup"):
+            why = f"the cut came when the source's /status said {cut['status_before']}, not during the migration"
         elif resumed < 1 or not (row.get("reconnects") or 0) >= 1:
             why = f"no resume after the cut (source log 'link resumed' x{resumed}, report reconnects={row.get('reconnects')})"
         if why and row.get("verdict") == "ok":
