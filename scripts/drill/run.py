@@ -245,17 +245,20 @@ def fnum(v):
         return None
 
 
-def guest_rates(console_src, console_dst):
-    """The guest's own progress: pages it checked per second of its uptime, before the migration
-    (at the source, until its first full sweep: migrate-vm.sh starts the migration right after it),
-    during (at the source afterwards) and after (at the destination)."""
+def guest_rates(console_src, console_dst, counter="mem_pages_checked"):
+    """The guest's own progress: COUNTER (mem_pages_checked, or disk_step: blocks written) per second
+    of its uptime, before the migration (at the source, until its first full sweep: migrate-vm.sh
+    starts the migration right after it), during (at the source afterwards) and after (at the
+    destination). Its uptime is QEMU's virtual clock, which stands still while the VM is paused: the
+    downtime itself does not show here, only what the migration costs the running guest (the disk
+    write throttle, post-copy's faults)."""
     def lines(path):
         out, verdict_seen = [], False
         try:
             for line in open(path, errors="replace"):
                 if "ferry-guest: verdict" in line:
                     verdict_seen = True
-                m = re.search(r"ferry-guest: status .*uptime_ms=(\d+) .*mem_pages_checked=(\d+)", line)
+                m = re.search(r"ferry-guest: status .*uptime_ms=(\d+) .*\b" + counter + r"=(\d+)", line)
                 if m:
                     out.append((int(m.group(1)), int(m.group(2)), verdict_seen))
         except OSError:
@@ -272,7 +275,7 @@ def guest_rates(console_src, console_dst):
     during = [p for p in src if p[2]]
     if before and during:
         during = [before[-1]] + during
-    return rate(before), rate(during), rate(dst)
+    return rate(before), rate(during), rate(dst[:6])
 
 
 def workload_rates(kept):
@@ -353,6 +356,9 @@ def enrich(row, c, kept, cut):
         row["workload_max_stall_ms"] = workload_stall_ms(kept)
     elif kept:
         b, d, a = guest_rates(kept / "console-src.log", kept / "console-dst.log")
+        db, dd, da = guest_rates(kept / "console-src.log", kept / "console-dst.log", "disk_step")
+        row["disk_slowdown_during_pct"] = round(100 * (1 - dd / db), 1) if db and dd is not None else None
+        row["disk_slowdown_after_pct"] = round(100 * (1 - da / db), 1) if db and da is not None else None
     if kept:
         row["guest_rate_before"], row["guest_rate_during"], row["guest_rate_after"] = b, d, a
         row["slowdown_during_pct"] = round(100 * (1 - d / b), 1) if b and d is not None else None
@@ -498,7 +504,7 @@ def matrix_chart(rows, key, ylabel, png, scale=1.0):
 
 CSV_FIELDS = ["cell", "engine", "mode", "disk", "rate_mbit", "rtt_ms", "dirty_mbs", "disk_rate_mbs", "cut", "status",
               "verdict", "downtime_ms", "total_ms", "wire_bytes", "link_bytes", "rounds", "pages_on_demand",
-              "faults_on_missing", "fault_p50_ms", "fault_p99_ms", "slowdown_during_pct", "slowdown_after_pct", "workload_max_stall_ms",
+              "faults_on_missing", "fault_p50_ms", "fault_p99_ms", "slowdown_during_pct", "slowdown_after_pct", "disk_slowdown_during_pct", "disk_slowdown_after_pct", "workload_max_stall_ms",
               "throttle_s", "reconnects", "link_resumed", "mirror_ms", "total_incl_disk_ms", "run_s", "timeline", "why"]
 
 
