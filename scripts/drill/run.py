@@ -518,18 +518,22 @@ def write_outputs(rows, out):
             w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
 
 
-def markdown_table(rows):
-    head = ("| cell | engine | mode | disk | Mbit/s | RTT ms | mem MB/s | disk MB/s | status | downtime ms | total s | "
-            "link MB | rounds | on demand | fault p50/p99 ms | slowdown % | verdict |")
+def markdown_table(rows, link_prefix=""):
+    """The table of docs/drills.md: one row per cell; total s is disk + memory (QEMU: mirror + RAM);
+    slowdown is the guest's, during / after the migration; the cell links to its timeline."""
+    head = ("| cell | mode | disk | Mbit/s | RTT ms | mem MB/s | disk MB/s | status | downtime ms | total s | "
+            "link MB | rounds | on demand | fault p50/p99 ms | slowdown % during/after | verdict |")
     out = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
         faults = f"{fmt(r.get('fault_p50_ms'))}/{fmt(r.get('fault_p99_ms'))}" if r.get("fault_p50_ms") is not None else ""
-        out.append(f"| {r['cell']}{' (cut)' if r.get('cut') else ''} | {r['engine']} | {r['mode']} | {r['disk']} | "
-                   f"{r['rate_mbit']} | {r['rtt_ms']} | {r['dirty_mbs']} | {r['disk_rate_mbs']} | {r.get('status', '')} | "
-                   f"{fmt(r.get('downtime_ms'), 0)} | {fmt((fnum(r.get('total_ms')) or 0) / 1000) if r.get('total_ms') not in (None, '') else '-'} | "
-                   f"{fmt((fnum(r.get('link_bytes')) or 0) / 1e6, 0)} | {r.get('rounds', '')} | "
-                   f"{'' if r.get('pages_on_demand') is None else r.get('pages_on_demand')} | {faults} | "
-                   f"{'' if r.get('slowdown_during_pct') is None else r['slowdown_during_pct']} | {r.get('verdict', '')} |")
+        name = f"[{r['cell']}]({link_prefix}{r['timeline']})" if r.get("timeline") else r["cell"]
+        tot = fnum(r.get("total_incl_disk_ms"))
+        slow = "/".join("-" if r.get(k) is None else str(r[k]) for k in ("slowdown_during_pct", "slowdown_after_pct"))
+        out.append(f"| {name} | {r['mode']} | {r['disk']} | {r['rate_mbit']} | {r['rtt_ms']} | {r['dirty_mbs']} | "
+                   f"{r['disk_rate_mbs']} | {r.get('status', '')} | {fmt(r.get('downtime_ms'), 0)} | "
+                   f"{'-' if tot is None else fmt(tot / 1000)} | {fmt((fnum(r.get('link_bytes')) or 0) / 1e6, 0)} | "
+                   f"{r.get('rounds', '')} | {'' if r.get('pages_on_demand') in (None, '') else r.get('pages_on_demand')} | "
+                   f"{faults} | {slow} | {r.get('verdict', '')} |")
     return "\n".join(out) + "\n"
 
 
