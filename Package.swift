@@ -13,6 +13,7 @@ let package = Package(
         .executable(name: "ferry-bench", targets: ["FerryBench"]),
         .executable(name: "ferry-nbd-serve", targets: ["FerryNBDServe"]),
         .executable(name: "ferry-workload", targets: ["FerryWorkload"]),
+        .executable(name: "ferry-delay-relay", targets: ["FerryDelayRelay"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -32,6 +33,8 @@ let package = Package(
                        providers: [.apt(["libxxhash-dev"])]),
         .systemLibrary(name: "CLibCrypto", pkgConfig: "libcrypto",
                        providers: [.apt(["libssl-dev"])]),
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd",
+                       providers: [.apt(["libzstd-dev"])]),
         .target(name: "CFerryShims"),
 
         // io_uring: an owned ring, typed operations, completions by tag.
@@ -64,7 +67,7 @@ let package = Package(
         .target(name: "QMP", dependencies: ["CFerryShims"], swiftSettings: swift6),
         // The migration engine shared by both agents: link, sessions, phases.
         .target(name: "MigrationEngine",
-                dependencies: ["Wire", "URing", "NBDBridge", "ProcessMemory", "QMP", "CXXHash", "CFerryShims", "CLibCrypto",
+                dependencies: ["Wire", "URing", "NBDBridge", "ProcessMemory", "QMP", "CXXHash", "CFerryShims", "CLibCrypto", "CZstd",
                                .product(name: "SystemPackage", package: "swift-system"),
                                .product(name: "Logging", package: "swift-log"),
                                .product(name: "Crypto", package: "swift-crypto"),
@@ -81,6 +84,8 @@ let package = Package(
                                          .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                          .product(name: "Logging", package: "swift-log")],
                           swiftSettings: swift6),
+        // The emulated WAN's delay relay (scripts/wan/wan-link.sh): C, epoll and a timerfd, no Swift runtime.
+        .executableTarget(name: "FerryDelayRelay", path: "Sources/FerryDelayRelay"),
         // Benchmarks: figures side by side with a peer, never timed unit tests.
         .executableTarget(name: "FerryBench",
                           dependencies: ["URing", "Wire", "MigrationEngine", "CLibCrypto",
@@ -103,6 +108,6 @@ let package = Package(
         .testTarget(name: "WireTests", dependencies: ["Wire", "FerryTestSupport"], swiftSettings: swift6),
         .testTarget(name: "NBDBridgeTests", dependencies: ["NBDBridge", "CNBD", "FerryTestSupport"], swiftSettings: swift6),
         .testTarget(name: "ProcessMemoryTests", dependencies: ["ProcessMemory", "FerryWorkload", "FerryTestSupport"], swiftSettings: swift6),
-        .testTarget(name: "AgentTests", dependencies: ["MigrationEngine", "Wire", "ProcessMemory", "SourceAgent", "DestAgent", "FerryTestSupport"], swiftSettings: swift6),
+        .testTarget(name: "AgentTests", dependencies: ["MigrationEngine", "Wire", "ProcessMemory", "SourceAgent", "DestAgent", "FerryTestSupport", "CZstd"], swiftSettings: swift6),
     ]
 )

@@ -4,10 +4,12 @@ set -euo pipefail
 packages=(
   pkg-config liburing-dev libnbd-dev libxxhash-dev   # build: io_uring and libnbd through pkg-config
   libssl-dev                                       # build: libcrypto's EVP AEAD seals every frame in place
+  libzstd-dev                                      # build: zstd compresses bulk payloads on slow links
   libnbd-bin python3-libnbd nbdkit qemu-utils fio nbd-server   # real NBD peers and clients
   iperf3 iproute2 coreutils procps                 # link benchmarks, network namespaces
   valgrind                                         # scripts/fuzz.sh: the Wire hot path's allocation check
   qemu-system-x86 busybox-static gcc cpio xz-utils # scripts/guest/build.sh: the test guest (QEMU, its initramfs, vmlinux)
+  ansible-core ansible-lint openssh-server python3-apt   # deploy/: playbooks, lint, the deploy test's per-host sshd, the apt task
 )
 missing=()
 for package in "${packages[@]}"; do

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up (Debian packages), builds Ferry and runs every test: unit tests, real-client NBD tests,
 # kernel-mechanism tests and end-to-end agent tests, then the Wire fuzz harnesses for a bounded time
-# (scripts/fuzz.sh: libFuzzer and the valgrind allocation check). Set FERRY_REQUIRE_ALL=1 (CI does)
+# (scripts/fuzz.sh: libFuzzer and the valgrind allocation check), then deploy/'s lint and its test over real ssh
+# (scripts/deploy/test.sh). Set FERRY_REQUIRE_ALL=1 (CI does)
 # to turn any skip for a missing kernel feature, tool or permission into a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,3 +10,12 @@ bash scripts/setup.sh
 swift build --build-tests
 swift test --skip-build
 bash scripts/fuzz.sh
+# deploy/: ansible-lint (production profile), then the playbooks for real over ssh between two namespace hosts.
+(cd deploy && ansible-lint --offline)
+if [ "$(id -u)" -eq 0 ]; then
+  FERRY_BIN_DIR="$(swift build --show-bin-path)" timeout 900 bash scripts/deploy/test.sh
+elif [ "${FERRY_REQUIRE_ALL:-0}" = 1 ]; then
+  echo "test.sh: the deploy test needs root" >&2; exit 1
+else
+  echo "test.sh: SKIP the deploy test: it needs root"
+fi

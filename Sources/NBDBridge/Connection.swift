@@ -40,7 +40,6 @@ final class Connection {
     private static let headerArea = 32
     private static let receiveCapacity = 128 * 1024
     private static let maxBatch = 32
-    private static let discardLimit: UInt32 = 64 * 1024 * 1024
     private static let pollNanoseconds: UInt64 = 1_000_000
     /// Blocking waits that skip the poll after a poll found nothing.
     private static let spinBackoff = 4
@@ -350,8 +349,8 @@ final class Connection {
             }
             if code != .ok {
                 if request.command == NBDProtocol.cmdWrite {
-                    if request.length > Connection.discardLimit {
-                        // Too much to skip: answer, then close (nbdkit closes at 2× its maximum too).
+                    if UInt64(request.length) > 2 * UInt64(maxBlock) {
+                        // Too much to skip: answer, then close (nbdkit closes past 2× its maximum too).
                         replyError(index, code)
                         violation()
                         return

@@ -36,7 +36,8 @@ public final class NBDServer: Sendable {
         public var minimumBlockSize: UInt32
         /// Advertised preferred block size.
         public var preferredBlockSize: UInt32
-        /// Largest READ or WRITE accepted (bigger ones get EINVAL/EOVERFLOW).
+        /// Largest READ or WRITE accepted (bigger ones get EINVAL/EOVERFLOW); 64 MiB by default, as nbdkit. Advertised in
+        /// NBD_INFO_BLOCK_SIZE with the minimum and preferred sizes.
         public var maximumBlockSize: UInt32
         /// Requests in flight per connection (each slot owns a preallocated buffer).
         public var requestSlots: Int
@@ -64,7 +65,7 @@ public final class NBDServer: Sendable {
 
         public init(exportName: String = "", description: String = "Ferry NBD export", readOnly: Bool = false,
                     minimumBlockSize: UInt32 = 1, preferredBlockSize: UInt32 = 4096,
-                    maximumBlockSize: UInt32 = 32 * 1024 * 1024, requestSlots: Int = 64,
+                    maximumBlockSize: UInt32 = 64 * 1024 * 1024, requestSlots: Int = 64,
                     slotBufferSize: Int = 256 * 1024, multiConn: Bool = true, dirtyBlockSize: UInt64 = 64 * 1024,
                     idleSpinNanoseconds: UInt64 = 30_000, maxConnections: Int = 64,
                     logger: Logger = Logger(label: "ferry.nbd")) {

@@ -75,6 +75,9 @@ struct SourceAgent: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Write the JSON migration report here.", valueName: "PATH"))
     var report: String?
 
+    @Option(name: .long, help: ArgumentHelp("Compress bulk pages and blocks with zstd: auto (when the link is slower than compression and the data shrinks, measured as it goes: a WAN yes, loopback or random data no), on, or off. The report's \"compression\" says what it saved.", valueName: "auto|on|off"))
+    var compression: String = "auto"
+
     @Option(name: .long, help: ArgumentHelp("Serve the migration live over HTTP at this address: GET /metrics (Prometheus text: bytes, remaining, dirty rate, round, phase, throttle, as QEMU's query-migrate names them) and GET /status (JSON in query-migrate's shape). Example: --metrics tcp:127.0.0.1:9187.", valueName: "tcp:HOST:PORT"))
     var metrics: String?
 
@@ -94,6 +97,7 @@ struct SourceAgent: ParsableCommand {
     var network: NetworkOptions
 
     func validate() throws {
+        guard CompressionMode(rawValue: compression) != nil else { throw ValidationError("--compression must be auto, on or off (got '\(compression)')") }
         if memory.hasVM && (dest == nil || keyFile == nil) { throw ValidationError("--vm (or --qmp) needs --dest HOST:PORT and --key-file") }
         if disk.isEmpty && !memory.hasVM { throw ValidationError("give --disk IMG (the VM's disk image), --vm PID (the VM process whose memory to migrate), or both") }
         if !disk.isEmpty && nbd.isEmpty && dest == nil { throw ValidationError("give --nbd to serve the disk, --dest to migrate it, or both") }
@@ -150,6 +154,7 @@ struct SourceAgent: ParsableCommand {
             options.policy = ConvergencePolicy(maxDowntime: maxDowntime, maxRounds: maxRounds, maxSeconds: maxTime,
                                                throttleAboveFraction: throttleAbove, throttleTargetFraction: throttleTo)
             options.linkTimeout = linkTimeout
+            options.compression = CompressionPolicy(mode: CompressionMode(rawValue: compression)!)
             do {
                 if let metrics { options.status = try StatusEndpoint.serve(metrics, role: "source", logger: logger) }
                 options.network = try network.tunnelOptions()

@@ -15,7 +15,8 @@ public struct Features: OptionSet, Hashable, Sendable {
     public static let diskPostcopy = Features(rawValue: 1 << 3)
     /// Zero runs in `diskExtents` and `pageBatch` (always understood by v1 decoders).
     public static let zeroRuns = Features(rawValue: 1 << 4)
-    /// Reserved: payload compression (not implemented in v1; never set it).
+    /// Compressed payloads: `pageBatch` and `diskExtents` may carry their data as one zstd frame
+    /// (``PayloadEncoding``). Without it in both hellos, every payload is raw.
     public static let compression = Features(rawValue: 1 << 5)
     /// Unused: v2 seals every frame after the handshake, always, with hello's `cipherSuite`.
     public static let encryption = Features(rawValue: 1 << 6)

@@ -1,3 +1,4 @@
+import CZstd
 import FerryTestSupport
 import Foundation
 import Glibc
@@ -54,8 +55,8 @@ final class HostilePeerTests: XCTestCase {
         }
 
         /// A hostile source, authenticated like any other.
-        func connect() throws -> FakePeer {
-            let peer = try FakePeer.source(port: port, key: key)
+        func connect(features: Features = [.disk, .memory, .zeroRuns, .resume]) throws -> FakePeer {
+            let peer = try FakePeer.source(port: port, key: key, features: features)
             peer.stepTimeout = 30
             return peer
         }
@@ -93,9 +94,10 @@ final class HostilePeerTests: XCTestCase {
     /// Connects a hostile source, runs `script`, expects `error(code)` with `reason` in it, and
     /// checks the refusal: ``checkRefused(_:image:file:line:)``.
     private func refuse(_ script: (FakePeer) -> [FakePeer.Step], code: ErrorCode = .protocolViolation, reason: String,
-                        image: UInt64? = nil, file: StaticString = #filePath, line: UInt = #line) throws {
+                        image: UInt64? = nil, features: Features = [.disk, .memory, .zeroRuns, .resume],
+                        file: StaticString = #filePath, line: UInt = #line) throws {
         let rig = try DestRig()
-        let peer = try rig.connect()
+        let peer = try rig.connect(features: features)
         try peer.run(script(peer) + [.expectError(code)])
         let said = peer.lastErrorReason ?? ""
         XCTAssertTrue(said.contains(reason), "the agent's reason \"\(said)\" does not say \"\(reason)\"", file: file, line: line)
@@ -131,6 +133,48 @@ final class HostilePeerTests: XCTestCase {
             return
         }
         XCTAssertLessThan(bytes >> 10, peakLimitKiB, "\(context): the agent's peak resident set was \(bytes >> 20) MiB", file: file, line: line)
+    }
+
+    // MARK: Compressed payloads
+
+    /// `data` as one zstd frame.
+    private static func zstd(_ data: [UInt8]) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: ZSTD_compressBound(data.count))
+        let n = data.withUnsafeBytes { d in out.withUnsafeMutableBytes { ZSTD_compress($0.baseAddress, $0.count, d.baseAddress, d.count, 1) } }
+        return Array(out[0..<n])
+    }
+
+    private static let compressing: Features = [.disk, .memory, .zeroRuns, .resume, .compression]
+
+    /// A compressed extent whose zstd frame holds `content`, announced as `length` data bytes at offset 0.
+    private func compressedExtent(_ peer: FakePeer, content: [UInt8], length: UInt32) -> Message {
+        .diskExtents(DiskExtents(diskID: 1, round: 0, extents: ExtentList([Extent(offset: 0, length: length)]),
+                                 payload: peer.payload(Self.zstd(content)), encoding: .zstd))
+    }
+
+    func testACompressedFrameOnALinkThatDidNotAgreeIsAProtocolViolation() throws {
+        try refuse({ peer in [.send(self.layout), .send(self.compressedExtent(peer, content: [UInt8](repeating: 7, count: 4096), length: 4096))] },
+                   reason: "did not agree on compression", image: UInt64(disk.count))
+    }
+
+    func testCompressedGarbageIsAProtocolViolation() throws {
+        try refuse({ peer in [.send(self.layout), .send(.diskExtents(DiskExtents(
+            diskID: 1, round: 0, extents: ExtentList([Extent(offset: 0, length: 4096)]),
+            payload: peer.payload(randomBytes(count: 200, seed: 9)), encoding: .zstd)))] },
+                   reason: "does not expand", image: UInt64(disk.count), features: Self.compressing)
+    }
+
+    /// A zstd frame of 2 KiB announced as 4 KiB of data: the expansion must be exactly the data.
+    func testACompressedFrameThatExpandsShortIsAProtocolViolation() throws {
+        try refuse({ peer in [.send(self.layout), .send(self.compressedExtent(peer, content: [UInt8](repeating: 1, count: 2048), length: 4096))] },
+                   reason: "expands to 2048 bytes, not its 4096", image: UInt64(disk.count), features: Self.compressing)
+    }
+
+    /// 44 bytes of zstd announced as 1 GiB of data: refused before any buffer is sized for it (the peak stays
+    /// under the limit ``checkRefused`` checks).
+    func testACompressionBombIsRefusedBeforeItExpands() throws {
+        try refuse({ peer in [.send(self.layout), .send(self.compressedExtent(peer, content: [UInt8](repeating: 0, count: 1 << 20), length: 1 << 30))] },
+                   reason: "at most", image: UInt64(disk.count), features: Self.compressing)
     }
 
     // MARK: Disk layouts

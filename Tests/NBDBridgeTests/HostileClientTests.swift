@@ -7,6 +7,44 @@ import XCTest
 /// Clients that break the protocol: the server must close or refuse them, keep serving others, and
 /// never touch the image for a request that did not arrive whole.
 final class HostileClientTests: XCTestCase {
+    /// READ and WRITE up to 64 MiB are served (as nbdkit serves them); 64 MiB + 4 KiB gets EINVAL, the write's
+    /// payload is read and dropped, and the connection goes on in step.
+    func testRequestsOverTheMaximumAreRefusedAndTheConnectionGoesOn() throws {
+        let f = try ServerFixture(size: 160 << 20)
+        defer { f.stop() }
+        let c = try RawClient(path: f.socketPath)
+        defer { c.close() }
+        XCTAssertTrue(c.negotiate())
+        let over = UInt32((64 << 20) + 4096)
+        c.send(c.request(NBDProtocol.cmdRead, cookie: 1, offset: 0, length: over))
+        var reply = try XCTUnwrap(c.receive(16))
+        XCTAssertEqual(RawClient.read(reply, 4, UInt32.self), NBDErrorCode.einval.rawValue)
+        XCTAssertEqual(RawClient.read(reply, 8, UInt64.self), 1)
+        c.send(c.request(NBDProtocol.cmdWrite, cookie: 2, offset: 0, length: over) + [UInt8](repeating: 0x77, count: Int(over)))
+        reply = try XCTUnwrap(c.receive(16))
+        XCTAssertEqual(RawClient.read(reply, 4, UInt32.self), NBDErrorCode.einval.rawValue)
+        XCTAssertEqual(RawClient.read(reply, 8, UInt64.self), 2)
+        // The largest request, written and read back whole.
+        var largest = [UInt8](repeating: 0, count: 64 << 20)
+        largest.withUnsafeMutableBytes { bytes in
+            let words = bytes.bindMemory(to: UInt64.self)
+            for i in words.indices { words[i] = UInt64(i) &* 0x9E37_79B9_7F4A_7C15 }
+        }
+        c.send(c.request(NBDProtocol.cmdWrite, cookie: 3, offset: 32 << 20, length: UInt32(largest.count)) + largest)
+        reply = try XCTUnwrap(c.receive(16))
+        XCTAssertEqual(RawClient.read(reply, 4, UInt32.self), 0)
+        XCTAssertEqual(RawClient.read(reply, 8, UInt64.self), 3)
+        c.send(c.request(NBDProtocol.cmdRead, cookie: 4, offset: 32 << 20, length: UInt32(largest.count)))
+        let back = try XCTUnwrap(c.receive(16 + largest.count))
+        XCTAssertEqual(RawClient.read(back, 4, UInt32.self), 0)
+        let same = back.withUnsafeBytes { b in largest.withUnsafeBytes { memcmp(b.baseAddress! + 16, $0.baseAddress!, $0.count) == 0 } }
+        XCTAssertTrue(same, "the 64 MiB read differs from the 64 MiB write")
+        // Nothing of the refused write reached the image.
+        c.send(c.request(NBDProtocol.cmdRead, cookie: 5, offset: 0, length: 4096))
+        let head = try XCTUnwrap(c.receive(16 + 4096))
+        XCTAssertTrue(head[16...].allSatisfy { $0 == 0 }, "the refused write changed the image")
+    }
+
     func testHostileClientsLeaveServerUpAndImageIntact() throws {
         let f = try ServerFixture(size: 16 << 20) { try fillPattern($0, offset: 0, count: 4 << 20, seed: 99) }
         defer { f.stop() }

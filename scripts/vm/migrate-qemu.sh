@@ -92,7 +92,7 @@ dest_port=$((20000 + $$ % 20000)); relay_port=$((dest_port + 1)); nbd_port=$((de
 relay=$(bash scripts/wan/wan-link.sh up "$link" "$rate" "$rtt" "$dest_port" "$relay_port" | tail -n 1)
 dst_ip=${relay%:*}
 # The disk mirror's own relay, beside wan-link's, with the same delay.
-ip netns exec "$link-dst" python3 scripts/wan/delay-relay.py "$dst_ip" "$nbd_relay_port" 127.0.0.1 "$nbd_port" \
+ip netns exec "$link-dst" "$(bash scripts/wan/wan-link.sh relay-bin)" "$dst_ip" "$nbd_relay_port" 127.0.0.1 "$nbd_port" \
   "$(awk "BEGIN{print $rtt/2}")" </dev/null >"$tmp/nbd-relay.log" 2>&1 &
 pids+=("$!"); disown   # (killed at cleanup, without bash's "Killed" notices)
 for _ in $(seq 50); do ip netns exec "$link-dst" ss -Hltn "sport = :$nbd_relay_port" | grep -q . && break; sleep 0.1; done

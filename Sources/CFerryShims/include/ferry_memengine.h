@@ -32,6 +32,11 @@ static inline uint64_t ferry_counter_load(const uint64_t *counter) {
     return __atomic_load_n(counter, __ATOMIC_RELAXED);
 }
 
+/// Stores a 64-bit counter (relaxed).
+static inline void ferry_counter_store(uint64_t *counter, uint64_t value) {
+    __atomic_store_n(counter, value, __ATOMIC_RELAXED);
+}
+
 /// Stores a 32-bit value with release ordering.
 static inline void ferry_store_i32_release(int32_t *cell, int32_t value) {
     __atomic_store_n(cell, value, __ATOMIC_RELEASE);

@@ -24,6 +24,9 @@ public struct FrameReceiver: ~Copyable {
     private var start = 0, end = 0, pendingConsume = 0
     private let timeout: UnsafeMutablePointer<KernelTimespec>
     private var cipher: FrameCipher?
+    /// Expands compressed payloads, on a link that agreed on `compression` (``acceptCompressed()``); without it a
+    /// compressed payload is a protocol violation.
+    private var expander: PayloadExpander?
     private var framesOpened: UInt64 = 0
     /// How long a receive may see no bytes before it fails with ``LinkError/timedOut(during:seconds:)``.
     public var timeoutSeconds: Double
@@ -68,6 +71,11 @@ public struct FrameReceiver: ~Copyable {
         buffer = larger
     }
 
+    /// Accepts compressed bulk payloads from now on (the handshake agreed on `compression`).
+    public mutating func acceptCompressed() {
+        if expander == nil { expander = PayloadExpander(limit: decoder.maxFrameSize) }
+    }
+
     /// The next frame. `during` names the phase for error messages.
     public mutating func receive(during phase: String) throws(LinkError) -> DecodedFrame {
         start += pendingConsume
@@ -102,8 +110,14 @@ public struct FrameReceiver: ~Copyable {
             framesOpened = sequence
         }
         let body = UnsafeRawBufferPointer(rebasing: buffer[(offset + FrameHeader.size)..<bodyEnd])
-        let message: Message
+        var message: Message
         do { message = try decoder.decodeBody(body, type: header.type) } catch { throw .malformed(error) }
+        if message.isCompressed {
+            guard let expander else {
+                throw .local(.protocolViolation, reason: "a compressed \(header.type) on a link that did not agree on compression")
+            }
+            message = try expander.expand(message)
+        }
         return DecodedFrame(header: header, message: message)
     }
 

@@ -16,6 +16,8 @@ public struct FrameSender: ~Copyable {
     private let vectors: UnsafeMutablePointer<iovec>
     private let header: UnsafeMutablePointer<msghdr>
     private var cipher: FrameCipher?
+    /// Compresses bulk payloads once the session turned it on (``compress(with:)``).
+    private var compressor: PayloadCompressor?
     /// Where a sealed payload and its tag are written; grown to the largest payload seen.
     private var sealedPayload = UnsafeMutableRawBufferPointer(start: nil, count: 0)
     /// Frames sent so far; also the next frame's sequence number minus one.
@@ -47,6 +49,11 @@ public struct FrameSender: ~Copyable {
         cipher = try FrameCipher(suite: suite, key: key, sealing: true)
     }
 
+    /// From now on, bulk payloads go compressed when `policy` says it pays (the link agreed on `compression`).
+    public mutating func compress(with policy: CompressionPolicy) {
+        compressor = PayloadCompressor(policy: policy)
+    }
+
     /// Sends one frame. Its payload (if any) is read in place; it must stay valid during the call.
     public mutating func send(_ message: Message) throws(LinkError) {
         try send(message, rewritingMetadata: nil)
@@ -56,6 +63,7 @@ public struct FrameSender: ~Copyable {
     /// may change after encoding and before sealing: how a test's hostile peer sends a sealed frame
     /// with values the encoder refuses (a block size of 0, an extent past 2^64).
     mutating func send(_ message: Message, rewritingMetadata rewrite: ((UnsafeMutableRawBufferPointer) -> Void)?) throws(LinkError) {
+        let message = compressor?.encode(message) ?? message
         let prefixLength: Int
         let tag = cipher == nil ? 0 : FrameCipher.tagSize
         do {

@@ -61,6 +61,14 @@ public final class PeerLink: @unchecked Sendable {
         return try body(&senderBox.sender)
     }
 
+    /// Bulk payloads sent from now on go compressed when `policy` says it pays (when the link agreed on
+    /// `compression`; otherwise nothing changes).
+    public func compress(with policy: CompressionPolicy) {
+        guard agreement.features.contains(.compression), policy.mode != .off else { return }
+        senderLock.lock(); defer { senderLock.unlock() }
+        senderBox.sender.compress(with: policy)
+    }
+
     /// Bytes sent on this connection so far, headers included.
     public var bytesSent: UInt64 {
         senderLock.lock(); defer { senderLock.unlock() }
@@ -112,6 +120,7 @@ public final class PeerLink: @unchecked Sendable {
                                                           features: features, mode: mode, resumePoints: resumePoints)
             receiver.timeoutSeconds = receiveTimeout
             receiver.deadlineNanoseconds = nil
+            if agreement.features.contains(.compression) { receiver.acceptCompressed() }
             return PeerLink(descriptor: fd, agreement: agreement, sender: sender, receiver: receiver)
         } catch let error as LinkError {
             Glibc.close(fd)
@@ -133,6 +142,7 @@ public final class PeerLink: @unchecked Sendable {
             let agreement = try SessionHandshake.accept(sender: &sender, receiver: &receiver, key: key, decide: decide)
             receiver.timeoutSeconds = receiveTimeout
             receiver.deadlineNanoseconds = nil
+            if agreement.features.contains(.compression) { receiver.acceptCompressed() }
             return PeerLink(descriptor: fd, agreement: agreement, sender: sender, receiver: receiver)
         } catch let error as LinkError {
             Glibc.close(fd)

@@ -44,10 +44,36 @@ public struct MigrationReport: Codable, Sendable {
     public var memory: MemoryReport?
     /// The network part, when the VM's traffic was tunnelled (docs/network.md).
     public var network: NetworkReport?
+    /// Source: what compression did to the bulk payloads (nil with `--compression off`).
+    public var compression: CompressionReport?
     /// This agent's peak resident set so far, in bytes, when the report was written (`VmHWM`).
     public var peakResidentBytes: UInt64 = 0
 
     public init(role: String) { self.role = role }
+
+    /// What compression did, per kind of stream (docs/wire.md, "Compression").
+    public struct CompressionReport: Codable, Sendable {
+        /// "auto", "on" or "off".
+        public var mode: String
+        public var memory: Part?
+        public var disk: Part?
+
+        public struct Part: Codable, Sendable {
+            /// Data bytes the bulk frames carried, and the payload bytes that went on the wire for them.
+            public var dataBytes: UInt64
+            public var payloadBytes: UInt64
+            /// payload ÷ data (1: nothing saved).
+            public var ratio: Double
+            /// Frames sent compressed, and raw (compression did not pay, or did not shrink them).
+            public var framesCompressed: UInt64
+            public var framesRaw: UInt64
+            /// Time spent compressing.
+            public var compressSeconds: Double
+            /// The last estimates the decision used: compressed ÷ data, and data bytes compressed per second.
+            public var estimatedRatio: Double
+            public var estimatedSpeed: Double
+        }
+    }
 
     /// What the tunnel between the old and the new host carried for the VM.
     public struct NetworkReport: Codable, Sendable {

@@ -718,7 +718,7 @@ public final class DestinationSession: @unchecked Sendable {
             guard let held, hello.sessionID == held else { throw .peer(.unknownSession, reason: "an urgent lane for no session held here") }
             return .init(features: hello.features.intersection([.urgentLane, .disk, .memory]))
         }
-        let features: Features = [.disk, .memory, .zeroRuns, .resume, .diskPostcopy, .postcopy, .urgentLane]
+        let features: Features = [.disk, .memory, .zeroRuns, .resume, .diskPostcopy, .postcopy, .urgentLane, .compression]
         switch (hello.mode, held) {
         case (.new, nil):
             return .init(features: features)

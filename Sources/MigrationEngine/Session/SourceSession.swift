@@ -13,6 +13,8 @@ public struct SessionOptions: Sendable {
     public var destination: SocketAddress
     /// Where the live status goes (`--metrics`), if anywhere.
     public var status: StatusBoard?
+    /// Whether bulk payloads go compressed (zstd), and the record of it.
+    public var compression = CompressionPolicy(mode: .auto)
     /// The shared key both agents hold.
     public var key: SharedKey
     /// When to switch over and when to throttle: ONE decision over every stream's remaining bytes.
@@ -164,6 +166,7 @@ public final class SourceSession: @unchecked Sendable {
             }
             report.disk = report.disks.first
             report.network = networkReport()
+            report.compression = compressionReport()
         }
         /// Publishes a live snapshot on the status board (`--metrics`) when one is due, or now when `force`.
         func publishStatus(force: Bool = false) {
@@ -192,6 +195,7 @@ public final class SourceSession: @unchecked Sendable {
                         break migration
                     }
                     link = newLink
+                    newLink.compress(with: options.compression)
                     openLinks.withLock { $0.append(newLink) }
                     if resumed {
                         reconnects += 1
@@ -250,6 +254,7 @@ public final class SourceSession: @unchecked Sendable {
                         if try !stream.sendBulk(budget: budget, on: active) { allDone = false }
                     }
                     bandwidth = Double(sentSoFar()) / max(0.001, seconds(since: bulkStart))
+                    options.compression.linkRate(bytesPerSecond: bandwidth)
                     showProgress(bandwidth: bandwidth, dirtyRate: 0, remaining: nil)
                     if allDone {
                         lastCollect = .now
@@ -270,6 +275,7 @@ public final class SourceSession: @unchecked Sendable {
                     dirtyRate = Double(remaining) / interval
                     lastCollect = .now
                     bandwidth = Double(sentSoFar()) / max(0.001, seconds(since: bulkStart))
+                    options.compression.linkRate(bytesPerSecond: bandwidth)
                     showProgress(bandwidth: bandwidth, dirtyRate: dirtyRate, remaining: remaining, force: true)
                     var decision: ConvergencePolicy.Decision
                     if let memory, memory.options.mode == .hybrid, round > memory.options.precopyRounds {
@@ -478,6 +484,22 @@ public final class SourceSession: @unchecked Sendable {
         return report
     }
 
+    /// The report's compression part (nil when it was off).
+    private func compressionReport() -> MigrationReport.CompressionReport? {
+        let policy = options.compression
+        guard policy.mode != .off else { return nil }
+        func part(_ kind: CompressionPolicy.Kind) -> MigrationReport.CompressionReport.Part? {
+            let c = policy.counters(kind)
+            guard c.framesCompressed + c.framesRaw > 0 else { return nil }
+            return .init(dataBytes: c.dataBytes, payloadBytes: c.payloadBytes,
+                         ratio: c.dataBytes == 0 ? 1 : Double(c.payloadBytes) / Double(c.dataBytes),
+                         framesCompressed: c.framesCompressed, framesRaw: c.framesRaw,
+                         compressSeconds: Double(c.compressNanoseconds) / 1e9, estimatedRatio: policy.estimate(kind).ratio,
+                         estimatedSpeed: policy.estimate(kind).speed)
+        }
+        return .init(mode: policy.mode.rawValue, memory: part(.memory), disk: part(.disk))
+    }
+
     /// The report's network part now (nil without a tunnel).
     public func networkReport() -> MigrationReport.NetworkReport? {
         guard let tunnel else { return nil }
@@ -586,6 +608,7 @@ public final class SourceSession: @unchecked Sendable {
         let deadline = since + .milliseconds(Int(options.linkTimeout * 1000))
         var features: Features = [.resume]
         for stream in streams { features.formUnion(stream.features) }
+        if options.compression.mode != .off { features.insert(.compression) }
         features.remove(.urgentLane)   // only an urgent lane's own hello names it
         repeat {
             if cancelled.load(ordering: .relaxed) { throw lastError ?? .local(.aborted, reason: "cancelled") }

@@ -122,18 +122,26 @@ public struct DiskExtents: Equatable, Sendable {
     public var round: UInt32
     /// The extents, in payload order.
     public var extents: ExtentList
-    /// The data extents' bytes, concatenated (zero-copy; see ``Payload``).
+    /// The data extents' bytes, concatenated (zero-copy; see ``Payload``), or one zstd frame of them (``encoding``).
     public var payload: Payload
+    /// How ``payload`` carries the data extents.
+    public var encoding: PayloadEncoding
 
-    public init(diskID: UInt32, round: UInt32, extents: ExtentList, payload: Payload) {
-        self.diskID = diskID; self.round = round; self.extents = extents; self.payload = payload
+    public init(diskID: UInt32, round: UInt32, extents: ExtentList, payload: Payload, encoding: PayloadEncoding = .raw) {
+        self.diskID = diskID; self.round = round; self.extents = extents; self.payload = payload; self.encoding = encoding
     }
+
+    /// Bytes of the data extents (what a compressed payload expands to).
+    public var dataBytes: UInt64 { extents.reduce(UInt64(0)) { $0 + ($1.kind == .data ? UInt64($1.length) : 0) } }
 
     static func decode(from r: inout ByteReader) throws(WireError) -> DiskExtents {
         let id = try r.u32("diskID")
         let round = try r.u32("round")
         let rawCount = try r.u16("extentCount")
-        try r.reserved(6, "reserved")
+        let encodingAt = r.frameOffset
+        let rawEncoding = try r.u8("encoding")
+        guard let encoding = PayloadEncoding(rawValue: rawEncoding) else { throw r.invalid("encoding", rawEncoding, at: encodingAt) }
+        try r.reserved(5, "reserved")
         let count = try r.count(rawCount, elementSize: Extent.size, max: maxExtents, "extentCount")
         let tableAt = r.frameOffset
         let table = try r.view(count * Extent.size, "extents")
@@ -158,10 +166,8 @@ public struct DiskExtents: Equatable, Sendable {
             }
         }
         let payload = r.rest()
-        if UInt64(payload.count) != dataBytes {
-            throw .payloadLengthMismatch(type: r.type, expected: dataBytes, actual: payload.count)
-        }
-        return DiskExtents(diskID: id, round: round, extents: ExtentList(wire: table), payload: Payload(payload))
+        try encoding.check(payload: payload.count, dataBytes: dataBytes, type: r.type, at: encodingAt)
+        return DiskExtents(diskID: id, round: round, extents: ExtentList(wire: table), payload: Payload(payload), encoding: encoding)
     }
 
     func metadataSize(as type: MessageType) throws(WireError) -> Int {
@@ -177,14 +183,12 @@ public struct DiskExtents: Equatable, Sendable {
             }
             if e.kind == .data { dataBytes += UInt64(e.length) }
         }
-        if UInt64(payload.count) != dataBytes {
-            throw .payloadLengthMismatch(type: type, expected: dataBytes, actual: payload.count)
-        }
+        try encoding.check(payload: payload.count, dataBytes: dataBytes, type: type, at: FrameHeader.size + 10)
         return 16 + Extent.size * extents.count
     }
 
     func write(to w: inout ByteWriter) {
-        w.u32(diskID); w.u32(round); w.u16(UInt16(extents.count)); w.zeros(6)
+        w.u32(diskID); w.u32(round); w.u16(UInt16(extents.count)); w.u8(encoding.rawValue); w.zeros(5)
         for e in extents { w.u64(e.offset); w.u32(e.length); w.u8(e.kind.rawValue); w.zeros(3) }
     }
 }

@@ -146,23 +146,31 @@ public struct PageBatch: Equatable, Sendable {
     public var firstPage: UInt64
     /// Consecutive runs from `firstPage`.
     public var runs: PageRunList
-    /// The data pages' bytes in order (zero-copy; see ``Payload``).
+    /// The data pages' bytes in order (zero-copy; see ``Payload``), or one zstd frame of them (``encoding``).
     public var payload: Payload
+    /// How ``payload`` carries the data pages.
+    public var encoding: PayloadEncoding
 
-    public init(regionID: UInt32, pageShift: UInt8, firstPage: UInt64, runs: PageRunList, payload: Payload) {
+    public init(regionID: UInt32, pageShift: UInt8, firstPage: UInt64, runs: PageRunList, payload: Payload,
+                encoding: PayloadEncoding = .raw) {
         self.regionID = regionID; self.pageShift = pageShift; self.firstPage = firstPage
-        self.runs = runs; self.payload = payload
+        self.runs = runs; self.payload = payload; self.encoding = encoding
     }
 
     /// Total pages covered by the runs (data and zero).
     public var pageCount: UInt64 { runs.reduce(0) { $0 + UInt64($1.count) } }
+
+    /// Bytes of the data pages (what a compressed payload expands to).
+    public var dataBytes: UInt64 { runs.reduce(UInt64(0)) { $0 + ($1.isZero ? 0 : UInt64($1.count)) } << UInt64(pageShift) }
 
     static func decode(from r: inout ByteReader) throws(WireError) -> PageBatch {
         let region = try r.u32("regionID")
         let shiftAt = r.frameOffset
         let shift = try r.u8("pageShift")
         if shift < 12 || shift > 30 { throw r.invalid("pageShift", shift, at: shiftAt) }
-        try r.reserved(1, "reserved")
+        let encodingAt = r.frameOffset
+        let rawEncoding = try r.u8("encoding")
+        guard let encoding = PayloadEncoding(rawValue: rawEncoding) else { throw r.invalid("encoding", rawEncoding, at: encodingAt) }
         let rawCount = try r.u16("runCount")
         let firstAt = r.frameOffset
         let first = try r.u64("firstPage")
@@ -179,11 +187,10 @@ public struct PageBatch: Equatable, Sendable {
         if first.addingReportingOverflow(allPages).overflow { throw r.invalid("firstPage", first, at: firstAt) }
         let payload = r.rest()
         let (expected, overflow) = dataPages.multipliedReportingOverflow(by: UInt64(1) << shift)
-        if overflow || expected != UInt64(payload.count) {
-            throw .payloadLengthMismatch(type: r.type, expected: overflow ? .max : expected, actual: payload.count)
-        }
+        if overflow { throw .payloadLengthMismatch(type: r.type, expected: .max, actual: payload.count) }
+        try encoding.check(payload: payload.count, dataBytes: expected, type: r.type, at: encodingAt)
         return PageBatch(regionID: region, pageShift: shift, firstPage: first, runs: PageRunList(wire: table),
-                         payload: Payload(payload))
+                         payload: Payload(payload), encoding: encoding)
     }
 
     func metadataSize(as type: MessageType, base: Int = 0) throws(WireError) -> Int {
@@ -205,15 +212,12 @@ public struct PageBatch: Equatable, Sendable {
         if firstPage.addingReportingOverflow(allPages).overflow {
             throw .invalidValue(type: type, field: "firstPage", offset: FrameHeader.size + base + 8, value: firstPage)
         }
-        let expected = dataPages << UInt64(pageShift)
-        if expected != UInt64(payload.count) {
-            throw .payloadLengthMismatch(type: type, expected: expected, actual: payload.count)
-        }
+        try encoding.check(payload: payload.count, dataBytes: dataPages << UInt64(pageShift), type: type, at: FrameHeader.size + base + 5)
         return 16 + 4 * runs.count
     }
 
     func write(to w: inout ByteWriter) {
-        w.u32(regionID); w.u8(pageShift); w.zeros(1); w.u16(UInt16(runs.count)); w.u64(firstPage)
+        w.u32(regionID); w.u8(pageShift); w.u8(encoding.rawValue); w.u16(UInt16(runs.count)); w.u64(firstPage)
         for run in runs { w.u32(run.wireValue) }
     }
 }
