@@ -9,6 +9,9 @@
 #       Prints the relay's address.
 #   FERRY_WAN_PRIORITY_BANDS=1 adds a priority FIFO inside the bucket (SO_PRIORITY 6 goes first).
 #   wan-link.sh down NAME          removes both namespaces and the relay.
+#   wan-link.sh cut NAME [SECONDS] drops the link: kills the relay (every connection through it is
+#       closed, as a middlebox or a peer's crash would), waits SECONDS (default 2; nothing can connect
+#       meanwhile), then starts the relay again with the same delay. For drills (scripts/drill/).
 #   wan-link.sh src NAME CMD...    runs CMD in the source namespace.
 #   wan-link.sh dst NAME CMD...    runs CMD in the destination namespace.
 #   wan-link.sh relay-bin          prints the delay relay's path (for another relay beside this one).
@@ -37,6 +40,20 @@ src="$name-src"; dst="$name-dst"
 subnet=$(( $(printf '%s' "$name" | cksum | cut -d' ' -f1) % 200 + 20 ))
 src_ip="10.77.$subnet.1"; dst_ip="10.77.$subnet.2"
 pidfile="/run/ferry-wan-$name.relay.pid"
+argsfile="/run/ferry-wan-$name.relay.args"
+
+# start_relay: the delay relay in NAME-dst, with the arguments (and the relay binary) `up` saved in $argsfile.
+start_relay() {
+  local r_ip r_port r_target r_delay r_bin
+  read -r r_ip r_port r_target r_delay r_bin < "$argsfile"
+  # The relay outlives this script: it must hold none of the caller's descriptors (a caller that
+  # waits for a pipe or a status descriptor to close would wait for ever), so close all above 2.
+  (
+    for fd in $(ls /proc/$BASHPID/fd); do [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null; done
+    exec ip netns exec "$dst" setsid "$r_bin" "$r_ip" "$r_port" 127.0.0.1 "$r_target" "$r_delay" </dev/null >/dev/null 2>&1
+  ) &
+  echo $! > "$pidfile"
+}
 
 case "$action" in
 up)
@@ -63,23 +80,31 @@ up)
       ip netns exec "${pair%%:*}" tc qdisc add dev "${pair#*:}" parent 1:1 pfifo_fast
     done
   fi
-  # The relay outlives this script: it must hold none of the caller's descriptors (a caller that
-  # waits for a pipe or a status descriptor to close would wait for ever), so close all above 2.
-  (
-    for fd in $(ls /proc/$BASHPID/fd); do [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null; done
-    exec ip netns exec "$dst" setsid "$relay_bin" "$dst_ip" "$relay" 127.0.0.1 "$target" \
-      "$(awk "BEGIN{print $rtt/2}")" </dev/null >/dev/null 2>&1
-  ) &
-  echo $! > "$pidfile"
+  echo "$dst_ip $relay $target $(awk "BEGIN{print $rtt/2}") $relay_bin" > "$argsfile"
+  start_relay
   for _ in $(seq 50); do ip netns exec "$dst" bash -c "exec 3<>/dev/tcp/$dst_ip/$relay" 2>/dev/null && break; sleep 0.1; done
   echo "$dst_ip:$relay"
   ;;
 down)
   if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; fi
+  rm -f "$argsfile"
   ip netns pids "$dst" 2>/dev/null | xargs -r kill 2>/dev/null || true
   ip netns pids "$src" 2>/dev/null | xargs -r kill 2>/dev/null || true
   ip netns del "$src" 2>/dev/null || true
   ip netns del "$dst" 2>/dev/null || true
+  ;;
+cut)
+  seconds=${3:-2}
+  [ -f "$pidfile" ] && [ -f "$argsfile" ] || { echo "wan-link: no link $name is up" >&2; exit 1; }
+  read -r r_ip r_port _ < "$argsfile"
+  relay_pid=$(cat "$pidfile")
+  kill "$relay_pid"
+  for _ in $(seq 50); do kill -0 "$relay_pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$relay_pid" 2>/dev/null || true
+  sleep "$seconds"
+  start_relay
+  for _ in $(seq 50); do ip netns exec "$dst" bash -c "exec 3<>/dev/tcp/$r_ip/$r_port" 2>/dev/null && break; sleep 0.1; done
+  echo "cut $name for $seconds s; relay $r_ip:$r_port again"
   ;;
 src) shift 2; exec ip netns exec "$src" "$@" ;;
 dst) shift 2; exec ip netns exec "$dst" "$@" ;;
