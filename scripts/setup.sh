@@ -10,6 +10,7 @@ packages=(
   valgrind                                         # scripts/fuzz.sh: the Wire hot path's allocation check
   qemu-system-x86 busybox-static gcc cpio xz-utils # scripts/guest/build.sh: the test guest (QEMU, its initramfs, vmlinux)
   ansible-core ansible-lint openssh-server python3-apt   # deploy/: playbooks, lint, the deploy test's per-host sshd, the apt task
+  python3-matplotlib                               # scripts/drill/run.py: the drills' plots (/usr/bin/python3)
 )
 missing=()
 for package in "${packages[@]}"; do
