@@ -7,6 +7,9 @@
 #include <linux/netlink.h>
 #include <linux/rtnetlink.h>
 #include <linux/sockios.h>
+#include <linux/tcp.h>
+#include <netinet/in.h>
+#include <stddef.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -120,4 +123,13 @@ int ferry_bridge_pin_mac(const char *ifname, unsigned long long mac, int add) {
     close(nl);
     if (!add && rc == -ENOENT) rc = 0;
     return rc;
+}
+
+unsigned long long ferry_tcp_bytes_acked(int fd) {
+    struct tcp_info info;
+    socklen_t length = sizeof info;
+    memset(&info, 0, sizeof info);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &length) != 0) return 0;
+    if (length < offsetof(struct tcp_info, tcpi_bytes_acked) + sizeof info.tcpi_bytes_acked) return 0;
+    return info.tcpi_bytes_acked;
 }

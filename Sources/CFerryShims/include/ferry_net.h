@@ -23,3 +23,7 @@ int ferry_link_mac(const char *ifname, unsigned long long *mac);
 /// 0 or -errno (unpinning an entry that is not there is 0).
 int ferry_bridge_pin_mac(const char *ifname, unsigned long long mac, int add);
 #endif
+
+/// Bytes of a TCP socket's stream the peer has acknowledged (TCP_INFO `tcpi_bytes_acked`): what crossed the
+/// link, unlike what was written into the send buffer. 0 on error (errno set) or for a non-TCP socket.
+unsigned long long ferry_tcp_bytes_acked(int fd);

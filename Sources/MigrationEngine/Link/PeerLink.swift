@@ -69,6 +69,10 @@ public final class PeerLink: @unchecked Sendable {
         senderBox.sender.compress(with: policy)
     }
 
+    /// Bytes of this connection's stream the peer's TCP has acknowledged: what crossed the link (bytes sent
+    /// also count what still waits in the socket's send buffer, seconds of it on a slow link).
+    public var bytesAcknowledged: UInt64 { ferry_tcp_bytes_acked(descriptor) }
+
     /// Bytes sent on this connection so far, headers included.
     public var bytesSent: UInt64 {
         senderLock.lock(); defer { senderLock.unlock() }

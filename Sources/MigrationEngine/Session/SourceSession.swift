@@ -147,6 +147,14 @@ public final class SourceSession: @unchecked Sendable {
             return Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
         }
         func sentSoFar() -> UInt64 { wireBytes + (link?.bytesSent ?? 0) }
+        /// Bytes that crossed the link so far: the current connection's as its TCP peer acknowledged them (what
+        /// waits in the send buffer has not crossed: on a slow link that is seconds of data, and a rate counted
+        /// from bytes sent misjudged a 6.25 MB/s link as 11.5 MB/s at switchover).
+        func crossedSoFar() -> UInt64 {
+            guard let link else { return wireBytes }
+            let acknowledged = link.bytesAcknowledged
+            return wireBytes + (acknowledged > 0 ? min(acknowledged, link.bytesSent) : link.bytesSent)
+        }
         /// What the report says now: the common part the session measures (time, the link's throughput, each
         /// stream's dirty rate at the last round), then each stream's part. `final` false: a live snapshot.
         func fillReport(_ report: inout MigrationReport, final: Bool) {
@@ -223,6 +231,7 @@ public final class SourceSession: @unchecked Sendable {
                         for stream in streams { try stream.announce(on: newLink) }
                         startTunnelLane()
                         bulkStart = .now
+                        lastCollect = bulkStart
                         state.move(to: hasPrecopy ? .bulk : .switchover)
                         if hasPrecopy {
                             logger.info("bulk copy started", metadata: ["bytes": "\(streams.filter(\.hasPrecopy).reduce(UInt64(0)) { $0 + $1.totalBytes })",
@@ -253,11 +262,13 @@ public final class SourceSession: @unchecked Sendable {
                         let budget = max(256 << 10, Int(Double(options.sliceBytes) * share))
                         if try !stream.sendBulk(budget: budget, on: active) { allDone = false }
                     }
-                    bandwidth = Double(sentSoFar()) / max(0.001, seconds(since: bulkStart))
+                    bandwidth = Double(crossedSoFar()) / max(0.001, seconds(since: bulkStart))
                     options.compression.linkRate(bytesPerSecond: bandwidth)
                     showProgress(bandwidth: bandwidth, dirtyRate: 0, remaining: nil)
                     if allDone {
-                        lastCollect = .now
+                        // Round 1's dirty set is what was written since tracking began with the bulk copy:
+                        // its rate is over that time (the bulk's end would make a few milliseconds of it and
+                        // a rate hundreds of times too high, which the throttle then acted on).
                         state.move(to: .round(1))
                     }
 
@@ -274,7 +285,7 @@ public final class SourceSession: @unchecked Sendable {
                     }
                     dirtyRate = Double(remaining) / interval
                     lastCollect = .now
-                    bandwidth = Double(sentSoFar()) / max(0.001, seconds(since: bulkStart))
+                    bandwidth = Double(crossedSoFar()) / max(0.001, seconds(since: bulkStart))
                     options.compression.linkRate(bytesPerSecond: bandwidth)
                     showProgress(bandwidth: bandwidth, dirtyRate: dirtyRate, remaining: remaining, force: true)
                     var decision: ConvergencePolicy.Decision
