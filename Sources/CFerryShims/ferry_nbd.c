@@ -10,6 +10,7 @@ const int ferry_nbd_falloc_keep_size = FALLOC_FL_KEEP_SIZE;
 const int ferry_nbd_falloc_punch_hole = FALLOC_FL_PUNCH_HOLE;
 const int ferry_nbd_falloc_zero_range = FALLOC_FL_ZERO_RANGE;
 const int ferry_nbd_seek_data = SEEK_DATA;
+const int ferry_nbd_o_direct = O_DIRECT;
 const int ferry_nbd_seek_hole = SEEK_HOLE;
 const int ferry_nbd_fadv_willneed = POSIX_FADV_WILLNEED;
 

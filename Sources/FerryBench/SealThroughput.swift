@@ -1,16 +1,19 @@
 import ArgumentParser
+import CLibCrypto
 import Crypto
 import Foundation
 import MigrationEngine
 import Wire
 
-/// Seals frames of one size again and again on one core, the way the link does (in place, one key
-/// schedule per connection), with each AEAD Ferry could use, and swift-crypto's allocating
-/// `AES.GCM.seal` beside them: the measurement behind the default cipher suite.
+/// Seals frames of one size again and again on one core, the way the link does (one key schedule per
+/// connection, no allocation), with each AEAD Ferry could use (``FrameCipher``: BoringSSL as vendored
+/// by swift-crypto), and beside them OpenSSL's EVP AES-256-GCM (Debian's libcrypto, what the link
+/// used before) and swift-crypto's allocating `AES.GCM.seal`: the measurement behind the default
+/// cipher suite and its library.
 struct SealThroughput: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "seal",
-        abstract: "AEAD sealing throughput per core: AES-256-GCM and ChaCha20-Poly1305 (OpenSSL EVP, in place) and swift-crypto's AES.GCM.seal.",
+        abstract: "AEAD throughput per core: the link's AES-256-GCM and ChaCha20-Poly1305 (BoringSSL) beside OpenSSL EVP and swift-crypto's AES.GCM.seal.",
         discussion: "Example: ferry-bench seal --frame-kib 1024 --seconds 1"
     )
 
@@ -47,13 +50,43 @@ struct SealThroughput: ParsableCommand {
         var results: [(String, Double)] = []
         for suite in [CipherSuite.aes256gcm, .chacha20poly1305] {
             let cipher = try FrameCipher(suite: suite, key: key, sealing: true)
-            let rate = measure("\(suite) (OpenSSL EVP, in place, no allocation)") {
+            let rate = measure("\(suite) seal (link: BoringSSL, no allocation)") {
                 _ = cipher.seal(header: UnsafeRawPointer(header.baseAddress!), metadata: UnsafeMutableRawBufferPointer(rebasing: header[12..<28]),
-                                payload: UnsafeRawBufferPointer(rebasing: payload[..<size]), payloadOutput: output.baseAddress!,
-                                tag: output.baseAddress! + size)
+                                payload: UnsafeRawBufferPointer(rebasing: payload[..<size]), payloadOutput: output.baseAddress!)
             }
             results.append(("\(suite)", rate))
         }
+        // Opening: seal one frame, then open copies of it with a cipher whose count is set back each time.
+        let sealer = try FrameCipher(suite: .aes256gcm, key: key, sealing: true)
+        let sealedFrame = UnsafeMutableRawBufferPointer.allocate(byteCount: size + 64, alignment: 64)
+        defer { sealedFrame.deallocate() }
+        _ = sealer.seal(header: UnsafeRawPointer(header.baseAddress!), metadata: UnsafeMutableRawBufferPointer(rebasing: header[12..<12]),
+                        payload: UnsafeRawBufferPointer(rebasing: payload[..<size]), payloadOutput: sealedFrame.baseAddress!)
+        var opener = try FrameCipher(suite: .aes256gcm, key: key, sealing: false)
+        let openRate = try measure("aes-256-gcm open (link: BoringSSL, in place)") {
+            output.baseAddress!.copyMemory(from: sealedFrame.baseAddress!, byteCount: size)
+            opener = try FrameCipher(suite: .aes256gcm, key: key, sealing: false)
+            precondition(opener.open(header: UnsafeRawPointer(header.baseAddress!), body: UnsafeMutableRawBufferPointer(rebasing: output[..<size]),
+                                     tag: UnsafeRawPointer(sealedFrame.baseAddress! + size)))
+        }
+        print(String(format: "  (open includes a %d KiB copy per frame to restore the ciphertext)", frameKiB))
+        results.append(("aes-256-gcm open", openRate))
+        // OpenSSL 3 (Debian's libcrypto), the link's library until BoringSSL's VAES code measured faster.
+        let context = EVP_CIPHER_CTX_new()!
+        defer { EVP_CIPHER_CTX_free(context) }
+        var iv = [UInt8](repeating: 0, count: 12)
+        _ = key.withUnsafeBufferPointer { EVP_EncryptInit_ex(context, EVP_aes_256_gcm(), nil, $0.baseAddress, nil) }
+        let openSSLRate = measure("aes-256-gcm seal (OpenSSL 3 EVP, no allocation)") {
+            iv[4] &+= 1
+            var written: Int32 = 0
+            _ = EVP_EncryptInit_ex(context, nil, nil, nil, iv)
+            _ = EVP_EncryptUpdate(context, nil, &written, header.baseAddress!.assumingMemoryBound(to: UInt8.self), 12)
+            _ = EVP_EncryptUpdate(context, output.baseAddress!.assumingMemoryBound(to: UInt8.self), &written,
+                                  payload.baseAddress!.assumingMemoryBound(to: UInt8.self), Int32(size))
+            _ = EVP_EncryptFinal_ex(context, output.baseAddress!.assumingMemoryBound(to: UInt8.self) + size, &written)
+            _ = EVP_CIPHER_CTX_ctrl(context, EVP_CTRL_AEAD_GET_TAG, 16, output.baseAddress! + size)
+        }
+        results.append(("OpenSSL aes-256-gcm", openSSLRate))
         let swiftKey = SymmetricKey(data: key)
         let source = Data(UnsafeRawBufferPointer(rebasing: payload[..<size]))
         let rate = try measure("aes-256-gcm (swift-crypto AES.GCM.seal, allocates)") {

@@ -173,7 +173,9 @@ final class FakePeer {
             case .keepalive:
                 continue
             case .roundEnd(let end) where acknowledgesRounds:
-                try link.send(.ack(Ack(stream: end.stream, streamID: end.streamID, sequence: UInt64(end.round) + 1, offset: 0)))
+                // A source that refused something sends its `error` and closes: that error may already wait
+                // in the receive buffer while this ack finds the socket closed (EPIPE). The next receive reports it.
+                try? link.send(.ack(Ack(stream: end.stream, streamID: end.streamID, sequence: UInt64(end.round) + 1, offset: 0)))
             case .diskExtents, .diskReply, .pageBatch, .pageReply, .vmState:
                 return Frame(type: decoded.header.type, message: nil)
             default:

@@ -35,6 +35,7 @@ extern const int ferry_nbd_falloc_zero_range;  // FALLOC_FL_ZERO_RANGE
 extern const int ferry_nbd_seek_data;          // SEEK_DATA
 extern const int ferry_nbd_seek_hole;          // SEEK_HOLE
 extern const int ferry_nbd_fadv_willneed;      // POSIX_FADV_WILLNEED
+extern const int ferry_nbd_o_direct;           // O_DIRECT (open(2))
 
 /// fallocate(2), returning 0 or -errno.
 int ferry_nbd_fallocate(int fd, int mode, int64_t offset, int64_t length);

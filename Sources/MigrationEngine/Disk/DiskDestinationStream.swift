@@ -58,12 +58,13 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
         self.currentMainLink = currentMainLink
         do {
             image = try DiskImage(path: target.imagePath, layout: layout)
-            applier = try DiskApplier(image: image)
+            applier = try DiskApplier(image: image, directWrites: true)
         } catch {
             throw .local(.storageFailure, reason: "cannot create the image \(target.imagePath): \(error)")
         }
         logger.info("receiving disk", metadata: ["disk": "\(layout.diskID)", "bytes": "\(layout.sizeBytes)",
-                                                 "block_size": "\(layout.blockSize)", "image": "\(target.imagePath)"])
+                                                 "block_size": "\(layout.blockSize)", "image": "\(target.imagePath)",
+                                                 "direct_writes": "\(applier.writesDirectly)"])
     }
 
     /// Refuses a layout this destination cannot hold, before the image is created or sized: a
@@ -150,6 +151,7 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
     /// over the urgent lane, which the source opens next.
     func switchover(postcopy: Bool) throws(LinkError) {
         guard postcopy, !self.postcopy else { return }
+        try drainWrites()
         self.postcopy = true
         image.claimsEnabled.store(true, ordering: .releasing)
         if let held {
@@ -192,6 +194,7 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
 
     /// Serves the pre-copy image (the digests agreed): the VM is about to start.
     func serveForVM() throws(LinkError) {
+        try drainWrites()
         if let held, !held.isReleased {
             held.release(to: nil)
             server?.resume()
@@ -200,6 +203,13 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
         try startServing(postcopy: false)
         // Off the downtime path: the VM reads through the page cache, and its own FLUSH requests sync what it needs.
         do { try applier.flush() } catch { logger.warning("flushing the image failed", metadata: ["error": "\(error)"]) }
+    }
+
+    /// Waits for the image writes in flight: before the image is served to the VM or shared with post-copy's appliers.
+    private func drainWrites() throws(LinkError) {
+        do { try applier.drain() } catch {
+            throw .local(.storageFailure, reason: "writing the image \(target.imagePath): \(error)")
+        }
     }
 
     func digest() -> StreamDigest { StreamDigest(stream: .disk, streamID: layout.diskID, digest: image.hashes.digest()) }

@@ -43,16 +43,34 @@ final class DiskImage: @unchecked Sendable {
 }
 
 /// One thread's means of applying `diskExtents` to a ``DiskImage``: its own io_uring ring and
-/// scratch block. Data is written straight from the receive buffer; zero runs are punched as holes.
+/// scratch block. The stream's own applier writes aligned data with `O_DIRECT`, several writes in
+/// flight (``DirectImageWriter``); the rest is written straight from the receive buffer through the
+/// page cache, and zero runs are punched as holes. Before anything else touches the image (a
+/// hole, a claimed post-copy write, a read-back, serving it, `fdatasync`), the direct writes in
+/// flight are drained (``drain()``).
 struct DiskApplier: ~Copyable {
     let image: DiskImage
     private var ring: Ring
     private let scratch: UnsafeMutableRawBufferPointer
+    private var direct: DirectImageWriter?
 
-    init(image: DiskImage) throws(Errno) {
+    /// An applier for `image`; with `directWrites`, pre-copy data goes through `O_DIRECT` where the
+    /// filesystem allows it.
+    init(image: DiskImage, directWrites: Bool = false) throws(Errno) {
         self.ring = try Ring(entries: 8)
         self.image = image
         self.scratch = .allocate(byteCount: Int(image.layout.blockSize), alignment: 4096)
+        self.direct = directWrites ? DirectImageWriter(path: image.path, bufferedFD: image.fd) : nil
+    }
+
+    /// Whether data goes through `O_DIRECT` (the filesystem allowed it).
+    var writesDirectly: Bool { direct != nil }
+    /// Direct writes that waited for an earlier one of an overlapping range.
+    var overlapWaits: Int { direct?.overlapWaits ?? 0 }
+
+    /// Waits for the direct writes in flight; throws the first that failed.
+    mutating func drain() throws(Errno) {
+        try direct?.drain()
     }
 
     deinit { scratch.deallocate() }
@@ -68,11 +86,16 @@ struct DiskApplier: ~Copyable {
             let bytes: UnsafeRawBufferPointer? = extent.kind == .data
                 ? UnsafeRawBufferPointer(rebasing: payload[payloadOffset..<(payloadOffset + Int(extent.length))]) : nil
             if claims {
+                try drain()
                 try applyClaimed(offset: extent.offset, length: UInt64(extent.length), bytes: bytes)
             } else if let bytes {
-                try ring.writeFully(image.fd, bytes, offset: extent.offset)
+                if try direct?.write(bytes, at: extent.offset) != true {
+                    try drain()
+                    try ring.writeFully(image.fd, bytes, offset: extent.offset)
+                }
                 try rehash(offset: extent.offset, bytes: bytes)
             } else {
+                try drain()
                 try zero(offset: extent.offset, length: UInt64(extent.length))
             }
             if extent.kind == .data {
@@ -86,6 +109,7 @@ struct DiskApplier: ~Copyable {
 
     /// Flushes the image to stable storage (`fdatasync`).
     mutating func flush() throws(Errno) {
+        try drain()
         do { try ring.prepareFsync(image.fd, dataOnly: true, tag: Ring.sequentialTag) } catch { throw error.errno }
         _ = try ring.waitCompletion().get()
     }
@@ -173,6 +197,7 @@ struct DiskApplier: ~Copyable {
     }
 
     private mutating func rehashFromImage(block: Int) throws(Errno) {
+        try drain()
         let length = image.hashes.length(ofBlock: block)
         let target = UnsafeMutableRawBufferPointer(rebasing: scratch[..<length])
         let got = try ring.readFully(image.fd, into: target, offset: UInt64(block) * image.blockSize)

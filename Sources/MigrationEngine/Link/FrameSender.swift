@@ -82,10 +82,10 @@ public struct FrameSender: ~Copyable {
                 sealedPayload = .allocate(byteCount: max(payload.count + tag, 1 << 20), alignment: 64)
             }
             let metadata = UnsafeMutableRawBufferPointer(rebasing: prefixBuffer[FrameHeader.size..<prefixLength])
-            let tagAt = payload.isEmpty ? prefixBuffer.baseAddress! + prefixLength : sealedPayload.baseAddress! + payload.count
-            guard cipher.seal(header: prefixBuffer.baseAddress!, metadata: metadata, payload: payload,
-                              payloadOutput: sealedPayload.baseAddress ?? tagAt, tag: tagAt) else {
-                throw .local(.internalError, reason: "libcrypto failed to seal a \(message.type) frame")
+            // The tag follows the payload's ciphertext; without a payload, the metadata.
+            let output = payload.isEmpty ? prefixBuffer.baseAddress! + prefixLength : sealedPayload.baseAddress!
+            guard cipher.seal(header: prefixBuffer.baseAddress!, metadata: metadata, payload: payload, payloadOutput: output) else {
+                throw .local(.internalError, reason: "BoringSSL failed to seal a \(message.type) frame")
             }
             if payload.isEmpty {
                 prefixTotal += tag
