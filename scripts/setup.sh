@@ -3,7 +3,7 @@
 set -euo pipefail
 packages=(
   pkg-config liburing-dev libnbd-dev libxxhash-dev   # build: io_uring and libnbd through pkg-config
-  libssl-dev                                       # build: libcrypto's EVP AEAD seals every frame in place
+  libssl-dev                                       # build: ferry-bench seal measures OpenSSL 3 beside the link's BoringSSL
   libzstd-dev                                      # build: zstd compresses bulk payloads on slow links
   libnbd-bin python3-libnbd nbdkit qemu-utils fio nbd-server   # real NBD peers and clients
   iperf3 iproute2 coreutils procps                 # link benchmarks, network namespaces
