@@ -11,7 +11,8 @@
 #
 # Prints, per mode: downtime, total time, wire bytes / touched memory, fault latency on received
 # pages (goal: median < 20 us) and on missing pages while the push stream fills the link (goal:
-# median < RTT + 1 ms), and the workload's operations per second before, during and after; each goal
+# median < RTT + 0.2 ms, issue 15's goal), downtime (goal: RTT + 50 ms in pre-copy, RTT + 10 ms in
+# post-copy, issue 15's), and the workload's operations per second before, during and after; each goal
 # then as "goal: ... measured ... -> met" or "-> BELOW GOAL" (a benchmark measures: a goal missed does
 # not change the exit status; a failed or corrupt migration does).
 # Needs root (network namespaces, ptrace, userfaultfd).
@@ -36,8 +37,8 @@ trap cleanup EXIT
 head -c 32 /dev/urandom > "$work/key"; chmod 600 "$work/key"
 
 # The emulated link's own round trip (small messages through the relay, idle link), so the
-# missing-page goal can be read against what the emulator really adds (its relay's timers and
-# Python forwarding cost a little beyond RTT_MS).
+# missing-page goal can be read against what the emulator really adds (its relay, ferry-delay-relay,
+# wakes and forwards a little after each chunk is due).
 cat > "$work/echo.py" <<'PY'
 import socket, sys, time, statistics
 if sys.argv[1] == "server":
@@ -113,11 +114,12 @@ rcv, mis = dm["fault_latency_received"], dm["fault_latency_missing"]
 print(f"memory migration, {mode}: {sm['total'] >> 20} MiB over {rate} Mbit/s, RTT {rtt:g} ms")
 print(f"  status                   {src['status']}  digests agree {src['digests_agree']}  ({src['reason']})")
 print(f"  downtime                 {src['downtime_ms']:.1f} ms")
+print(f"  downtime steps (source)  " + "  ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in src.get("downtime_steps", {}).items()) + "  (ms)")
 print(f"  total time               {src['total_time_ms']/1000:.2f} s")
 print(f"  wire bytes / touched     {src['wire_bytes']/touched:.3f}   (touched {touched >> 20} MiB, tracking {sm['tracking_method']})")
 print(f"  pages per round          {sm['pages_per_round']}  pushed {sm['pages_pushed']}  requests {sm['postcopy_requests']}")
 print(f"  faults on received pages {rcv['count']}  p50 {rcv['p50_us']:.1f} us  p90 {rcv['p90_us']:.1f}  p99 {rcv['p99_us']:.1f}   (goal p50 < 20 us)")
-print(f"  faults on missing pages  {mis['count']}  p50 {mis['p50_us']/1000:.2f} ms  p90 {mis['p90_us']/1000:.2f}  p99 {mis['p99_us']/1000:.2f}   (goal p50 < RTT + 1 ms = {rtt + 1:g} ms set, {measured + 1:.2f} ms measured)")
+print(f"  faults on missing pages  {mis['count']}  p50 {mis['p50_us']/1000:.2f} ms  p90 {mis['p90_us']/1000:.2f}  p99 {mis['p99_us']/1000:.2f}   (goal p50 < RTT + 0.2 ms = {rtt + 0.2:g} ms set, {measured + 0.2:.2f} ms measured)")
 print(f"  resumed workload verify  valid {verified.get('valid')} corrupt {verified.get('corrupt')} of {verified.get('pages')} pages")
 print(f"  workload ops/s           before {ops[0] if ops else 0:.0f}  during {statistics.mean(ops[1:]) if len(ops) > 1 else 0:.0f}  after {statistics.mean(after) if after else 0:.0f}")
 def goal(what, target_text, measured_text, met):
@@ -127,11 +129,14 @@ if rcv["count"]:
 else:
     print("  goal: fault latency on received pages, p50 < 20 us: no such faults in this mode (not compared)")
 if mis["count"]:
-    limit = measured + 1
-    goal("fault latency on missing pages, p50", f"< measured link RTT + 1 ms = {limit:.2f} ms",
+    limit = measured + 0.2
+    goal("fault latency on missing pages, p50", f"< measured link RTT + 0.2 ms = {limit:.2f} ms",
          f"{mis['p50_us']/1000:.2f} ms", mis["p50_us"] / 1000 < limit)
 else:
-    print("  goal: fault latency on missing pages, p50 < RTT + 1 ms: no such faults in this mode (not compared)")
+    print("  goal: fault latency on missing pages, p50 < RTT + 0.2 ms: no such faults in this mode (not compared)")
+slack = 10 if mode.startswith("postcopy") else 50
+goal(f"downtime ({mode})", f"< measured link RTT + {slack} ms = {measured + slack:.1f} ms", f"{src['downtime_ms']:.1f} ms",
+     src["downtime_ms"] < measured + slack)
 ok = src["status"] == "completed" and src["digests_agree"] and verified.get("corrupt") == 0
 sys.exit(0 if ok else 1)
 PY

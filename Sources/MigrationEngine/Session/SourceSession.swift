@@ -141,6 +141,8 @@ public final class SourceSession: @unchecked Sendable {
         var bandwidth: Double = 0
         var dirtyRate: Double = 0
         var dirtyRates: [String: Double] = [:]
+        /// What the last round left (the next decision compares against it: rounds go on while they shrink the set).
+        var previousRemaining: UInt64?
 
         func seconds(since instant: ContinuousClock.Instant) -> Double {
             let d = ContinuousClock.now - instant
@@ -305,8 +307,10 @@ public final class SourceSession: @unchecked Sendable {
                     } else {
                         decision = options.policy.decide(remainingBytes: remaining, bandwidth: bandwidth, dirtyRate: dirtyRate,
                                                          round: round - 1, elapsed: seconds(since: start),
-                                                         throttled: disks.isEmpty || disks.contains { $0.isThrottled })
+                                                         throttled: disks.isEmpty || disks.contains { $0.isThrottled },
+                                                         previousRemainingBytes: previousRemaining ?? .max)
                     }
+                    previousRemaining = remaining
                     switch decision {
                     case .switchover(let reason):
                         report.reason = reason

@@ -1,0 +1,46 @@
+import MigrationEngine
+import XCTest
+
+/// The pre-copy decision: the target is a ceiling (rounds go on below it while they shrink the set),
+/// the limits still end it, and the throttle engages as before.
+final class ConvergencePolicyTests: XCTestCase {
+    private let policy = ConvergencePolicy(maxDowntime: 0.3, maxRounds: 30)
+    private let link = 24e6   // 24 MB/s: the target is 7.2 MB, the floor (10 ms) 240 KB
+
+    private func decide(_ remaining: UInt64, previous: UInt64? = .max, round: Int = 3, dirtyRate: Double = 5e6) -> ConvergencePolicy.Decision {
+        policy.decide(remainingBytes: remaining, bandwidth: link, dirtyRate: dirtyRate, round: round, elapsed: 10, throttled: false,
+                      previousRemainingBytes: previous)
+    }
+
+    private func switches(_ decision: ConvergencePolicy.Decision) -> String? {
+        if case .switchover(let reason) = decision { return reason }
+        return nil
+    }
+
+    func testBelowTheTargetRoundsGoOnWhileTheyShrinkTheSet() {
+        XCTAssertEqual(decide(2_600_000, previous: .max), .iterate, "fits 300 ms, first fitting round: one more")
+        XCTAssertEqual(decide(2_600_000, previous: 12_000_000), .iterate, "a fifth of the round before: one more")
+        XCTAssertEqual(decide(600_000, previous: 2_600_000), .iterate)
+        XCTAssertNotNil(switches(decide(200_000, previous: 600_000)), "fits the 10 ms floor")
+        let stalled = switches(decide(500_000, previous: 600_000))
+        XCTAssertTrue(stalled?.contains("left 83 %") == true, "a writer's hot set: it stopped shrinking: \(stalled ?? "iterate")")
+    }
+
+    func testWithoutHistoryItSwitchesAsSoonAsTheRestFitsTheTarget() {
+        XCTAssertTrue(switches(decide(2_600_000, previous: nil))?.contains("fit 300 ms") == true)
+        XCTAssertEqual(decide(8_000_000, previous: nil), .iterate)
+    }
+
+    func testLimitsEndTheRoundsAboveAndBelowTheTarget() {
+        XCTAssertEqual(switches(decide(50_000_000, round: 30)), "round limit 30 reached")
+        XCTAssertNotNil(switches(decide(2_600_000, previous: 12_000_000, round: 30)), "below the target the round limit holds too")
+        let late = policy.decide(remainingBytes: 2_600_000, bandwidth: link, dirtyRate: 5e6, round: 3, elapsed: 4000, throttled: false,
+                                 previousRemainingBytes: 12_000_000)
+        XCTAssertNotNil(switches(late), "time limit")
+    }
+
+    func testAWriterFasterThanHalfTheLinkIsThrottled() {
+        XCTAssertEqual(decide(50_000_000, dirtyRate: 20e6), .throttle(bytesPerSecond: 7_200_000))
+        XCTAssertEqual(decide(50_000_000, dirtyRate: 5e6), .iterate)
+    }
+}
