@@ -94,6 +94,8 @@ run_mode() {
   kill -9 "$wpid" 2>/dev/null || true
   exec {cmd_fd}>&-
   bash "$wan" down "$name" >/dev/null
+  # The destination's side of the downtime: from the switchover frame to `resumed` (its log line).
+  grep -o 'since_switchover_ms=[0-9.]*' "$dir/dest.log" | head -1 | sed 's/^/  destination: /' || true
   /usr/bin/python3 - "$label" "$dir" "$rtt" "$rate" "$link_rtt" <<'PY'
 import json, sys, statistics
 mode, d, rtt, rate, measured = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], float(sys.argv[5])
@@ -143,8 +145,8 @@ PY
 }
 
 run_mode precopy 7171 6271 "precopy"
-# Post-copy on a plain shaped link (one FIFO): the push paces itself by queueing delay (2 ms target).
-run_mode postcopy 7172 6272 "postcopy, push paced (2 ms), one FIFO"
+# Post-copy on a plain shaped link (one FIFO): the push paces itself by queueing delay (default 10 ms target).
+run_mode postcopy 7172 6272 "postcopy, push paced (10 ms), one FIFO"
 # Post-copy on a link with a priority band for the urgent lane (SO_PRIORITY 6): push at full speed.
 export FERRY_WAN_PRIORITY_BANDS=1
 run_mode postcopy 7173 6273 "postcopy, push unpaced, urgent lane prioritised" --push-delay-target-ms 0
