@@ -97,7 +97,11 @@ final class DirectImageWriter {
             let target = staging.baseAddress! + slot * Self.slotSize
             target.copyMemory(from: bytes.baseAddress! + done, byteCount: count)
             ranges[slot] = (at, count, 0)
-            try submit(slot: slot)
+            do { try submit(slot: slot) } catch {
+                ranges[slot] = (0, 0, 0)
+                free.append(slot)
+                throw error
+            }
             done += count
         }
         _ = try ring.submit()
