@@ -1,5 +1,6 @@
 import CFerryShims
 import CZstd
+import Glibc
 import Wire
 
 /// Whether bulk payloads (`pageBatch`, `diskExtents`) travel compressed (docs/wire.md, "Compression").
@@ -95,8 +96,11 @@ public final class CompressionPolicy: @unchecked Sendable {
         let ratio = min(1, Double(compressed) / Double(max(1, data)))
         let speed = Double(data) / (Double(max(1, nanoseconds)) / 1e9)
         let (oldRatio, oldSpeed) = estimate(kind)
-        ferry_counter_store(cell(kind, .ratio), (oldRatio * 0.8 + ratio * 0.2).bitPattern)
-        ferry_counter_store(cell(kind, .speed), (oldSpeed * 0.8 + speed * 0.2).bitPattern)
+        // Weight 0.2 per MiB compressed (at least one step per sample), so the estimates learn per byte,
+        // whatever the frame size: a 4 MiB frame moves them as four 1 MiB frames did.
+        let keep = pow(0.8, max(1, Double(data) / Double(1 << 20)))
+        ferry_counter_store(cell(kind, .ratio), (oldRatio * keep + ratio * (1 - keep)).bitPattern)
+        ferry_counter_store(cell(kind, .speed), (oldSpeed * keep + speed * (1 - keep)).bitPattern)
         _ = ferry_counter_add(cell(kind, .nanoseconds), nanoseconds)
     }
 
