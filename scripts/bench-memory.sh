@@ -117,6 +117,7 @@ print(f"memory migration, {mode}: {sm['total'] >> 20} MiB over {rate} Mbit/s, RT
 print(f"  status                   {src['status']}  digests agree {src['digests_agree']}  ({src['reason']})")
 print(f"  downtime                 {src['downtime_ms']:.1f} ms")
 print(f"  downtime steps (source)  " + "  ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in src.get("downtime_steps", {}).items()) + "  (ms)")
+print(f"  downtime steps (dest)    " + "  ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in dst.get("downtime_steps", {}).items()) + "  (ms)")
 print(f"  total time               {src['total_time_ms']/1000:.2f} s")
 print(f"  wire bytes / touched     {src['wire_bytes']/touched:.3f}   (touched {touched >> 20} MiB, tracking {sm['tracking_method']})")
 print(f"  pages per round          {sm['pages_per_round']}  pushed {sm['pages_pushed']}  requests {sm['postcopy_requests']}")

@@ -466,6 +466,8 @@ public final class DestinationSession: @unchecked Sendable {
     /// before the journal tells the source `vmStartFailed`, so it resumes its copy.
     private func startVM(mode: SwitchoverMode, session: Switch, directory: PrivateDirectory,
                          uffdListener: inout UFFDHandshakeListener?, link: PeerLink) throws(LinkError) {
+        // Where the destination's side of the downtime goes (the report's downtime_steps, the log's steps_ms).
+        startSteps["before_start_ms"] = Double(ferry_monotonic_ns() &- session.at) / 1e6
         do {
             for disk in disks.values { try disk.serveForVM() }
             if let memOut = options.memOut, let memory, !mode.contains(.memoryPostcopy) { try memory.image.write(memoryFile: memOut) }
@@ -496,18 +498,27 @@ public final class DestinationSession: @unchecked Sendable {
                 let t2 = ferry_monotonic_ns()
                 try qemu.loadStateAndRun(statePath: statePath)
                 vmRunsHere()
-                startSteps = ["qemu_wait_ms": Double(t1 &- t0) / 1e6, "uffd_attach_ms": Double(t2 &- t1) / 1e6,
-                              "state_load_and_cont_ms": Double(ferry_monotonic_ns() &- t2) / 1e6]
+                startSteps["qemu_wait_ms"] = Double(t1 &- t0) / 1e6
+                startSteps["uffd_attach_ms"] = Double(t2 &- t1) / 1e6
+                startSteps["state_load_and_cont_ms"] = Double(ferry_monotonic_ns() &- t2) / 1e6
             } else {
+                let t0 = ferry_monotonic_ns()
                 if let command = options.onSwitchover {
                     startedPID = try ShellCommand.start(command, environment: environment)
                 }
+                let t1 = ferry_monotonic_ns()
                 if let memory, let listener = uffdListener.take() {
                     let handshake = try awaitVM(listener)
+                    let t2 = ferry_monotonic_ns()
                     try memory.startFaultService(handshake, onExit: vmExited)
+                    startSteps["vm_handshake_ms"] = Double(t2 &- t1) / 1e6
+                    startSteps["fault_service_ms"] = Double(ferry_monotonic_ns() &- t2) / 1e6
                 }
+                startSteps["command_start_ms"] = Double(t1 &- t0) / 1e6
                 vmRunsHere()
             }
+            let journalStart = ferry_monotonic_ns()
+            defer { startSteps["journal_ms"] = Double(ferry_monotonic_ns() &- journalStart) / 1e6 }
             var journal = HandOverJournal(session: "\(link.agreement.sessionID)", digests: [:], disks: [],
                                           memoryPostcopy: mode.contains(.memoryPostcopy))
             for stream in streams where !(mode.contains(.memoryPostcopy) && stream.streamType == .memory)
