@@ -5,15 +5,15 @@ import Foundation
 import MigrationEngine
 import Wire
 
-/// Seals frames of one size again and again on one core, the way the link does (one key schedule per
-/// connection, no allocation), with each AEAD Ferry could use (``FrameCipher``: BoringSSL as vendored
-/// by swift-crypto), and beside them OpenSSL's EVP AES-256-GCM (Debian's libcrypto, what the link
+/// Seals frames of one size again and again, the way the link does (one key schedule per connection,
+/// no allocation, records of a large frame on two threads), with each AEAD Ferry could use
+/// (``FrameCipher``: BoringSSL as vendored by swift-crypto), and beside them, on one core, OpenSSL's EVP AES-256-GCM (Debian's libcrypto, what the link
 /// used before) and swift-crypto's allocating `AES.GCM.seal`: the measurement behind the default
 /// cipher suite and its library.
 struct SealThroughput: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "seal",
-        abstract: "AEAD throughput per core: the link's AES-256-GCM and ChaCha20-Poly1305 (BoringSSL) beside OpenSSL EVP and swift-crypto's AES.GCM.seal.",
+        abstract: "AEAD throughput: the link's AES-256-GCM and ChaCha20-Poly1305 (BoringSSL) beside OpenSSL EVP and swift-crypto's AES.GCM.seal.",
         discussion: "Example: ferry-bench seal --frame-kib 1024 --seconds 1"
     )
 
@@ -26,7 +26,7 @@ struct SealThroughput: ParsableCommand {
     func run() throws {
         let size = frameKiB << 10
         let payload = UnsafeMutableRawBufferPointer.allocate(byteCount: size + 64, alignment: 64)
-        let output = UnsafeMutableRawBufferPointer.allocate(byteCount: size + 64, alignment: 64)
+        let output = UnsafeMutableRawBufferPointer.allocate(byteCount: size + SealedRecords.overhead(bodyBytes: size) + 64, alignment: 64)
         defer { payload.deallocate(); output.deallocate() }
         for i in 0..<payload.count { payload[i] = UInt8(truncatingIfNeeded: i &* 31) }
         let header = UnsafeMutableRawBufferPointer.allocate(byteCount: 64, alignment: 64)
@@ -46,30 +46,36 @@ struct SealThroughput: ParsableCommand {
             return rate
         }
 
-        print("sealing \(frameKiB) KiB frames on one core")
+        print("sealing \(frameKiB) KiB frames: the link's AEAD in \(SealedRecords.recordBytes >> 10) KiB records, two threads per frame when it has two records or more; the others on one core")
         var results: [(String, Double)] = []
+        let sealedBytes = size + SealedRecords.overhead(bodyBytes: size)
         for suite in [CipherSuite.aes256gcm, .chacha20poly1305] {
-            let cipher = try FrameCipher(suite: suite, key: key, sealing: true)
+            let cipher = try FrameCipher(suite: suite, key: key)
             let rate = measure("\(suite) seal (link: BoringSSL, no allocation)") {
-                _ = cipher.seal(header: UnsafeRawPointer(header.baseAddress!), metadata: UnsafeMutableRawBufferPointer(rebasing: header[12..<28]),
+                _ = cipher.seal(header: UnsafeRawPointer(header.baseAddress!), metadata: UnsafeMutableRawBufferPointer(rebasing: header[12..<12]),
                                 payload: UnsafeRawBufferPointer(rebasing: payload[..<size]), payloadOutput: output.baseAddress!)
             }
             results.append(("\(suite)", rate))
         }
-        // Opening: seal one frame, then open copies of it with a cipher whose count is set back each time.
-        let sealer = try FrameCipher(suite: .aes256gcm, key: key, sealing: true)
-        let sealedFrame = UnsafeMutableRawBufferPointer.allocate(byteCount: size + 64, alignment: 64)
-        defer { sealedFrame.deallocate() }
-        _ = sealer.seal(header: UnsafeRawPointer(header.baseAddress!), metadata: UnsafeMutableRawBufferPointer(rebasing: header[12..<12]),
-                        payload: UnsafeRawBufferPointer(rebasing: payload[..<size]), payloadOutput: sealedFrame.baseAddress!)
-        var opener = try FrameCipher(suite: .aes256gcm, key: key, sealing: false)
-        let openRate = try measure("aes-256-gcm open (link: BoringSSL, in place)") {
-            output.baseAddress!.copyMemory(from: sealedFrame.baseAddress!, byteCount: size)
-            opener = try FrameCipher(suite: .aes256gcm, key: key, sealing: false)
-            precondition(opener.open(header: UnsafeRawPointer(header.baseAddress!), body: UnsafeMutableRawBufferPointer(rebasing: output[..<size]),
-                                     tag: UnsafeRawPointer(sealedFrame.baseAddress! + size)))
+        // Opening: seal `count` frames in a row, then open them in order with one opener per pass.
+        let count = 16
+        let sealer = try FrameCipher(suite: .aes256gcm, key: key)
+        let sealedFrames = UnsafeMutableRawBufferPointer.allocate(byteCount: sealedBytes * count, alignment: 64)
+        defer { sealedFrames.deallocate() }
+        for frame in 0..<count {
+            _ = sealer.seal(header: UnsafeRawPointer(header.baseAddress!), metadata: UnsafeMutableRawBufferPointer(rebasing: header[12..<12]),
+                            payload: UnsafeRawBufferPointer(rebasing: payload[..<size]), payloadOutput: sealedFrames.baseAddress! + frame * sealedBytes)
         }
-        print(String(format: "  (open includes a %d KiB copy per frame to restore the ciphertext)", frameKiB))
+        var opener = try FrameCipher(suite: .aes256gcm, key: key)
+        var next = 0
+        let records = SealedRecords.count(bodyBytes: size)
+        let openRate = try measure("aes-256-gcm open (link: BoringSSL, no allocation)") {
+            if next == count { opener = try FrameCipher(suite: .aes256gcm, key: key); next = 0 }
+            precondition(opener.open(header: UnsafeRawPointer(header.baseAddress!),
+                                     sealed: UnsafeRawBufferPointer(rebasing: sealedFrames[(next * sealedBytes)..<((next + 1) * sealedBytes)]),
+                                     records: records, into: output.baseAddress!))
+            next += 1
+        }
         results.append(("aes-256-gcm open", openRate))
         // OpenSSL 3 (Debian's libcrypto), the link's library until BoringSSL's VAES code measured faster.
         let context = EVP_CIPHER_CTX_new()!

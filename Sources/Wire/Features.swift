@@ -41,12 +41,12 @@ public struct CipherSuite: RawRepresentable, Hashable, Sendable, CustomStringCon
     /// No sealing. Only builds made for the sealed-versus-unsealed benchmark propose or accept it
     /// (`-D FERRY_UNSEALED_LINK`); a normal agent refuses it.
     public static let none = CipherSuite(rawValue: 0)
-    /// AES-256-GCM with a 16-byte tag (the default: 3.1 GB/s per core here, against 1.9 for ChaCha20-Poly1305).
+    /// AES-256-GCM with a 16-byte tag (the default: 5.6 GB/s per core here, BoringSSL's VAES-AVX2 code).
     public static let aes256gcm = CipherSuite(rawValue: 1)
     /// ChaCha20-Poly1305 with a 16-byte tag (for CPUs without AES instructions).
     public static let chacha20poly1305 = CipherSuite(rawValue: 2)
 
-    /// Bytes the suite adds to every sealed frame (its tag).
+    /// Bytes the suite adds after each record of a sealed frame (its tag; ``SealedRecords``).
     public var tagSize: Int { self == .none ? 0 : 16 }
 
     public var description: String {

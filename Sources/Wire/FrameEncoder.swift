@@ -60,12 +60,13 @@ public enum FrameEncoder {
     /// - Parameters:
     ///   - sequence: the header's sequence number (0 when the frame is not sequenced).
     ///   - urgent: lane override; nil uses ``MessageType/isUrgentByDefault``.
-    ///   - trailer: bytes the caller sends after the payload that the header's length must count
-    ///     (a sealed frame's tag, ``CipherSuite/tagSize``).
-    public static func encodePrefix(_ message: Message, sequence: UInt32 = 0, urgent: Bool? = nil, trailer: Int = 0,
+    ///   - sealed: the frame will be sealed, so the header's length counts the tags the caller sends
+    ///     with it (``SealedRecords/overhead(bodyBytes:)``).
+    public static func encodePrefix(_ message: Message, sequence: UInt32 = 0, urgent: Bool? = nil, sealed: Bool = false,
                                     into output: UnsafeMutableRawBufferPointer) throws(WireError) -> Int {
         let (prefix, payload) = try sizes(of: message)
         if output.count < prefix { throw .outputTooSmall(needed: prefix, available: output.count) }
+        let trailer = sealed ? SealedRecords.overhead(bodyBytes: prefix - FrameHeader.size + payload) : 0
         if prefix - FrameHeader.size + payload + trailer > Int(UInt32.max) {
             throw .limitExceeded(type: message.type, field: "payloadLength", value: prefix - FrameHeader.size + payload + trailer,
                                  max: Int(UInt32.max))

@@ -61,7 +61,7 @@ final class LinkSealingTests: XCTestCase {
         let writer = Thread {
             var sent = 0
             while sent < all.count {
-                let n = all.withUnsafeBytes { write(a, $0.baseAddress! + sent, all.count - sent) }
+                let n = all.withUnsafeBytes { send(a, $0.baseAddress! + sent, all.count - sent, Int32(MSG_NOSIGNAL)) }
                 if n <= 0 { break }
                 sent += n
             }
@@ -99,7 +99,7 @@ final class LinkSealingTests: XCTestCase {
             for suite in [CipherSuite.aes256gcm, .chacha20poly1305] {
                 let frames = try sealedFrames([.pageBatch(batch)] + messages, suite: suite)
                 XCTAssertEqual(frames.count, 5)
-                XCTAssertEqual(frames[0].count, 12 + 16 + 4 + (256 << 10) + 16, "header, metadata, payload and tag")
+                XCTAssertEqual(frames[0].count, 12 + 16 + 4 + (256 << 10) + 2 * 16, "header, metadata, payload and two records' tags")
                 let wire = frames.flatMap { $0 }
                 XCTAssertNil(secret.prefix(32).withUnsafeBytes { needle in wire.withUnsafeBytes { E2E.Relay.find(needle, in: $0) } },
                              "the payload crossed the socket in the clear (\(suite))")
@@ -107,6 +107,65 @@ final class LinkSealingTests: XCTestCase {
                 XCTAssertEqual(types, [.pageBatch, .keepalive, .ack, .keepalive, .ack], "\(suite)")
                 guard case .closed? = error else { return XCTFail("ended with \(String(describing: error))") }
             }
+        }
+    }
+
+    /// A frame of several records (a 1 MiB + 4 KiB page batch: 5 records, sealed and opened by two
+    /// threads at once) arrives intact; a record swapped with another, moved from another frame, cut
+    /// off, or with a flipped tag is caught.
+    func testAFrameOfSeveralRecordsRoundTripsAndItsRecordsCannotBeMoved() throws {
+        let pages = 257
+        let secret = randomBytes(count: pages << 12, seed: 7)
+        try secret.withUnsafeBytes { raw in
+            let batch = PageBatch(regionID: 0, pageShift: 12, firstPage: 0, runs: PageRunList([PageRun(count: UInt32(pages), isZero: false)]),
+                                  payload: Payload(raw))
+            let frames = try sealedFrames([.pageBatch(batch), .pageBatch(batch)] + messages)
+            let body = 16 + 4 + (pages << 12)
+            XCTAssertEqual(SealedRecords.count(bodyBytes: body), 5)
+            XCTAssertEqual(frames[0].count, 12 + body + 5 * 16, "header, body and five tags")
+            XCTAssertNotEqual(frames[0], frames[1], "the same batch sealed twice must differ")
+
+            // Intact: both batches decode to the very bytes sent.
+            let (a, b) = socketPair()
+            defer { close(b) }
+            let all = frames.flatMap { $0 }
+            let writer = Thread {
+                var sent = 0
+                while sent < all.count {
+                    let n = all.withUnsafeBytes { send(a, $0.baseAddress! + sent, all.count - sent, Int32(MSG_NOSIGNAL)) }
+                    if n <= 0 { break }
+                    sent += n
+                }
+                close(a)
+            }
+            writer.start()
+            var receiver = try FrameReceiver(fd: b, timeoutSeconds: 5)
+            try receiver.startOpening(.aes256gcm, key: key)
+            for _ in 0..<2 {
+                guard case .pageBatch(let got) = try receiver.receive(during: "test").message else { return XCTFail("not a page batch") }
+                XCTAssertTrue(got.payload.bytes.elementsEqual(raw), "the payload changed on its way")
+            }
+
+            let record = SealedRecords.recordBytes + 16
+            let r1 = 12 + record, r2 = 12 + 2 * record
+            var swapped = frames[0]
+            swapped.replaceSubrange(r1..<(r1 + record), with: frames[0][r2..<(r2 + record)])
+            swapped.replaceSubrange(r2..<(r2 + record), with: frames[0][r1..<(r1 + record)])
+            var moved = frames[0]
+            moved.replaceSubrange(r1..<(r1 + record), with: frames[1][r1..<(r1 + record)])
+            var cut = Array(frames[0][..<(12 + 4 * record)])
+            withUnsafeBytes(of: UInt32(4 * record).littleEndian) { cut.replaceSubrange(0..<4, with: $0) }
+            var flipped = frames[0]
+            flipped[flipped.count - 1] ^= 0x01
+            for (name, frame) in [("swapped", swapped), ("moved", moved), ("cut", cut), ("flipped tag", flipped)] {
+                let (types, error) = try receive([frame, frames[1]])
+                XCTAssertEqual(types.count, 0, name)
+                XCTAssertTrue(isTampered(error), "\(name): \(String(describing: error))")
+            }
+            XCTAssertNil(SealedRecords.count(sealedBytes: 4 * record + 1), "a lone byte after whole records is no record")
+            XCTAssertNil(SealedRecords.count(sealedBytes: 15))
+            XCTAssertEqual(SealedRecords.count(sealedBytes: 16), 1, "an empty body is one record")
+            XCTAssertEqual(SealedRecords.count(sealedBytes: 4 * record + 17), 5)
         }
     }
 

@@ -3,26 +3,27 @@ import Wire
 
 /// One direction of a connection's sealing (docs/wire.md, "Authentication and sealing"): an AEAD
 /// (AES-256-GCM or ChaCha20-Poly1305: BoringSSL's EVP_AEAD, as vendored by swift-crypto, through
-/// `CFerryAEAD`) whose key schedule is set up once, and whose 96-bit nonce is 4 zero bytes and the
-/// frame's 64-bit sequence number in this direction (little-endian), counted here, never sent.
-/// Each frame's 12-byte header is authenticated (AAD); everything after it is encrypted, and the
-/// 16-byte tag follows it.
+/// `CFerryAEAD`) whose key schedule is set up once. Each frame's 12-byte header is authenticated;
+/// its body (metadata ‖ payload) is encrypted in records of ``SealedRecords/recordBytes``, each
+/// followed by its 16-byte tag, under the nonce (record index, the frame's 64-bit sequence number in
+/// this direction), counted here, never sent. A frame of two records or more is sealed or opened
+/// by two threads at once (this one and a helper `CFerryAEAD` starts on first use).
 ///
-/// A replayed, reordered, dropped or altered frame changes the nonce or the bytes the tag covers,
-/// so ``open(header:body:tag:)`` fails, and the link is dropped. Nothing is allocated per frame;
-/// sealing reads the payload where it lives and writes the ciphertext where the sender wants it
-/// (one pass, no separate copy), opening works in place. Owned by one thread.
+/// A replayed, reordered, dropped or altered frame or record changes the nonce or the bytes a tag
+/// covers, so ``open(header:sealed:records:into:)`` fails, and the link is dropped. Nothing is
+/// allocated per frame: sealing reads the payload where it lives and writes the ciphertext where the
+/// sender wants it (one pass, no separate copy); opening writes the plaintext where the receiver
+/// wants it. Owned by one thread.
 public final class FrameCipher {
-    /// Bytes of the tag that follows every sealed frame.
-    public static let tagSize = 16
+    /// Bytes of the tag that follows every record of a sealed frame.
+    public static let tagSize = SealedRecords.tagBytes
     private let context: OpaquePointer
-    private var nonce = [UInt8](repeating: 0, count: 12)
-    /// Frames sealed or opened so far: the next frame's nonce.
+    /// Frames sealed or opened so far: the next frame's sequence number.
     public private(set) var sequence: UInt64 = 0
 
-    /// A cipher for `suite` under the 32-byte `key`. The same context seals or opens; `sealing`
-    /// only says which this one is for (each direction has its own key).
-    public init(suite: CipherSuite, key: [UInt8], sealing: Bool) throws(LinkError) {
+    /// A cipher for `suite` under the 32-byte `key` (each direction has its own key; the same
+    /// context seals or opens).
+    public init(suite: CipherSuite, key: [UInt8]) throws(LinkError) {
         let code: Int32
         switch suite {
         case .aes256gcm: code = Int32(FERRY_AEAD_AES_256_GCM.rawValue)
@@ -37,39 +38,32 @@ public final class FrameCipher {
 
     deinit { ferry_aead_free(context) }
 
-    /// The next frame's nonce (and counts it).
-    private func advance() {
-        withUnsafeBytes(of: sequence.littleEndian) { counter in
-            nonce.withUnsafeMutableBytes { $0.baseAddress!.advanced(by: 4).copyMemory(from: counter.baseAddress!, byteCount: 8) }
-        }
-        sequence += 1
-    }
-
-    /// Seals one frame: `header` (12 bytes, already final: its length counts the tag) is
-    /// authenticated; `metadata` is encrypted in place; `payload` is encrypted into `payloadOutput`,
-    /// and the tag is written right after it (`payloadOutput + payload.count`). Returns false only
+    /// Seals one frame: `header` (12 bytes, already final: its length counts the tags,
+    /// ``SealedRecords/overhead(bodyBytes:)``) is authenticated; `metadata` (at most one record) is
+    /// encrypted in place; the rest (the payload's ciphertext with every record's tag after it) is
+    /// written to `payloadOutput`, which has room for the payload and the tags. Returns false only
     /// if BoringSSL fails.
     public func seal(header: UnsafeRawPointer, metadata: UnsafeMutableRawBufferPointer, payload: UnsafeRawBufferPointer,
                      payloadOutput: UnsafeMutableRawPointer) -> Bool {
-        advance()
-        return nonce.withUnsafeBufferPointer { nonce in
-            ferry_aead_seal(context, nonce.baseAddress, header.assumingMemoryBound(to: UInt8.self), FrameHeader.size,
-                            metadata.baseAddress?.assumingMemoryBound(to: UInt8.self), metadata.count,
-                            payload.baseAddress?.assumingMemoryBound(to: UInt8.self), payload.count,
-                            payloadOutput.assumingMemoryBound(to: UInt8.self)) == 1
-        }
+        defer { sequence += 1 }
+        return ferry_aead_seal_frame(context, sequence, SealedRecords.recordBytes,
+                                     header.assumingMemoryBound(to: UInt8.self), FrameHeader.size,
+                                     metadata.baseAddress?.assumingMemoryBound(to: UInt8.self), metadata.count,
+                                     payload.baseAddress?.assumingMemoryBound(to: UInt8.self), payload.count,
+                                     payloadOutput.assumingMemoryBound(to: UInt8.self)) == 1
     }
 
-    /// Opens one frame in place: `header` authenticated, `body` decrypted where it is, checked
-    /// against the 16 bytes at `tag`. False: the frame was altered, replayed, reordered or another
-    /// one was dropped before it (`body` then holds garbage).
-    public func open(header: UnsafeRawPointer, body: UnsafeMutableRawBufferPointer, tag: UnsafeRawPointer) -> Bool {
-        advance()
-        return nonce.withUnsafeBufferPointer { nonce in
-            ferry_aead_open(context, nonce.baseAddress, header.assumingMemoryBound(to: UInt8.self), FrameHeader.size,
-                            body.baseAddress?.assumingMemoryBound(to: UInt8.self), body.count,
-                            tag.assumingMemoryBound(to: UInt8.self)) == 1
-        }
+    /// Opens one frame: `header` authenticated, the `records` records of `sealed` (each followed by
+    /// its tag) decrypted into `output` (`sealed.count` − 16 × `records` bytes, apart from `sealed`).
+    /// False: the frame was altered, replayed, reordered or another one was dropped before it
+    /// (`output` then holds garbage).
+    public func open(header: UnsafeRawPointer, sealed: UnsafeRawBufferPointer, records: Int,
+                     into output: UnsafeMutableRawPointer) -> Bool {
+        defer { sequence += 1 }
+        return ferry_aead_open_frame(context, sequence, SealedRecords.recordBytes, records,
+                                     header.assumingMemoryBound(to: UInt8.self), FrameHeader.size,
+                                     sealed.baseAddress?.assumingMemoryBound(to: UInt8.self), sealed.count,
+                                     output.assumingMemoryBound(to: UInt8.self)) == 1
     }
 }
 

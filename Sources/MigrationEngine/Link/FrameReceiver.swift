@@ -10,8 +10,8 @@ import Wire
 ///
 /// A new receiver is sized for the handshake only (frames of at most ``handshakeMaxFrameSize``, a
 /// 96 KiB buffer), so an unauthenticated peer costs little; ``startOpening(_:key:maxFrameSize:)``
-/// then opens every later frame with the handshake's key (in place, before decoding) and makes
-/// room for bulk frames. A frame that fails to open ends the link with ``LinkError/tampered(_:)``.
+/// then opens every later frame with the handshake's key (into a second buffer, before decoding)
+/// and makes room for bulk frames. A frame that fails to open ends the link with ``LinkError/tampered(_:)``.
 public struct FrameReceiver: ~Copyable {
     /// Largest frame (header included) accepted before authentication: a hello with its 256
     /// resume points is 6.2 KiB; an error frame is smaller.
@@ -24,6 +24,8 @@ public struct FrameReceiver: ~Copyable {
     private var start = 0, end = 0, pendingConsume = 0
     private let timeout: UnsafeMutablePointer<KernelTimespec>
     private var cipher: FrameCipher?
+    /// Where a sealed frame's body is opened to (the decoded frame points into it); empty until sealing starts.
+    private var opened = UnsafeMutableRawBufferPointer(start: nil, count: 0)
     /// Expands compressed payloads, on a link that agreed on `compression` (``acceptCompressed()``); without it a
     /// compressed payload is a protocol violation.
     private var expander: PayloadExpander?
@@ -49,6 +51,7 @@ public struct FrameReceiver: ~Copyable {
     }
 
     deinit {
+        opened.deallocate()
         buffer.deallocate()
         timeout.deallocate()
     }
@@ -59,8 +62,11 @@ public struct FrameReceiver: ~Copyable {
     /// already received after the handshake's last frame are kept.
     public mutating func startOpening(_ suite: CipherSuite, key: [UInt8],
                                       maxFrameSize: Int = FrameDecoder.defaultMaxFrameSize) throws(LinkError) {
-        if suite != .none { cipher = try FrameCipher(suite: suite, key: key, sealing: false) }
-        decoder = FrameDecoder(maxFrameSize: maxFrameSize + suite.tagSize)
+        if suite != .none {
+            cipher = try FrameCipher(suite: suite, key: key)
+            opened = .allocate(byteCount: maxFrameSize + SealedRecords.recordBytes, alignment: 4096)
+        }
+        decoder = FrameDecoder(maxFrameSize: maxFrameSize + (suite == .none ? 0 : SealedRecords.overhead(bodyBytes: maxFrameSize)))
         start += pendingConsume
         pendingConsume = 0
         let larger = UnsafeMutableRawBufferPointer.allocate(byteCount: decoder.maxFrameSize + (1 << 20), alignment: 4096)
@@ -94,22 +100,21 @@ public struct FrameReceiver: ~Copyable {
         }
     }
 
-    /// Opens (when sealed) and decodes the whole frame at `offset`.
+    /// Opens (when sealed, into ``opened``) and decodes the whole frame at `offset`.
     private mutating func decode(_ header: FrameHeader, at offset: Int) throws(LinkError) -> DecodedFrame {
-        var bodyEnd = offset + header.frameSize
+        var body = UnsafeRawBufferPointer(rebasing: buffer[(offset + FrameHeader.size)..<(offset + header.frameSize)])
         if let cipher {
             let sequence = framesOpened + 1
-            guard Int(header.payloadLength) >= FrameCipher.tagSize else {
-                throw .tampered("frame \(sequence) (\(header.type)) is too short to carry its tag")
+            guard let records = SealedRecords.count(sealedBytes: body.count),
+                  body.count - records * FrameCipher.tagSize <= opened.count else {
+                throw .tampered("frame \(sequence) (\(header.type)) is not a whole number of sealed records (\(body.count) bytes)")
             }
-            bodyEnd -= FrameCipher.tagSize
-            let body = UnsafeMutableRawBufferPointer(rebasing: buffer[(offset + FrameHeader.size)..<bodyEnd])
-            guard cipher.open(header: buffer.baseAddress! + offset, body: body, tag: buffer.baseAddress! + bodyEnd) else {
+            guard cipher.open(header: buffer.baseAddress! + offset, sealed: body, records: records, into: opened.baseAddress!) else {
                 throw .tampered("frame \(sequence) (\(header.type)) failed its seal check: altered, replayed, reordered, or a frame before it was lost")
             }
             framesOpened = sequence
+            body = UnsafeRawBufferPointer(rebasing: opened[..<(body.count - records * FrameCipher.tagSize)])
         }
-        let body = UnsafeRawBufferPointer(rebasing: buffer[(offset + FrameHeader.size)..<bodyEnd])
         var message: Message
         do { message = try decoder.decodeBody(body, type: header.type) } catch { throw .malformed(error) }
         if message.isCompressed {

@@ -6,9 +6,8 @@ import Wire
 /// Sends frames on one connection through its own io_uring ring: small frames are encoded into a
 /// reused buffer; frames with a bulk payload go out as header + metadata and the payload, gathered
 /// by one `sendmsg`. Before the handshake ends frames go in the clear, the payload with no copy;
-/// after it (``startSealing(_:key:)``) every frame is sealed: the metadata in place, the payload
-/// encrypted into a reused buffer in the same pass that would otherwise be the kernel's copy, the
-/// tag after it. Owned by one thread.
+/// after it (``startSealing(_:key:)``) every frame is sealed (``FrameCipher``): the metadata in
+/// place, the payload encrypted into a reused buffer, each record's tag after it. Owned by one thread.
 public struct FrameSender: ~Copyable {
     private var ring: Ring
     private let fd: Int32
@@ -46,7 +45,7 @@ public struct FrameSender: ~Copyable {
     /// handshake's ``SessionKeys``). Suite `none` (a benchmark build only) leaves them in the clear.
     public mutating func startSealing(_ suite: CipherSuite, key: [UInt8]) throws(LinkError) {
         if suite == .none { return }
-        cipher = try FrameCipher(suite: suite, key: key, sealing: true)
+        cipher = try FrameCipher(suite: suite, key: key)
     }
 
     /// From now on, bulk payloads go compressed when `policy` says it pays (the link agreed on `compression`).
@@ -65,10 +64,9 @@ public struct FrameSender: ~Copyable {
     mutating func send(_ message: Message, rewritingMetadata rewrite: ((UnsafeMutableRawBufferPointer) -> Void)?) throws(LinkError) {
         let message = compressor?.encode(message) ?? message
         let prefixLength: Int
-        let tag = cipher == nil ? 0 : FrameCipher.tagSize
         do {
             prefixLength = try FrameEncoder.encodePrefix(message, sequence: UInt32(truncatingIfNeeded: framesSent + 1),
-                                                         trailer: tag,
+                                                         sealed: cipher != nil,
                                                          into: UnsafeMutableRawBufferPointer(rebasing: prefixBuffer[..<(prefixBuffer.count - FrameCipher.tagSize)]))
         } catch {
             throw .malformed(error)
@@ -77,20 +75,21 @@ public struct FrameSender: ~Copyable {
         var payload = message.payload.bytes
         var prefixTotal = prefixLength
         if let cipher {
-            if !payload.isEmpty && sealedPayload.count < payload.count + tag {
+            // Every record's tag follows it; a frame without a payload is one record, its tag after the metadata.
+            let tags = SealedRecords.overhead(bodyBytes: prefixLength - FrameHeader.size + payload.count)
+            if !payload.isEmpty && sealedPayload.count < payload.count + tags {
                 sealedPayload.deallocate()
-                sealedPayload = .allocate(byteCount: max(payload.count + tag, 1 << 20), alignment: 64)
+                sealedPayload = .allocate(byteCount: max(payload.count + tags, 1 << 20), alignment: 64)
             }
             let metadata = UnsafeMutableRawBufferPointer(rebasing: prefixBuffer[FrameHeader.size..<prefixLength])
-            // The tag follows the payload's ciphertext; without a payload, the metadata.
             let output = payload.isEmpty ? prefixBuffer.baseAddress! + prefixLength : sealedPayload.baseAddress!
             guard cipher.seal(header: prefixBuffer.baseAddress!, metadata: metadata, payload: payload, payloadOutput: output) else {
                 throw .local(.internalError, reason: "BoringSSL failed to seal a \(message.type) frame")
             }
             if payload.isEmpty {
-                prefixTotal += tag
+                prefixTotal += tags
             } else {
-                payload = UnsafeRawBufferPointer(rebasing: sealedPayload[..<(payload.count + tag)])
+                payload = UnsafeRawBufferPointer(rebasing: sealedPayload[..<(payload.count + tags)])
             }
         }
         do throws(Errno) {

@@ -37,7 +37,7 @@ public struct Hello: Hashable, Sendable {
     public static let maxResumePoints = 256
 
     /// The protocol version this module speaks: 2 (sealed frames, connector proves first).
-    public static let currentProtocolVersion: UInt16 = 2
+    public static let currentProtocolVersion: UInt16 = 3
 
     /// Protocol (message set) version the sender speaks; ``currentProtocolVersion`` for this module.
     public var protocolVersion: UInt16
