@@ -275,6 +275,16 @@ public final class SourceSession: @unchecked Sendable {
                     }
 
                 case .round(let round):
+                    // Near switchover (the last set fit the target), let the round in flight arrive
+                    // before collecting, VM running: the set then holds what the VM dirtied meanwhile,
+                    // which a pause right after the decision would otherwise find unpredicted (a
+                    // 53 KB decision once became a 2 MB final set, 85 ms more downtime).
+                    if let previous = previousRemaining, bandwidth > 0, Double(previous) <= bandwidth * options.policy.maxDowntime {
+                        try? active.wait(timeout: 10, during: "letting the last round arrive") {
+                            streams.allSatisfy { $0.roundsAcknowledged }
+                        }
+                        if let seen = active.failureSeen { throw seen }
+                    }
                     // ONE decision over the sum of what remains in every stream.
                     var remaining: UInt64 = 0
                     var memoryRemaining: UInt64 = 0
