@@ -28,7 +28,7 @@ cleanup() { bash "$wan" down "$name" >/dev/null 2>&1 || true; rm -rf "$work"; }
 trap cleanup EXIT
 (umask 077; head -c 32 /dev/urandom > "$work/key")
 
-"$sealed/ferry-bench" seal --frame-kib 1024 --seconds 1
+"$sealed/ferry-bench" seal --frame-kib 4096 --seconds 1
 
 # One disk migration with the agents in `bin`; prints MB/s (image bytes / total time).
 migrate() { # bin where image

@@ -43,6 +43,7 @@ struct ferry_aead {
     pthread_mutex_t lock;
     pthread_cond_t wake, done;
     pthread_t helper;
+    int parallel;                // whether a helper may be started
     int helper_state;            // 0 not started, 1 running, -1 could not start (serial from then on)
     int stopping;
     // Under `lock`: a frame offered to the helper and not yet picked up, and whether the helper is
@@ -52,12 +53,13 @@ struct ferry_aead {
 
 };
 
-ferry_aead *ferry_aead_new(int suite, const uint8_t *key, size_t key_length) {
+ferry_aead *ferry_aead_new(int suite, const uint8_t *key, size_t key_length, int parallel) {
     const EVP_AEAD *algorithm = suite == FERRY_AEAD_AES_256_GCM ? EVP_aead_aes_256_gcm()
                               : suite == FERRY_AEAD_CHACHA20_POLY1305 ? EVP_aead_chacha20_poly1305() : NULL;
     if (algorithm == NULL || key_length != EVP_AEAD_key_length(algorithm)) return NULL;
     ferry_aead *aead = calloc(1, sizeof *aead);
     if (aead == NULL) return NULL;
+    aead->parallel = parallel;
     aead->context = EVP_AEAD_CTX_new(algorithm, key, key_length, TAG);
     if (aead->context == NULL) { free(aead); return NULL; }
     pthread_mutex_init(&aead->lock, NULL);
@@ -152,7 +154,7 @@ static void *helper_main(void *argument) {
 static int helper_ready(ferry_aead *aead) {
     if (aead->helper_state == 0) {
         aead->helper_state = -1;
-        if (sysconf(_SC_NPROCESSORS_ONLN) > 1) {
+        if (aead->parallel && sysconf(_SC_NPROCESSORS_ONLN) > 1) {
             pthread_attr_t attributes;
             pthread_attr_init(&attributes);
             pthread_attr_setstacksize(&attributes, 256 << 10);

@@ -50,12 +50,14 @@ struct SealThroughput: ParsableCommand {
         var results: [(String, Double)] = []
         let sealedBytes = size + SealedRecords.overhead(bodyBytes: size)
         for suite in [CipherSuite.aes256gcm, .chacha20poly1305] {
-            let cipher = try FrameCipher(suite: suite, key: key)
-            let rate = measure("\(suite) seal (link: BoringSSL, no allocation)") {
-                _ = cipher.seal(header: UnsafeRawPointer(header.baseAddress!), metadata: UnsafeMutableRawBufferPointer(rebasing: header[12..<12]),
-                                payload: UnsafeRawBufferPointer(rebasing: payload[..<size]), payloadOutput: output.baseAddress!)
+            for parallel in [true, false] {
+                let cipher = try FrameCipher(suite: suite, key: key, parallel: parallel)
+                let rate = measure("\(suite) seal (link: BoringSSL\(parallel ? "" : ", one thread"))") {
+                    _ = cipher.seal(header: UnsafeRawPointer(header.baseAddress!), metadata: UnsafeMutableRawBufferPointer(rebasing: header[12..<12]),
+                                    payload: UnsafeRawBufferPointer(rebasing: payload[..<size]), payloadOutput: output.baseAddress!)
+                }
+                results.append(("\(suite)\(parallel ? "" : " one thread")", rate))
             }
-            results.append(("\(suite)", rate))
         }
         // Opening: seal `count` frames in a row, then open them in order with one opener per pass.
         let count = 16
@@ -69,7 +71,7 @@ struct SealThroughput: ParsableCommand {
         var opener = try FrameCipher(suite: .aes256gcm, key: key)
         var next = 0
         let records = SealedRecords.count(bodyBytes: size)
-        let openRate = try measure("aes-256-gcm open (link: BoringSSL, no allocation)") {
+        let openRate = try measure("aes-256-gcm open (link: BoringSSL)") {
             if next == count { opener = try FrameCipher(suite: .aes256gcm, key: key); next = 0 }
             precondition(opener.open(header: UnsafeRawPointer(header.baseAddress!),
                                      sealed: UnsafeRawBufferPointer(rebasing: sealedFrames[(next * sealedBytes)..<((next + 1) * sealedBytes)]),

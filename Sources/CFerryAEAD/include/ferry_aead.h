@@ -24,7 +24,8 @@ typedef struct ferry_aead ferry_aead;
 enum ferry_aead_suite { FERRY_AEAD_AES_256_GCM = 1, FERRY_AEAD_CHACHA20_POLY1305 = 2 };
 
 /// A context for `suite` under the 32-byte `key`, with 16-byte tags; NULL if BoringSSL refuses it.
-ferry_aead *ferry_aead_new(int suite, const uint8_t *key, size_t key_length);
+/// `parallel` 0: no helper thread, every record on the caller's (a benchmark's comparison).
+ferry_aead *ferry_aead_new(int suite, const uint8_t *key, size_t key_length, int parallel);
 /// Frees the context and stops its helper thread.
 void ferry_aead_free(ferry_aead *aead);
 

@@ -1,4 +1,5 @@
 import CFerryAEAD
+import Glibc
 import Wire
 
 /// One direction of a connection's sealing (docs/wire.md, "Authentication and sealing"): an AEAD
@@ -21,16 +22,20 @@ public final class FrameCipher {
     /// Frames sealed or opened so far: the next frame's sequence number.
     public private(set) var sequence: UInt64 = 0
 
+    /// Whether the link's ciphers share large frames with a helper thread: yes, unless the
+    /// environment sets `FERRY_AEAD_SERIAL` (to measure what the helper brings, docs/testing.md).
+    public static let parallelByDefault = getenv("FERRY_AEAD_SERIAL") == nil
+
     /// A cipher for `suite` under the 32-byte `key` (each direction has its own key; the same
-    /// context seals or opens).
-    public init(suite: CipherSuite, key: [UInt8]) throws(LinkError) {
+    /// context seals or opens); `parallel` false keeps every record on the calling thread.
+    public init(suite: CipherSuite, key: [UInt8], parallel: Bool = FrameCipher.parallelByDefault) throws(LinkError) {
         let code: Int32
         switch suite {
         case .aes256gcm: code = Int32(FERRY_AEAD_AES_256_GCM.rawValue)
         case .chacha20poly1305: code = Int32(FERRY_AEAD_CHACHA20_POLY1305.rawValue)
         default: throw .local(.featureMismatch, reason: "cipher suite \(suite) cannot seal frames")
         }
-        guard key.count == 32, let context = key.withUnsafeBufferPointer({ ferry_aead_new(code, $0.baseAddress, $0.count) }) else {
+        guard key.count == 32, let context = key.withUnsafeBufferPointer({ ferry_aead_new(code, $0.baseAddress, $0.count, parallel ? 1 : 0) }) else {
             throw .local(.internalError, reason: "BoringSSL could not set up \(suite) with a \(key.count)-byte key")
         }
         self.context = context
