@@ -13,6 +13,9 @@ struct MemoryOptions: ParsableArguments {
     @Option(name: .customLong("on-switchover"), help: ArgumentHelp("Shell command that starts the VM here once it is safe; gets FERRY_STATE_FILE, FERRY_UFFD_SOCKET, FERRY_LAYOUT_FILE, FERRY_NBD_SOCKET, FERRY_NBD_SOCKETS.", valueName: "CMD"))
     var onSwitchover: String?
 
+    @Flag(name: .customLong("prestart-vm"), help: "Start --on-switchover's command as soon as the memory layout arrives, not at switchover: it hands over its userfaultfd then, with FERRY_PRESTART=1 in its environment, and must wait for one byte on that handshake's connection before it runs (EOF: never run; ferry-workload --resume does so). Takes the VM's start out of the downtime.")
+    var prestartVM = false
+
     @Option(name: .customLong("mem-out"), help: ArgumentHelp("Also write the received memory as a Firecracker memory file.", valueName: "PATH"))
     var memOut: String?
 
@@ -45,6 +48,9 @@ struct MemoryOptions: ParsableArguments {
         } else if vmCommand != nil {
             throw ValidationError("--vm-command goes with --vmm qemu")
         }
+        if prestartVM && (onSwitchover == nil || uffdSocket == nil) {
+            throw ValidationError("--prestart-vm starts --on-switchover's command early and takes its userfaultfd on --uffd-socket: give both")
+        }
         if prepagingWindow < 1 || prepagingWindow > 256 { throw ValidationError("--prepaging-window must be 1 ... 256") }
     }
 
@@ -52,6 +58,7 @@ struct MemoryOptions: ParsableArguments {
     func apply(to options: inout DestinationOptions) {
         options.uffdSocket = uffdSocket
         options.onSwitchover = onSwitchover
+        options.prestartVM = prestartVM
         options.memOut = memOut
         options.prepagingWindow = prepagingWindow
         options.workDirectory = workDir

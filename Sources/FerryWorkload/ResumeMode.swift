@@ -5,6 +5,8 @@ import ProcessMemory
 /// source addresses (MAP_FIXED_NOREPLACE), creates a userfaultfd (UFFD_USER_MODE_ONLY unless root), registers every
 /// region in MISSING mode, and hands the descriptor and the layout to the fault handler with Firecracker's handshake.
 /// From then on every first touch of a page faults and is served by the handler; the loop verifies what arrives.
+/// Started early (FERRY_PRESTART=1, dest-agent --prestart-vm), it waits after the handshake for one byte on
+/// that connection before it runs, and exits untouched if the connection closes first.
 enum ResumeMode {
     static func setUp(socketPath: String?, layoutPath: String?) -> WorkloadMemory {
         guard let socketPath, let layoutPath else { Output.error("--resume needs --uffd-socket PATH and --layout FILE") }
@@ -28,6 +30,17 @@ enum ResumeMode {
             try uffd.handshake(requesting: .eventRemove, required: [])
             for m in mappings { try uffd.register(m.range, mode: .missing) }
             let connection = try UFFDHandshake.send(socketPath: socketPath, mappings: mappings, uffd: uffd)
+            if getenv("FERRY_PRESTART").map({ String(cString: $0) }) == "1" {
+                // Pre-started (dest-agent --prestart-vm): run only on the go, one byte at switchover.
+                // EOF or an error: the migration did not hand over, and this copy must never run.
+                var go: UInt8 = 0
+                var n: Int
+                repeat { n = read(connection.rawValue, &go, 1) } while n < 0 && errno == EINTR
+                guard n == 1 else {
+                    Output.line("resume: no go from the destination agent (the migration did not hand over); not running")
+                    exit(3)
+                }
+            }
             // Both stay open for the life of the process, as a VMM keeps them.
             _ = connection
             _ = uffd.release()

@@ -16,6 +16,10 @@ final class MemoryMigrationTests: XCTestCase {
 
     /// The content-hash fallback tracker, forced (it is what runs where the kernel method is unavailable).
     func testPrecopyWithContentHashTracking() throws { try migrateWorkload(mode: "precopy", memoryMiB: 128, hashTracking: true) }
+    /// dest-agent --prestart-vm: the resumed workload is started, and hands over its memory, while
+    /// the migration runs; it runs only on the go at switchover.
+    func testPostcopyWithPrestartedVM() throws { try migrateWorkload(mode: "postcopy", memoryMiB: 128, prestart: true) }
+    func testPrecopyWithPrestartedVM() throws { try migrateWorkload(mode: "precopy", memoryMiB: 128, prestart: true) }
 
     /// Starts dest-agent on a free port with `arguments` (after --listen and --key-file) and waits
     /// until it listens (its "waiting for the source" line), so a source started next is not refused.
@@ -34,7 +38,7 @@ final class MemoryMigrationTests: XCTestCase {
         waitUntil(timeout: 10) { let state = MemE2E.state(of: pid); return state != nil && state != "T" && state != "t" }
     }
 
-    func migrateWorkload(mode: String, memoryMiB: Int = 512, memfd: Bool = false, hashTracking: Bool = false) throws {
+    func migrateWorkload(mode: String, memoryMiB: Int = 512, memfd: Bool = false, hashTracking: Bool = false, prestart: Bool = false) throws {
         let pages = memoryMiB * 256
         try MemE2E.requireMemoryMigration()
         let dir = TemporaryDirectory(prefix: "ferry-mem")
@@ -65,10 +69,12 @@ final class MemoryMigrationTests: XCTestCase {
         let before = try source.waitFor(event: "report", timeout: 10)
         let opsBefore = try before.number("ops_per_sec")
 
+        // A pre-started VM starts before the state exists (a real VMM reads it after the go).
+        let copyState = prestart ? "" : "cp \"$FERRY_STATE_FILE\" \(dir.path)/state-at-dest; "
         let (dest, port) = try startDest(dir, [
             "--uffd-socket", dir.file("uffd.sock"),
-            "--on-switchover", "cp \"$FERRY_STATE_FILE\" \(dir.path)/state-at-dest; \(workloadPath) --resume --uffd-socket \"$FERRY_UFFD_SOCKET\" --layout \"$FERRY_LAYOUT_FILE\" --dirty-rate 20M --report-interval 0.5 < \(fifo) > \(resumedOut) 2>&1 &",
-            "--work-dir", dir.file("dest"), "--report", dir.file("dest.json"), "--accept-timeout", "60"])
+            "--on-switchover", "\(copyState)\(workloadPath) --resume --uffd-socket \"$FERRY_UFFD_SOCKET\" --layout \"$FERRY_LAYOUT_FILE\" --dirty-rate 20M --report-interval 0.5 < \(fifo) > \(resumedOut) 2>&1 &",
+            "--work-dir", dir.file("dest"), "--report", dir.file("dest.json"), "--accept-timeout", "60"] + (prestart ? ["--prestart-vm"] : []))
 
         let started = Date()
         var sourceArguments = ["--vm", "\(source.pid)", "--dest", "127.0.0.1:\(port)", "--key-file", dir.file("key"), "--mode", mode,
@@ -85,8 +91,17 @@ final class MemoryMigrationTests: XCTestCase {
         XCTAssertEqual(status, 0, "source-agent failed: \(log(agent.logPath))\n--- dest:\n\(log(dest.logPath))")
         let opsDuring = try source.drainReports()
         XCTAssertEqual(MemE2E.state(of: source.pid), "T", "after switchover the source process stays paused")
-        XCTAssertEqual(try? String(contentsOfFile: dir.file("state-at-dest"), encoding: .utf8), "state of \(source.pid)",
-                       "the VM state reached --on-switchover")
+        if prestart {
+            let line = dest.log.split(separator: "\n").first { $0.contains("VM pre-started") }
+            XCTAssertNotNil(line, "--prestart-vm did not start the VM early: \(log(dest.logPath))")
+            XCTAssertEqual(dest.log.components(separatedBy: "VM pre-started").count, 2, "one pre-started VM")
+            if let line, let switchover = dest.log.range(of: "the VM runs here") {
+                XCTAssertLessThan(dest.log.range(of: String(line))!.lowerBound, switchover.lowerBound, "pre-started before switchover")
+            }
+        } else {
+            XCTAssertEqual(try? String(contentsOfFile: dir.file("state-at-dest"), encoding: .utf8), "state of \(source.pid)",
+                           "the VM state reached --on-switchover")
+        }
 
         // The resumed workload at the destination: it runs, dirties and verifies every page it touches.
         let resumed = MemLineFile(resumedOut)
@@ -203,6 +218,44 @@ final class MemoryMigrationTests: XCTestCase {
         source.send("write 1 2 3")
         let written = try source.waitFor(event: "written", timeout: 10)
         XCTAssertEqual(try written.integer("count"), 3)
+        source.kill(SIGKILL)
+    }
+
+    /// A pre-started VM (dest-agent --prestart-vm) when the migration fails before hand-over (the
+    /// source's VM-state hook fails after the pause): it never runs. It handed over its memory and
+    /// waited for a go that never came; the destination, once it gives up on the source (after
+    /// `--link-timeout`), kills it, and the source's process runs on.
+    func testPrestartedVMNeverRunsWhenTheMigrationFails() throws {
+        try MemE2E.requireMemoryMigration()
+        let dir = TemporaryDirectory(prefix: "ferry-mem")
+        try writeKeyFile(at: dir.file("key"))
+        let resumedOut = dir.file("resumed.jsonl")
+        let source = try ChildProcess(E2E.tool("ferry-workload"), ["--memory", "64M", "--dirty-rate", "4M", "--report-interval", "0.2"])
+        try source.waitFor(event: "ready", timeout: 60)
+        let (dest, port) = try startDest(dir, [
+            "--uffd-socket", dir.file("uffd.sock"), "--prestart-vm",
+            "--on-switchover", "\(E2E.tool("ferry-workload")) --resume --uffd-socket \"$FERRY_UFFD_SOCKET\" --layout \"$FERRY_LAYOUT_FILE\" > \(resumedOut) 2>&1 &",
+            "--work-dir", dir.file("dest"), "--report", dir.file("dest.json"), "--accept-timeout", "60", "--link-timeout", "2"])
+        let agent = try E2E.Agent("source-agent", [
+            "--vm", "\(source.pid)", "--dest", "127.0.0.1:\(port)", "--key-file", dir.file("key"),
+            "--state-cmd", "exit 3", "--report", dir.file("source.json")], logPath: dir.file("source.log"))
+        guard let status = agent.waitForExit(timeout: 60) else {
+            throw SupportError("source-agent did not finish: \(log(agent.logPath))")
+        }
+        XCTAssertEqual(status, 1, "the migration must fail: \(log(agent.logPath))")
+        let line = try XCTUnwrap(dest.log.split(separator: "\n").first { $0.contains("VM pre-started") },
+                                 "the VM was not pre-started: \(log(dest.logPath))")
+        let pid = try XCTUnwrap(line.split(separator: " ").first { $0.hasPrefix("pid=") }.flatMap { pid_t($0.dropFirst(4)) }, "no pid in: \(line)")
+        XCTAssertTrue(waitUntil(timeout: 15) { let state = MemE2E.state(of: pid); return state == nil || state == "Z" },
+                      "the pre-started VM \(pid) is still alive after the failed migration: \(String(describing: MemE2E.state(of: pid)))\n\(log(dest.logPath))")
+        let output = (try? String(contentsOfFile: resumedOut, encoding: .utf8)) ?? ""
+        XCTAssertFalse(output.contains("\"ready\""), "the pre-started VM ran: \(output)")
+        let report = try E2E.report(dir.file("source.json"), log: agent.log)
+        XCTAssertEqual(try report.string("vm_location"), "source", "\(report)")
+        XCTAssertTrue(becomesRunnable(source.pid), "the source's process must run on: \(String(describing: MemE2E.state(of: source.pid)))")
+        source.send("write 5 6")
+        XCTAssertEqual(try source.waitFor(event: "written", timeout: 10).integer("count"), 2)
+        dest.signal(SIGTERM)
         source.kill(SIGKILL)
     }
 

@@ -79,8 +79,11 @@ public final class MemoryFaultService: @unchecked Sendable {
         self.prepagingWindow = max(1, prepagingWindow)
         self.logger = logger
         self.onExit = onExit
-        pendingSince = .allocate(capacity: Self.pendingSlots)
-        pendingSince.initialize(repeating: 0, count: Self.pendingSlots)
+        // Zeroed by the kernel page by page as requests use them (`calloc`), not all at the VM's start.
+        guard let slots = calloc(Self.pendingSlots, MemoryLayout<UInt64>.stride) else {
+            throw SetupError("cannot reserve \(Self.pendingSlots) request slots")
+        }
+        pendingSince = slots.assumingMemoryBound(to: UInt64.self)
         image.attachVM(uffd: fd, addresses: addresses)
     }
 
@@ -95,7 +98,7 @@ public final class MemoryFaultService: @unchecked Sendable {
         }
     }
 
-    deinit { pendingSince.deallocate() }
+    deinit { free(pendingSince) }
 
     /// Starts the fault thread.
     public func start() {

@@ -23,6 +23,10 @@ public struct DestinationOptions: Sendable {
     /// Started when the VM may run here, with FERRY_STATE_FILE, FERRY_LAYOUT_FILE, FERRY_UFFD_SOCKET,
     /// FERRY_NBD_SOCKET (the first disk's) and FERRY_NBD_SOCKETS (all, space-separated) in its environment.
     public var onSwitchover: String?
+    /// Start `onSwitchover` as soon as the memory layout is here, with FERRY_PRESTART=1: the VM
+    /// hands over its userfaultfd then and waits for one byte on that connection (the go) before it
+    /// runs; EOF means it must never run. Takes its start out of the downtime.
+    public var prestartVM = false
     /// Also write the received memory as a Firecracker memory file (before the VM starts, in pre-copy).
     public var memOut: String?
     /// The work directory (state, layout, hand-over journal); private (0700). Default: a fresh one,
@@ -77,6 +81,11 @@ public final class DestinationSession: @unchecked Sendable {
     private var restoredServers: [NBDServer] = []
     /// The PID of the `--on-switchover` command, to reap.
     public private(set) var startedPID: pid_t?
+    /// The pre-started VM's handshake (``DestinationOptions/prestartVM``): its userfaultfd, and the
+    /// connection on which it waits for the go.
+    private var prestarted: UFFDHandshake?
+    /// Its PID (SO_PEERCRED at the handshake), killed if the migration fails before the go.
+    private var prestartedPID: pid_t?
     /// The QEMU started here before switchover (`--vmm qemu`), on a thread of its own so that its
     /// start-up never stalls the link.
     private let qemuStart = Locked<QEMUStart>(.notStarted)
@@ -222,6 +231,7 @@ public final class DestinationSession: @unchecked Sendable {
                                                                      backingFile: try makeRAMFile(for: layout))
                                 memory!.beforeAck = { [unowned self] in publishResumePoints() }
                                 try startQEMUWhenReady(directory: directory)
+                                if options.prestartVM { try prestartVM(directory: directory, uffdListener: &uffdListener) }
                             } else if memory!.image.layout != layout {
                                 throw LinkError.local(.protocolViolation, reason: "a second, different memory layout "
                                                       + "(\(layout.regions.count) regions of \(layout.pageSize)-byte pages after \(memory!.image.layout.regions.count))")
@@ -356,6 +366,13 @@ public final class DestinationSession: @unchecked Sendable {
             tunnel?.stop()
         }
         _ = uffdListener.take()
+        if state.owner != .destination, prestarted != nil {
+            // It must never run here: it is killed (and its command), and its connection closed
+            // without the go, which tells a VM that outlived the kill not to run.
+            if let pid = prestartedPID { kill(pid, SIGKILL) }
+            if let pid = startedPID { kill(pid, SIGKILL); startedPID = nil }
+            _ = prestarted.take()
+        }
         if state.owner != .destination, options.qemu != nil {
             // It must not run here: the VM runs on at the source. A start still under way ends first.
             let deadline = ContinuousClock.now + .seconds(Int64(options.vmStartTimeout) + 5)
@@ -475,18 +492,6 @@ public final class DestinationSession: @unchecked Sendable {
             guard FileManager.default.createFile(atPath: statePath, contents: Data(session.state), attributes: [.posixPermissions: 0o600]) else {
                 throw SetupError("cannot write the VM state to \(statePath)")
             }
-            var environment = ["FERRY_STATE_FILE": statePath, "FERRY_UFFD_SOCKET": options.uffdSocket ?? "", "FERRY_WORK_DIR": directory.path]
-            if let memory {
-                let layoutPath = directory.path + "/layout.json"
-                guard FileManager.default.createFile(atPath: layoutPath, contents: Data(GuestMemoryMapping.encodeList(memory.mappings))) else {
-                    throw SetupError("cannot write the layout to \(layoutPath)")
-                }
-                environment["FERRY_LAYOUT_FILE"] = layoutPath
-            }
-            // A Unix socket's path (what QEMU's `server.path=` and libnbd's `unix:` take), else HOST:PORT.
-            let sockets = disks.keys.sorted().compactMap { disks[$0]?.servingAddress.map { $0.unixPath ?? "\($0)" } }
-            environment["FERRY_NBD_SOCKET"] = sockets.first ?? ""
-            environment["FERRY_NBD_SOCKETS"] = sockets.joined(separator: " ")
             if options.qemu != nil {
                 let t0 = ferry_monotonic_ns()
                 let qemu = try awaitQEMU(directory: directory)
@@ -503,8 +508,21 @@ public final class DestinationSession: @unchecked Sendable {
                 startSteps["state_load_and_cont_ms"] = Double(ferry_monotonic_ns() &- t2) / 1e6
             } else {
                 let t0 = ferry_monotonic_ns()
+                if let handshake = prestarted.take() {
+                    // Pre-started: it waits for the go, and its faults wait in the userfaultfd until the service reads them.
+                    guard let memory else { throw SetupError("a pre-started VM without memory to serve") }
+                    var go: UInt8 = 0x67
+                    guard send(handshake.connection.descriptor.rawValue, &go, 1, Int32(MSG_NOSIGNAL)) == 1 else {
+                        throw SetupError("the pre-started VM (PID \(handshake.peerPID)) is gone: its go could not be sent (errno \(errno))")
+                    }
+                    let t1 = ferry_monotonic_ns()
+                    try memory.startFaultService(handshake, onExit: vmExited)
+                    startSteps["go_ms"] = Double(t1 &- t0) / 1e6
+                    startSteps["fault_service_ms"] = Double(ferry_monotonic_ns() &- t1) / 1e6
+                    vmRunsHere()
+                } else {
                 if let command = options.onSwitchover {
-                    startedPID = try ShellCommand.start(command, environment: environment)
+                    startedPID = try ShellCommand.start(command, environment: try vmEnvironment(directory: directory))
                 }
                 let t1 = ferry_monotonic_ns()
                 if let memory, let listener = uffdListener.take() {
@@ -516,6 +534,7 @@ public final class DestinationSession: @unchecked Sendable {
                 }
                 startSteps["command_start_ms"] = Double(t1 &- t0) / 1e6
                 vmRunsHere()
+                }
             }
             let journalStart = ferry_monotonic_ns()
             defer { startSteps["journal_ms"] = Double(ferry_monotonic_ns() &- journalStart) / 1e6 }
@@ -560,6 +579,51 @@ public final class DestinationSession: @unchecked Sendable {
             logger.warning("test hook: stalling after hand-over", metadata: ["ms": "\(ms)"])
             usleep(UInt32(min(ms, 60_000) * 1000))
         }
+    }
+
+    /// The environment of `onSwitchover`'s command (docs in ``DestinationOptions/onSwitchover``);
+    /// writes the layout file. The state file is written at switchover, before the VM may run.
+    private func vmEnvironment(directory: PrivateDirectory) throws -> [String: String] {
+        var environment = ["FERRY_STATE_FILE": directory.path + "/vm-state.bin", "FERRY_UFFD_SOCKET": options.uffdSocket ?? "",
+                           "FERRY_WORK_DIR": directory.path]
+        if let memory {
+            let layoutPath = directory.path + "/layout.json"
+            guard FileManager.default.createFile(atPath: layoutPath, contents: Data(GuestMemoryMapping.encodeList(memory.mappings))) else {
+                throw SetupError("cannot write the layout to \(layoutPath)")
+            }
+            environment["FERRY_LAYOUT_FILE"] = layoutPath
+        }
+        // A Unix socket's path (what QEMU's `server.path=` and libnbd's `unix:` take), else HOST:PORT;
+        // before the disks are served (a pre-started VM), where they will be.
+        let sockets = disks.keys.sorted().compactMap { id in
+            disks[id].map { disk in (disk.servingAddress ?? disk.target.nbdEndpoint.address).unixPath ?? "\(disk.servingAddress ?? disk.target.nbdEndpoint.address)" }
+        }
+        environment["FERRY_NBD_SOCKET"] = sockets.first ?? ""
+        environment["FERRY_NBD_SOCKETS"] = sockets.joined(separator: " ")
+        return environment
+    }
+
+    /// `prestartVM`: starts `onSwitchover`'s command now, with FERRY_PRESTART=1, and takes its UFFD
+    /// handshake; the VM then waits for the go that ``startVM`` sends at switchover. If the
+    /// migration fails before, the VM is killed and its connection closed (it must never run).
+    private func prestartVM(directory: PrivateDirectory, uffdListener: inout UFFDHandshakeListener?) throws(LinkError) {
+        guard let command = options.onSwitchover, let listener = uffdListener.take() else { return }
+        var vmPID: Int32 = 0
+        let t0 = ferry_monotonic_ns()
+        do {
+            var environment = try vmEnvironment(directory: directory)
+            environment["FERRY_PRESTART"] = "1"
+            startedPID = try ShellCommand.start(command, environment: environment)
+            let handshake = try awaitVM(listener)
+            vmPID = handshake.peerPID
+            prestartedPID = vmPID
+            prestarted = consume handshake
+        } catch {
+            if let pid = startedPID { kill(pid, SIGKILL); startedPID = nil }
+            throw .local(.vmStartFailed, reason: "the pre-started VM did not hand over its memory: \(error)")
+        }
+        logger.info("VM pre-started; it waits for the switchover", metadata: [
+            "pid": "\(vmPID)", "ms": "\(String(format: "%.1f", Double(ferry_monotonic_ns() &- t0) / 1e6))"])
     }
 
     /// Waits for the started VM's UFFD handshake, watching the `--on-switchover` process: if it
