@@ -223,8 +223,8 @@ final class MemoryMigrationTests: XCTestCase {
 
     /// A pre-started VM (dest-agent --prestart-vm) when the migration fails before hand-over (the
     /// source's VM-state hook fails after the pause): it never runs. It handed over its memory and
-    /// waited for a go that never came; the destination, once it gives up on the source (after
-    /// `--link-timeout`), kills it, and the source's process runs on.
+    /// waited for a go that never came; the source tells the destination it gave up (`aborted`), so
+    /// the destination kills it at once (not after its 60 s link timeout), and the source's process runs on.
     func testPrestartedVMNeverRunsWhenTheMigrationFails() throws {
         try MemE2E.requireMemoryMigration()
         let dir = TemporaryDirectory(prefix: "ferry-mem")
@@ -235,7 +235,7 @@ final class MemoryMigrationTests: XCTestCase {
         let (dest, port) = try startDest(dir, [
             "--uffd-socket", dir.file("uffd.sock"), "--prestart-vm",
             "--on-switchover", "\(E2E.tool("ferry-workload")) --resume --uffd-socket \"$FERRY_UFFD_SOCKET\" --layout \"$FERRY_LAYOUT_FILE\" > \(resumedOut) 2>&1 &",
-            "--work-dir", dir.file("dest"), "--report", dir.file("dest.json"), "--accept-timeout", "60", "--link-timeout", "2"])
+            "--work-dir", dir.file("dest"), "--report", dir.file("dest.json"), "--accept-timeout", "60"])
         let agent = try E2E.Agent("source-agent", [
             "--vm", "\(source.pid)", "--dest", "127.0.0.1:\(port)", "--key-file", dir.file("key"),
             "--state-cmd", "exit 3", "--report", dir.file("source.json")], logPath: dir.file("source.log"))
@@ -250,6 +250,7 @@ final class MemoryMigrationTests: XCTestCase {
                       "the pre-started VM \(pid) is still alive after the failed migration: \(String(describing: MemE2E.state(of: pid)))\n\(log(dest.logPath))")
         let output = (try? String(contentsOfFile: resumedOut, encoding: .utf8)) ?? ""
         XCTAssertFalse(output.contains("\"ready\""), "the pre-started VM ran: \(output)")
+        XCTAssertTrue(dest.waitForLog("the source gave up", timeout: 5), "the destination was not told: \(log(dest.logPath))")
         let report = try E2E.report(dir.file("source.json"), log: agent.log)
         XCTAssertEqual(try report.string("vm_location"), "source", "\(report)")
         XCTAssertTrue(becomesRunnable(source.pid), "the source's process must run on: \(String(describing: MemE2E.state(of: source.pid)))")

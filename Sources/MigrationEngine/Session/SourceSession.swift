@@ -456,6 +456,12 @@ public final class SourceSession: @unchecked Sendable {
                 logger.warning("link lost; reconnecting", metadata: ["error": "\(error)", "phase": "\(state.phase)", "owner": "\(state.owner)"])
                 linkDownSince = linkDownSince ?? .now
             } catch {
+                // A local failure (a hook, the VM): while the VM is still this side's, the
+                // destination is told, so it gives up now instead of waiting for a reconnect (and
+                // drops a VM it pre-started).
+                if let link, state.owner == .source, link.failureSeen == nil {
+                    try? link.send(.error(.truncating(code: .aborted, reason: "the source gave up: \(error)")))
+                }
                 failure = "\(error)"
                 break migration
             }
