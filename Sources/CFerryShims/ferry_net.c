@@ -133,3 +133,12 @@ unsigned long long ferry_tcp_bytes_acked(int fd) {
     if (length < offsetof(struct tcp_info, tcpi_bytes_acked) + sizeof info.tcpi_bytes_acked) return 0;
     return info.tcpi_bytes_acked;
 }
+
+unsigned int ferry_tcp_min_rtt_us(int fd) {
+    struct tcp_info info;
+    socklen_t length = sizeof info;
+    memset(&info, 0, sizeof info);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &length) != 0) return 0;
+    if (length < offsetof(struct tcp_info, tcpi_min_rtt) + sizeof info.tcpi_min_rtt) return 0;
+    return info.tcpi_min_rtt == ~0U ? 0 : info.tcpi_min_rtt;
+}

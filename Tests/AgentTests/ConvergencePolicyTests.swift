@@ -1,15 +1,16 @@
 import MigrationEngine
 import XCTest
 
-/// The pre-copy decision: the target is a ceiling (rounds go on below it while they shrink the set),
-/// the limits still end it, and the throttle engages as before.
+/// The pre-copy decision: the target is a ceiling (rounds go on below it while another one would
+/// shrink the set), the limits still end it, and the throttle engages as before.
 final class ConvergencePolicyTests: XCTestCase {
     private let policy = ConvergencePolicy(maxDowntime: 0.3, maxRounds: 30)
     private let link = 24e6   // 24 MB/s: the target is 7.2 MB, the floor (10 ms) 240 KB
 
-    private func decide(_ remaining: UInt64, previous: UInt64? = .max, round: Int = 3, dirtyRate: Double = 5e6) -> ConvergencePolicy.Decision {
+    private func decide(_ remaining: UInt64, previous: UInt64? = .max, round: Int = 3, dirtyRate: Double = 5e6,
+                        roundTrip: Double = 0.04) -> ConvergencePolicy.Decision {
         policy.decide(remainingBytes: remaining, bandwidth: link, dirtyRate: dirtyRate, round: round, elapsed: 10, throttled: false,
-                      previousRemainingBytes: previous)
+                      previousRemainingBytes: previous, roundTrip: roundTrip)
     }
 
     private func switches(_ decision: ConvergencePolicy.Decision) -> String? {
@@ -22,8 +23,23 @@ final class ConvergencePolicyTests: XCTestCase {
         XCTAssertEqual(decide(2_600_000, previous: 12_000_000), .iterate, "a fifth of the round before: one more")
         XCTAssertEqual(decide(600_000, previous: 2_600_000), .iterate)
         XCTAssertNotNil(switches(decide(200_000, previous: 600_000)), "fits the 10 ms floor")
-        let stalled = switches(decide(500_000, previous: 600_000))
-        XCTAssertTrue(stalled?.contains("left 83 %") == true, "a writer's hot set: it stopped shrinking: \(stalled ?? "iterate")")
+        // bench-memory's case: the first round collected after the one before arrived left 84 % (it
+        // carried what was still in the link's queues), yet 5 MB/s over 92 + 40 ms leaves 0.7 MB.
+        XCTAssertEqual(decide(2_200_000, previous: 2_600_000, dirtyRate: 5.2e6), .iterate, "another round leaves a third: one more")
+        XCTAssertEqual(decide(700_000, previous: 2_200_000, dirtyRate: 5.2e6), .iterate)
+        let settled = switches(decide(360_000, previous: 700_000, dirtyRate: 5.2e6))
+        XCTAssertTrue(settled?.contains("another round would leave about") == true, "5.2 MB/s over 15 + 40 ms is 0.29 MB, 79 %: \(settled ?? "iterate")")
+    }
+
+    func testAHotSetSwitchesAtOnce() {
+        // 500 KB rewritten continuously: every round of 60 ms finds all of it dirty again.
+        let hot = switches(decide(500_000, previous: 520_000, dirtyRate: 500_000 / 0.06))
+        XCTAssertTrue(hot?.contains("another round would leave") == true, "\(hot ?? "iterate")")
+        // Not shrinking at all, whatever the prediction (a rate measured too low): switch.
+        let stalled = switches(decide(500_000, previous: 510_000, dirtyRate: 1e6))
+        XCTAssertTrue(stalled?.contains("left 98 %") == true, "\(stalled ?? "iterate")")
+        // Without a known round trip the prediction is the transfer alone.
+        XCTAssertEqual(decide(2_200_000, previous: 2_600_000, dirtyRate: 5.2e6, roundTrip: 0), .iterate)
     }
 
     func testWithoutHistoryItSwitchesAsSoonAsTheRestFitsTheTarget() {

@@ -27,3 +27,7 @@ int ferry_bridge_pin_mac(const char *ifname, unsigned long long mac, int add);
 /// Bytes of a TCP socket's stream the peer has acknowledged (TCP_INFO `tcpi_bytes_acked`): what crossed the
 /// link, unlike what was written into the send buffer. 0 on error (errno set) or for a non-TCP socket.
 unsigned long long ferry_tcp_bytes_acked(int fd);
+
+/// The smallest round trip a TCP socket has measured (TCP_INFO `tcpi_min_rtt`), in microseconds: the
+/// link's own round trip, without its queues. 0 on error, before any sample, or for a non-TCP socket.
+unsigned int ferry_tcp_min_rtt_us(int fd);

@@ -72,6 +72,8 @@ public final class PeerLink: @unchecked Sendable {
     /// Bytes of this connection's stream the peer's TCP has acknowledged: what crossed the link (bytes sent
     /// also count what still waits in the socket's send buffer, seconds of it on a slow link).
     public var bytesAcknowledged: UInt64 { ferry_tcp_bytes_acked(descriptor) }
+    /// The link's round trip without its queues (TCP_INFO's minimum), in seconds; 0 before it is known.
+    public var minimumRoundTrip: Double { Double(ferry_tcp_min_rtt_us(descriptor)) / 1e6 }
 
     /// Bytes sent on this connection so far, headers included.
     public var bytesSent: UInt64 {

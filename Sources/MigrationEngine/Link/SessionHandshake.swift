@@ -1,3 +1,4 @@
+import CFerryShims
 import Wire
 
 /// The opening exchange of every connection: mutual authentication by a shared key, then every
@@ -34,6 +35,9 @@ public enum SessionHandshake {
         public var handedOver: Bool
         /// The AEAD that seals the connection's frames.
         public var suite: CipherSuite
+        /// The initiator's measure of the path's round trip, in seconds: from its hello to the
+        /// challenge (0 on the acceptor's side).
+        public var roundTrip: Double = 0
     }
 
     /// The acceptor's answer to a hello.
@@ -57,8 +61,10 @@ public enum SessionHandshake {
                                 resumePoints: [ResumePoint] = []) throws(LinkError) -> Agreement {
         var connector = ConnectorHandshake(key: key.bytes, role: .source, mode: mode, features: features,
                                            sessionID: sessionID, resumePoints: resumePoints, suite: LinkSealing.proposed)
+        let helloSent = ferry_monotonic_ns()
         try sender.send(connector.helloMessage)
         let challenge = try unauthenticated { () throws(LinkError) in try receiver.receive(during: "handshake") }
+        let roundTrip = Double(ferry_monotonic_ns() &- helloSent) / 1e9
         guard case .challenge(let nonce) = challenge.message else {
             throw .unexpected(challenge.header.type, expecting: "challenge")
         }
@@ -91,7 +97,7 @@ public enum SessionHandshake {
         default: throw .unexpected(verdict.header.type, expecting: "ack or resumed after helloAck")
         }
         return Agreement(features: peer.features, sessionID: sessionID, mode: mode,
-                         peerResumePoints: peer.resumePoints, handedOver: handedOver, suite: keys.suite)
+                         peerResumePoints: peer.resumePoints, handedOver: handedOver, suite: keys.suite, roundTrip: roundTrip)
     }
 
     /// An error frame before the keys exist is not the destination's authenticated word: it may

@@ -1,11 +1,13 @@
 /// When to stop iterating and switch over, and when to throttle the writer: the pre-copy decision
 /// of Clark et al. (2004) with the write throttle of Bradford et al. (2007), in QEMU's terms
 /// (switch over once the remaining dirty bytes fit `bandwidth × max-downtime`), with one change:
-/// the target is a ceiling, not an aim. Once the dirty bytes fit it, rounds go on while each still
-/// shrinks the set to ``shrinkFactor`` of the one before or less, until the set fits ``floorSeconds``
-/// of link: a writer that lets pre-copy converge gets the shortest pause it allows (a few short
-/// rounds more: a 2.6 MB set at 24 MB/s is 110 ms of pause, and one more round of it 110 ms of
-/// copying that leaves a fifth), and one that does not is paused as soon as it stops shrinking.
+/// the target is a ceiling, not an aim. Once the dirty bytes fit it, rounds go on while another
+/// one pays: while what the VM would dirty as this set crosses the link and its acknowledgement
+/// comes back (the dirty rate × (set ÷ bandwidth + round trip)) is at most ``shrinkFactor`` of the
+/// set, and the last round did shrink it; until the set fits ``floorSeconds`` of link. A writer
+/// that lets pre-copy converge gets the shortest pause it allows (a few short rounds more: a 2.2 MB
+/// set at 24 MB/s is 92 ms of pause, one more round of it leaves about 0.7 MB), and one that does
+/// not (a hot set, rewritten faster than a round) is paused as soon as another round would not shrink it.
 public struct ConvergencePolicy: Sendable, Equatable {
     /// The downtime to aim at, in seconds (QEMU's `downtime-limit`, 0.3 s by default there).
     public var maxDowntime: Double
@@ -19,8 +21,10 @@ public struct ConvergencePolicy: Sendable, Equatable {
     public var throttleTargetFraction: Double
     /// Below the target, switch over once the dirty bytes fit this much link time (seconds)...
     public var floorSeconds: Double = 0.01
-    /// ...or once a round left more than this fraction of the set before it.
+    /// ...or once another round would leave more than this fraction of the set...
     public var shrinkFactor: Double = 0.6
+    /// ...or once the last round left more than this fraction of the set before it (it stopped shrinking).
+    public var stallFactor: Double = 0.95
 
     public init(maxDowntime: Double = 0.3, maxRounds: Int = 30, maxSeconds: Double = 3600,
                 throttleAboveFraction: Double = 0.5, throttleTargetFraction: Double = 0.3) {
@@ -51,8 +55,10 @@ public struct ConvergencePolicy: Sendable, Equatable {
     ///   - throttled: whether the throttle is already on.
     ///   - previousRemainingBytes: what the round before left (`.max` after the bulk copy); nil: switch
     ///     over as soon as the rest fits the target, with no rounds to shrink it further.
+    ///   - roundTrip: the link's round trip in seconds (0: unknown), which every round adds to the
+    ///     time the VM dirties pages while the round is sent and acknowledged.
     public func decide(remainingBytes: UInt64, bandwidth: Double, dirtyRate: Double, round: Int,
-                       elapsed: Double, throttled: Bool, previousRemainingBytes: UInt64? = nil) -> Decision {
+                       elapsed: Double, throttled: Bool, previousRemainingBytes: UInt64? = nil, roundTrip: Double = 0) -> Decision {
         let budget = bandwidth * maxDowntime
         if Double(remainingBytes) <= budget {
             let fits = "\(remainingBytes) dirty bytes fit \(Int(maxDowntime * 1000)) ms at \(Int(bandwidth)) B/s"
@@ -60,7 +66,11 @@ public struct ConvergencePolicy: Sendable, Equatable {
             if Double(remainingBytes) <= bandwidth * floorSeconds {
                 return .switchover(reason: "\(fits), and \(Int(floorSeconds * 1000)) ms")
             }
-            if previous != .max && Double(remainingBytes) > Double(previous) * shrinkFactor {
+            let next = dirtyRate * (Double(remainingBytes) / max(bandwidth, 1) + roundTrip)
+            if next > Double(remainingBytes) * shrinkFactor {
+                return .switchover(reason: "\(fits); another round would leave about \(Int(next)) of them")
+            }
+            if previous != .max && Double(remainingBytes) > Double(previous) * stallFactor {
                 return .switchover(reason: "\(fits); the last round left \(remainingBytes * 100 / max(1, previous)) % of the \(previous) before it")
             }
             if round >= maxRounds || elapsed >= maxSeconds { return .switchover(reason: fits) }

@@ -318,14 +318,16 @@ public final class SourceSession: @unchecked Sendable {
                         decision = options.policy.decide(remainingBytes: remaining, bandwidth: bandwidth, dirtyRate: dirtyRate,
                                                          round: round - 1, elapsed: seconds(since: start),
                                                          throttled: disks.isEmpty || disks.contains { $0.isThrottled },
-                                                         previousRemainingBytes: previousRemaining ?? .max)
+                                                         previousRemainingBytes: previousRemaining ?? .max,
+                                                         roundTrip: active.agreement.roundTrip)
                     }
                     previousRemaining = remaining
                     switch decision {
                     case .switchover(let reason):
                         report.reason = reason
                         report.expectedDowntimeMs = bandwidth > 0 ? Double(remaining) / bandwidth * 1000 : 0
-                        logger.info("switching over", metadata: ["reason": "\(reason)", "round": "\(round - 1)", "remaining_bytes": "\(remaining)"])
+                        logger.info("switching over", metadata: ["reason": "\(reason)", "round": "\(round - 1)", "remaining_bytes": "\(remaining)",
+                                                             "collected_over_ms": "\(Int(interval * 1000))"])
                         state.move(to: .switchover)
                         continue migration
                     case .throttle(let bytesPerSecond):
@@ -341,8 +343,8 @@ public final class SourceSession: @unchecked Sendable {
                         break
                     }
                     for stream in streams where stream.hasPrecopy { try stream.sendRound(round, on: active) }
-                    logger.debug("round done", metadata: ["round": "\(round)", "sent_bytes": "\(remaining)",
-                                                          "dirty_rate": "\(Int(dirtyRate))", "bandwidth": "\(Int(bandwidth))"])
+                    logger.info("round sent", metadata: ["round": "\(round)", "sent_bytes": "\(remaining)", "collected_over_ms": "\(Int(interval * 1000))",
+                                                         "dirty_rate": "\(Int(dirtyRate))", "bandwidth": "\(Int(bandwidth))"])
                     finalRound = round + 1
                     state.move(to: .round(round + 1))
 
