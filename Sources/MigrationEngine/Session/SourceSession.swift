@@ -343,7 +343,7 @@ public final class SourceSession: @unchecked Sendable {
                         break
                     }
                     for stream in streams where stream.hasPrecopy { try stream.sendRound(round, on: active) }
-                    logger.info("round sent", metadata: ["round": "\(round)", "sent_bytes": "\(remaining)", "collected_over_ms": "\(Int(interval * 1000))",
+                    logger.info("round done", metadata: ["round": "\(round)", "sent_bytes": "\(remaining)", "collected_over_ms": "\(Int(interval * 1000))",
                                                          "dirty_rate": "\(Int(dirtyRate))", "bandwidth": "\(Int(bandwidth))"])
                     finalRound = round + 1
                     state.move(to: .round(round + 1))
