@@ -15,11 +15,12 @@
 # post-copy, issue 15's), and the workload's operations per second before, during and after; each goal
 # then as "goal: ... measured ... -> met" or "-> BELOW GOAL" (a benchmark measures: a goal missed does
 # not change the exit status; a failed or corrupt migration does).
-# Env: PRESTART=0 starts the destination's workload at switchover instead of before (--prestart-vm).
+# Env: PRESTART=0 starts the destination's workload at switchover instead of before (--prestart-vm);
+# RUNS=N runs the three modes N times and ends with each mode's medians against the goals.
 # Needs root (network namespaces, ptrace, userfaultfd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mem=${1:-256}; rate=${2:-200}; rtt=${3:-20}; dirty=${4:-5}
+mem=${1:-256}; rate=${2:-200}; rtt=${3:-20}; dirty=${4:-5}; runs=${RUNS:-1}
 # The destination's workload is pre-started (dest-agent --prestart-vm: it hands over its memory
 # during the migration and runs on the go at switchover), as issue 15's downtime goals assume;
 # PRESTART=0 starts it at switchover instead.
@@ -103,7 +104,7 @@ run_mode() {
   # The destination's side of the downtime: from the switchover frame to `resumed` (its log line).
   grep -o 'since_switchover_ms=[0-9.]*' "$dir/dest.log" | head -1 | sed 's/^/  destination: /' || true
   /usr/bin/python3 - "$label" "$dir" "$rtt" "$rate" "$link_rtt" <<'PY'
-import json, sys, statistics
+import json, os, sys, statistics
 mode, d, rtt, rate, measured = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], float(sys.argv[5])
 src = json.load(open(f"{d}/source.json")); dst = json.load(open(f"{d}/dest.json"))
 sm, dm = src["memory"], dst["memory"]
@@ -146,14 +147,48 @@ else:
 slack = 10 if mode.startswith("postcopy") else 50
 goal(f"downtime ({mode})", f"< measured link RTT + {slack} ms = {measured + slack:.1f} ms", f"{src['downtime_ms']:.1f} ms",
      src["downtime_ms"] < measured + slack)
+with open(os.environ["FERRY_BENCH_SUMMARY"], "a") as summary:
+    summary.write(json.dumps({"mode": mode, "rtt_ms": measured, "downtime_ms": src["downtime_ms"],
+                              "missing_p50_ms": mis["p50_us"] / 1000 if mis["count"] else None,
+                              "received_p50_us": rcv["p50_us"] if rcv["count"] else None}) + "\n")
 ok = src["status"] == "completed" and src["digests_agree"] and verified.get("corrupt") == 0
 sys.exit(0 if ok else 1)
 PY
 }
 
-run_mode precopy 7171 6271 "precopy"
-# Post-copy on a plain shaped link (one FIFO): the push paces itself by queueing delay (default 10 ms target).
-run_mode postcopy 7172 6272 "postcopy, push paced (10 ms), one FIFO"
-# Post-copy on a link with a priority band for the urgent lane (SO_PRIORITY 6): push at full speed.
-export FERRY_WAN_PRIORITY_BANDS=1
-run_mode postcopy 7173 6273 "postcopy, push unpaced, urgent lane prioritised" --push-delay-target-ms 0
+export FERRY_BENCH_SUMMARY="$work/summary.jsonl"
+for run in $(seq "$runs"); do
+  [ "$runs" -gt 1 ] && echo "== run $run of $runs"
+  step=$(( (run - 1) * 10 ))
+  unset FERRY_WAN_PRIORITY_BANDS
+  run_mode precopy $((7171 + step)) $((6271 + step)) "precopy"
+  # Post-copy on a plain shaped link (one FIFO): the push paces itself by queueing delay (default 10 ms target).
+  run_mode postcopy $((7172 + step)) $((6272 + step)) "postcopy, push paced (10 ms), one FIFO"
+  # Post-copy on a link with a priority band for the urgent lane (SO_PRIORITY 6): push at full speed.
+  export FERRY_WAN_PRIORITY_BANDS=1
+  run_mode postcopy $((7173 + step)) $((6273 + step)) "postcopy, push unpaced, urgent lane prioritised" --push-delay-target-ms 0
+done
+
+if [ "$runs" -gt 1 ]; then
+  /usr/bin/python3 - "$FERRY_BENCH_SUMMARY" "$runs" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print(f"\nmedians of {sys.argv[2]} runs per mode")
+for mode in dict.fromkeys(r["mode"] for r in rows):
+    mine = [r for r in rows if r["mode"] == mode]
+    rtt = statistics.median(r["rtt_ms"] for r in mine)
+    down = statistics.median(r["downtime_ms"] for r in mine)
+    slack = 10 if mode.startswith("postcopy") else 50
+    each = ", ".join("%.1f" % r["downtime_ms"] for r in mine)
+    print(f"  {mode}: downtime {down:.1f} ms (runs: {each})")
+    print(f"    goal: downtime < measured link RTT + {slack} ms = {rtt + slack:.1f} ms, median {down:.1f} ms -> {'met' if down < rtt + slack else 'BELOW GOAL'}")
+    missing = [r["missing_p50_ms"] for r in mine if r["missing_p50_ms"] is not None]
+    if missing:
+        m = statistics.median(missing)
+        print(f"    goal: fault latency on missing pages p50 < RTT + 0.2 ms = {rtt + 0.2:.2f} ms, median {m:.2f} ms -> {'met' if m < rtt + 0.2 else 'BELOW GOAL'}")
+    received = [r["received_p50_us"] for r in mine if r["received_p50_us"] is not None]
+    if received:
+        m = statistics.median(received)
+        print(f"    goal: fault latency on received pages p50 < 20 us, median {m:.1f} us -> {'met' if m < 20 else 'BELOW GOAL'}")
+PY
+fi

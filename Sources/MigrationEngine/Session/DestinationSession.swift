@@ -521,19 +521,19 @@ public final class DestinationSession: @unchecked Sendable {
                     startSteps["fault_service_ms"] = Double(ferry_monotonic_ns() &- t1) / 1e6
                     vmRunsHere()
                 } else {
-                if let command = options.onSwitchover {
-                    startedPID = try ShellCommand.start(command, environment: try vmEnvironment(directory: directory))
-                }
-                let t1 = ferry_monotonic_ns()
-                if let memory, let listener = uffdListener.take() {
-                    let handshake = try awaitVM(listener)
-                    let t2 = ferry_monotonic_ns()
-                    try memory.startFaultService(handshake, onExit: vmExited)
-                    startSteps["vm_handshake_ms"] = Double(t2 &- t1) / 1e6
-                    startSteps["fault_service_ms"] = Double(ferry_monotonic_ns() &- t2) / 1e6
-                }
-                startSteps["command_start_ms"] = Double(t1 &- t0) / 1e6
-                vmRunsHere()
+                    if let command = options.onSwitchover {
+                        startedPID = try ShellCommand.start(command, environment: try vmEnvironment(directory: directory))
+                    }
+                    let t1 = ferry_monotonic_ns()
+                    if let memory, let listener = uffdListener.take() {
+                        let handshake = try awaitVM(listener)
+                        let t2 = ferry_monotonic_ns()
+                        try memory.startFaultService(handshake, onExit: vmExited)
+                        startSteps["vm_handshake_ms"] = Double(t2 &- t1) / 1e6
+                        startSteps["fault_service_ms"] = Double(ferry_monotonic_ns() &- t2) / 1e6
+                    }
+                    startSteps["command_start_ms"] = Double(t1 &- t0) / 1e6
+                    vmRunsHere()
                 }
             }
             let journalStart = ferry_monotonic_ns()
@@ -561,6 +561,7 @@ public final class DestinationSession: @unchecked Sendable {
             try journal.write(to: directory.path)
         } catch {
             if let pid = startedPID { kill(pid, SIGKILL) }
+            if let pid = prestartedPID { kill(pid, SIGKILL) }   // it may have had its go: it must not run on, unserved
             qemu?.kill()
             qemuStart.withLock { $0 = .notStarted }
             let reason = "the VM did not start here: \(error)"
@@ -595,8 +596,9 @@ public final class DestinationSession: @unchecked Sendable {
         }
         // A Unix socket's path (what QEMU's `server.path=` and libnbd's `unix:` take), else HOST:PORT;
         // before the disks are served (a pre-started VM), where they will be.
-        let sockets = disks.keys.sorted().compactMap { id in
-            disks[id].map { disk in (disk.servingAddress ?? disk.target.nbdEndpoint.address).unixPath ?? "\(disk.servingAddress ?? disk.target.nbdEndpoint.address)" }
+        let sockets = disks.keys.sorted().compactMap { disks[$0] }.map { disk in
+            let address = disk.servingAddress ?? disk.target.nbdEndpoint.address
+            return address.unixPath ?? "\(address)"
         }
         environment["FERRY_NBD_SOCKET"] = sockets.first ?? ""
         environment["FERRY_NBD_SOCKETS"] = sockets.joined(separator: " ")
