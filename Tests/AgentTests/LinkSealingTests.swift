@@ -52,13 +52,12 @@ final class LinkSealingTests: XCTestCase {
         return frames
     }
 
-    /// Feeds `frames` (concatenated) to a receiver opening with `key`; returns the messages' types
-    /// it decoded and the error it stopped with.
-    private func receive(_ frames: [[UInt8]], key: [UInt8]? = nil, suite: CipherSuite = .aes256gcm) throws -> (types: [MessageType], error: LinkError?) {
+    /// The reading end of a socket pair into which a thread writes `frames` (concatenated), then
+    /// closes its end; a reader that stops early only ends the writes (no SIGPIPE).
+    private func feed(_ frames: [[UInt8]]) -> Int32 {
         let (a, b) = socketPair()
-        defer { close(b) }
         let all = frames.flatMap { $0 }
-        let writer = Thread {
+        Thread {
             var sent = 0
             while sent < all.count {
                 let n = all.withUnsafeBytes { send(a, $0.baseAddress! + sent, all.count - sent, Int32(MSG_NOSIGNAL)) }
@@ -66,8 +65,15 @@ final class LinkSealingTests: XCTestCase {
                 sent += n
             }
             close(a)
-        }
-        writer.start()
+        }.start()
+        return b
+    }
+
+    /// Feeds `frames` (concatenated) to a receiver opening with `key`; returns the messages' types
+    /// it decoded and the error it stopped with.
+    private func receive(_ frames: [[UInt8]], key: [UInt8]? = nil, suite: CipherSuite = .aes256gcm) throws -> (types: [MessageType], error: LinkError?) {
+        let b = feed(frames)
+        defer { close(b) }
         var receiver = try FrameReceiver(fd: b, timeoutSeconds: 5)
         try receiver.startOpening(suite, key: key ?? self.key)
         var types: [MessageType] = []
@@ -126,19 +132,8 @@ final class LinkSealingTests: XCTestCase {
             XCTAssertNotEqual(frames[0], frames[1], "the same batch sealed twice must differ")
 
             // Intact: both batches decode to the very bytes sent.
-            let (a, b) = socketPair()
+            let b = feed(frames)
             defer { close(b) }
-            let all = frames.flatMap { $0 }
-            let writer = Thread {
-                var sent = 0
-                while sent < all.count {
-                    let n = all.withUnsafeBytes { send(a, $0.baseAddress! + sent, all.count - sent, Int32(MSG_NOSIGNAL)) }
-                    if n <= 0 { break }
-                    sent += n
-                }
-                close(a)
-            }
-            writer.start()
             var receiver = try FrameReceiver(fd: b, timeoutSeconds: 5)
             try receiver.startOpening(.aes256gcm, key: key)
             for _ in 0..<2 {
