@@ -4,7 +4,8 @@
 /// the target is a ceiling, not an aim. Once the dirty bytes fit it, rounds go on while another
 /// one pays: while what the VM would dirty as this set crosses the link and its acknowledgement
 /// comes back (the dirty rate × (set ÷ bandwidth + round trip)) is at most ``shrinkFactor`` of the
-/// set, and the last round did shrink it; until the set fits ``floorSeconds`` of link. A writer
+/// set, or the last round left at most that much of the set before it, and the last round did
+/// shrink it (``stallFactor``); until the set fits ``floorSeconds`` of link. A writer
 /// that lets pre-copy converge gets the shortest pause it allows (a few short rounds more: a 2.2 MB
 /// set at 24 MB/s is 92 ms of pause, one more round of it leaves about 0.7 MB), and one that does
 /// not (a hot set, rewritten faster than a round) is paused as soon as another round would not shrink it.
@@ -66,8 +67,12 @@ public struct ConvergencePolicy: Sendable, Equatable {
             if Double(remainingBytes) <= bandwidth * floorSeconds {
                 return .switchover(reason: "\(fits), and \(Int(floorSeconds * 1000)) ms")
             }
+            // Another round pays if it is predicted to leave at most `shrinkFactor` of the set, or if
+            // the last one did (a set measured after queued rounds drained can shrink more than
+            // predicted, and a VM's page heat makes the next set smaller than the rate says).
             let next = dirtyRate * (Double(remainingBytes) / max(bandwidth, 1) + roundTrip)
-            if next > Double(remainingBytes) * shrinkFactor {
+            let lastShrank = previous == .max || Double(remainingBytes) <= Double(previous) * shrinkFactor
+            if next > Double(remainingBytes) * shrinkFactor && !lastShrank {
                 return .switchover(reason: "\(fits); another round would leave about \(Int(next)) of them")
             }
             if previous != .max && Double(remainingBytes) > Double(previous) * stallFactor {
