@@ -23,6 +23,35 @@ struct WorkloadLoop {
     let seconds: Double?
     let reportInterval: Double
     var rng: UInt64
+    /// CPU work per page written (`--work-us`): writes not done for want of CPU are not caught up.
+    var work: Work?
+    /// A hot set (`--hot-pages`, `--hot-share`): that share of the writes goes to its pages.
+    var hot: (pages: Int, share: Double)?
+    private var sink: UInt64 = 1
+
+    /// A calibrated busy loop standing for a VM's computation: `iterations` of a multiply-add chain take
+    /// about `microseconds` of CPU time on this machine (measured at startup, best of five runs).
+    struct Work {
+        let microseconds: Double
+        let iterations: Int
+        init(microseconds: Double) {
+            self.microseconds = microseconds
+            let probe = 200_000
+            var best = Double.infinity
+            for _ in 0..<5 {
+                let t0 = WorkloadLoop.now()
+                _ = Self.spin(probe, seed: 1)
+                best = min(best, WorkloadLoop.now() - t0)
+            }
+            iterations = max(1, Int(Double(probe) * microseconds / 1e6 / max(best, 1e-9)))
+        }
+        @inline(never)
+        static func spin(_ n: Int, seed: UInt64) -> UInt64 {
+            var x = seed
+            for _ in 0..<n { x = x &* 6364136223846793005 &+ 1442695040888963407 }
+            return x
+        }
+    }
 
     init(memory: WorkloadMemory, disk: WorkloadDisk?, dirtyRate: UInt64, seconds: Double?, reportInterval: Double) {
         self.memory = memory
@@ -37,6 +66,14 @@ struct WorkloadLoop {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
         return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+
+    /// The next page to write: uniform over the memory, or from the hot set with its share.
+    mutating func pickPage() -> Int {
+        if let hot, Double(nextRandom() >> 11) / Double(1 << 53) < hot.share {
+            return Int(nextRandom() % UInt64(hot.pages))
+        }
+        return Int(nextRandom() % UInt64(memory.totalPages))
     }
 
     mutating func nextRandom() -> UInt64 {
@@ -59,10 +96,16 @@ struct WorkloadLoop {
             // Dirty what is due since the last tick.
             owed += Double(dirtyRate) * (now - lastTick) / Double(memory.pageSize)
             lastTick = now
+            if work != nil { owed = min(owed, Double(dirtyRate) * 0.02 / Double(memory.pageSize)) }   // no catching up
             var due = Int(owed)
             owed -= Double(due)
             if due > memory.totalPages { due = memory.totalPages }
-            for _ in 0..<due { write(Int(nextRandom() % UInt64(memory.totalPages))) }
+            for _ in 0..<due {
+                if let work {
+                    sink ^= Work.spin(work.iterations, seed: sink | 1)
+                }
+                write(pickPage())
+            }
             if now - lastReport >= reportInterval {
                 let ops = Double(memory.pagesWritten - writtenAtReport) / (now - lastReport)
                 Output.line("{\"event\":\"report\",\"t\":\(fmt(now - start)),\"ops_per_sec\":\(fmt(ops)),\"pages_written\":\(memory.pagesWritten),\"pages_verified\":\(memory.pagesVerified),\"corrupt\":\(memory.corrupt)\(diskCounts)}")

@@ -57,6 +57,12 @@ struct FerryWorkloadCommand: ParsableCommand {
     var dirtyRate: String = "0"
     @Option(help: "Stop after this many seconds (default: run until 'quit' or a signal).")
     var seconds: Double?
+    @Option(help: "CPU work done for each page written, in microseconds (a calibrated loop): the workload is then CPU-bound, dirtying as fast as its CPU time allows up to --dirty-rate, and writes it falls behind on are not caught up (a throttled VM loses them as work not done).")
+    var workUs: Double = 0
+    @Option(help: "A hot set: this share of the writes (0-1) goes to the first --hot-pages pages.")
+    var hotShare: Double = 0
+    @Option(help: "The hot set's size in pages (with --hot-share).")
+    var hotPages: Int = 0
     @Option(help: "Seconds between reports.")
     var reportInterval: Double = 1
     @Option(help: "Pages filled at startup (default: all); the rest stay untouched.")
@@ -160,6 +166,9 @@ struct FerryWorkloadCommand: ParsableCommand {
         Output.line("{\"event\":\"ready\",\"pid\":\(getpid()),\"pages\":\(workload.totalPages)\(diskFields)}")
         pidWriter?.write()
         var loop = WorkloadLoop(memory: workload, disk: disk, dirtyRate: rate, seconds: seconds, reportInterval: reportInterval)
+        guard workUs >= 0, hotShare >= 0, hotShare <= 1, hotPages >= 0 else { Output.error("--work-us, --hot-share (0-1) and --hot-pages must not be negative") }
+        loop.work = workUs > 0 ? WorkloadLoop.Work(microseconds: workUs) : nil
+        loop.hot = hotShare > 0 && hotPages > 0 ? (min(hotPages, workload.totalPages), hotShare) : nil
         let status = loop.run()
         if status != 0 { throw ExitCode(status) }
     }

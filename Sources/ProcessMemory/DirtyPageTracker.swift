@@ -71,6 +71,29 @@ public enum AnyDirtyPageTracker: ~Copyable, DirtyPageTracker {
         }
     }
 
+    /// The kernel tracker's dirty limit, once engaged.
+    public var dirtyLimit: DirtyLimit? {
+        switch self {
+        case .kernel(let t): return t.dirtyLimit
+        case .hash: return nil
+        }
+    }
+
+    /// Engages or sets the kernel tracker's dirty limit (``DirtyTracker/throttleWrites(bytesPerSecond:)``); the
+    /// content-hash tracker has none.
+    public mutating func throttleWrites(bytesPerSecond: UInt64) throws(ProcessMemoryError) {
+        switch consume self {
+        case .kernel(var t):
+            var failure: ProcessMemoryError?
+            do { try t.throttleWrites(bytesPerSecond: bytesPerSecond) } catch { failure = error }
+            self = .kernel(t)
+            if let failure { throw failure }
+        case .hash(let t):
+            self = .hash(t)
+            throw ProcessMemoryError("the write-protect throttle needs kernel dirty tracking; this process is tracked by content hashing")
+        }
+    }
+
     public consuming func detach() throws(ProcessMemoryError) {
         switch consume self {
         case .kernel(let t): try t.detach()

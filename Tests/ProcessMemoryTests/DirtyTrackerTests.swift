@@ -250,6 +250,105 @@ final class DirtyTrackerTests: XCTestCase {
         XCTAssertEqual(Set(runs.pageAddresses()), pageAddresses([3, 50, 100, 2000], in: w))
         try any.detach()
     }
+
+    /// The dirty limit (`throttleWrites`, a synchronous write-protect userfaultfd): moving the regions to it
+    /// loses no page written before (they come in the next scan), scans stay exact, a page not yet written
+    /// since the last scan waits for the limit's pace while a page already written does not, a lifted limit
+    /// lets writes through at once, and the workload's memory stays intact.
+    func testDirtyLimitHoldsNewDirtyingOnlyAndTracksExactly() throws {
+        let w = try WorkloadProcess(["--memory", "32M"])
+        defer { w.stop() }
+        let pages = Int(w.regionSize / 4096)
+        var tracker = try attachKernelTracker(w)
+        var runs = PageRunBuffer(capacity: 16)
+        try tracker.scanDirty(into: &runs)
+        try w.write(pages: [1, 2, 3])
+        try tracker.scanDirty(into: &runs)
+        XCTAssertEqual(Set(runs.pageAddresses()), pageAddresses([1, 2, 3], in: w))
+
+        // Written before the limit: carried into the first scan after it.
+        try w.write(pages: [10, 11, 500])
+        try tracker.throttleWrites(bytesPerSecond: 1000 * 4096)   // 1,000 new dirty pages per second
+        XCTAssertNotNil(tracker.dirtyLimit)
+        try tracker.scanDirty(into: &runs)
+        XCTAssertEqual(Set(runs.pageAddresses()), pageAddresses([10, 11, 500], in: w), "pages written before the move")
+
+        // 300 distinct pages not written since the scan: at 1,000/s they take about 0.3 s (less a 5 ms burst).
+        var rng = SplitMix64(seed: 0xD17)
+        var fresh: [Int] = []
+        var chosen = Set<Int>()
+        while fresh.count < 300 { let p = rng.below(pages); if chosen.insert(p).inserted { fresh.append(p) } }
+        var t0 = monotonicSeconds()
+        try w.write(pages: fresh)
+        let held = monotonicSeconds() - t0
+        XCTAssertGreaterThan(held, 0.25, "300 new dirty pages at 1,000/s went through in \(held) s")
+        // The same pages again: already written since the scan, not held.
+        t0 = monotonicSeconds()
+        try w.write(pages: fresh)
+        let again = monotonicSeconds() - t0
+        XCTAssertLessThan(again, held / 4, "rewrites of pages already dirty were held: \(again) s against \(held) s")
+        try tracker.scanDirty(into: &runs)
+        XCTAssertEqual(Set(runs.pageAddresses()), pageAddresses(fresh, in: w), "exactly the pages written")
+        try tracker.scanDirty(into: &runs)
+        XCTAssertEqual(runs.count, 0, "a quiet round")
+        let faults = try XCTUnwrap(tracker.dirtyLimit).faults
+        XCTAssertGreaterThanOrEqual(faults, 300, "each new dirty page faulted once")
+        print("dirty limit: 300 new dirty pages at 1,000/s in \(held) s, rewritten in \(again) s; \(faults) faults, held \(Double(tracker.dirtyLimit!.heldFor) / 1e6) ms")
+
+        // Lifted: writes go through at once (a fault each, answered without waiting), still tracked exactly.
+        try tracker.throttleWrites(bytesPerSecond: 0)
+        let many = (0..<2000).map { ($0 * 7) % pages }
+        t0 = monotonicSeconds()
+        try w.write(pages: many)
+        let lifted = monotonicSeconds() - t0
+        XCTAssertLessThan(lifted, 1.0, "2,000 pages with the limit lifted took \(lifted) s")
+        try tracker.scanDirty(into: &runs)
+        XCTAssertEqual(Set(runs.pageAddresses()), pageAddresses(many, in: w))
+        try tracker.detach()
+
+        // After detach the pages are writable without faults, and every page verifies.
+        try w.write(pages: fresh)
+        let verified = try w.command("verify", expect: "verified")
+        XCTAssertEqual((verified["corrupt"] as? NSNumber)?.intValue, 0)
+    }
+
+    /// Under the dirty limit, a rate-driven writer (8 MB/s held to 2 MB/s of new dirty pages) races the scans:
+    /// the union of every scan is exactly the set of pages it wrote (its generator is the oracle).
+    func testDirtyLimitUnderARateDrivenWriterLosesNoPage() throws {
+        let w = try WorkloadProcess(["--memory", "64M", "--dirty-rate", "0", "--report-interval", "0.2"])
+        defer { w.stop() }
+        let totalPages = Int(w.regionSize / 4096)
+        var tracker = try attachKernelTracker(w)
+        var runs = PageRunBuffer(capacity: 16)
+        try tracker.scanDirty(into: &runs)
+        var seen = Set<UInt64>()
+        try w.command("rate 8M", expect: "rate")
+        _ = try w.waitFor("report", timeout: 30)
+        try tracker.scanDirty(into: &runs)
+        seen.formUnion(runs.pageAddresses())
+        try tracker.throttleWrites(bytesPerSecond: 2 << 20)
+        var written = 0
+        let deadline = monotonicSeconds() + 60
+        while written < 1500 && monotonicSeconds() < deadline {
+            let report = try w.waitFor("report", timeout: 30)
+            written = try XCTUnwrap((report["pages_written"] as? NSNumber)?.intValue)
+            try tracker.scanDirty(into: &runs)
+            seen.formUnion(runs.pageAddresses())
+        }
+        try w.command("rate 0", expect: "rate")
+        try tracker.scanDirty(into: &runs)
+        seen.formUnion(runs.pageAddresses())
+        let faults = try XCTUnwrap(tracker.dirtyLimit).faults
+        try tracker.detach()
+        let exit = try w.command("quit", expect: "exit")
+        XCTAssertEqual((exit["corrupt"] as? NSNumber)?.intValue, 0)
+        let total = try XCTUnwrap((exit["pages_written"] as? NSNumber)?.intValue)
+        let expected = Set(workloadRatePages(pid: w.pid, count: total, totalPages: totalPages).map { w.regionStart + UInt64($0) * 4096 })
+        print("dirty limit at a rate: \(total) page writes, \(expected.count) distinct, \(seen.count) reported, \(faults) faults")
+        XCTAssertGreaterThan(faults, 0)
+        XCTAssertEqual(seen.subtracting(expected).count, 0, "pages reported that the workload never wrote")
+        XCTAssertEqual(expected.subtracting(seen).count, 0, "pages the workload wrote that no scan reported")
+    }
 }
 
 /// Shared memory (a memfd mapped MAP_SHARED, as QEMU's memory-backend-file/memfd): chosen by default, tracked with
@@ -276,4 +375,5 @@ final class SharedMemoryTrackerTests: XCTestCase {
         }
         try tracker.detach()
     }
+
 }

@@ -26,6 +26,8 @@ public struct MemoryStreamOptions: Sendable {
     public var contentHashTracking = false
     /// Pages per `pageBatch` frame.
     public var batchPages: Int = 256
+    /// How to slow the process's writers when pre-copy does not converge (`--memory-throttle`).
+    public var throttle: MemoryThrottleMethod = .off
 
     public init(pid: Int32) { self.pid = pid }
 
@@ -88,6 +90,8 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
     private var frozen = false
     private var dataPagesAtFreeze: UInt64 = 0
     private var downtimeBytes: UInt64 = 0
+    /// The write throttle, when `options.throttle` names one and pre-copy tracks dirty pages.
+    private let throttle: MemoryThrottle?
 
     // Post-copy.
     private var needed: [PageSet] = []
@@ -123,6 +127,7 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
         builder = try PageBatchBuilder(pid: options.pid, batchPages: options.batchPages, pageSize: pageSize)
         builder.pageHashes = hashes
         trackingMethod = "none (post-copy)"
+        throttle = options.throttle != .off && options.mode != .postcopy ? MemoryThrottle(method: options.throttle, pid: options.pid) : nil
         if options.mode != .postcopy {
             var fallback: ProcessMemoryError? = nil
             var attached: AnyDirtyPageTracker
@@ -150,6 +155,7 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
 
     deinit {
         pacer.deallocate()
+        throttle?.lift()
         if let attached = tracker.take() { try? attached.detach() }
     }
 
@@ -246,10 +252,45 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
 
     var roundsAcknowledged: Bool { unacknowledged.isEmpty }
 
+    // MARK: - The write throttle
+
+    /// Whether this stream can slow its writers (`--memory-throttle` wp or cpu, with pre-copy).
+    var canThrottle: Bool { throttle != nil }
+    var isThrottled: Bool { throttle?.isEngaged ?? false }
+
+    /// Engages the throttle: the writers are slowed to `limit` newly dirtied bytes per second;
+    /// `dirtyRate` is what the last round measured.
+    func throttle(to limit: UInt64, dirtyRate: Double, round: Int) throws {
+        guard let throttle, !throttle.isEngaged else { return }
+        switch throttle.method {
+        case .writeProtect:
+            guard var attached = tracker.take() else { return }
+            var failure: (any Error)?
+            do { try attached.throttleWrites(bytesPerSecond: limit) } catch { failure = error }
+            let thread = attached.dirtyLimit
+            tracker = consume attached
+            if let failure { throw failure }
+            throttle.engaged(limit: limit, dirtyRate: dirtyRate, round: round, writeProtect: thread)
+        case .cpu:
+            try throttle.engageCPU(limit: limit, dirtyRate: dirtyRate, round: round)
+        case .off:
+            return
+        }
+        logger.info("memory write throttle on", metadata: ["method": "\(throttle.method.rawValue)", "limit": "\(limit)",
+                                                           "dirty_rate": "\(Int(dirtyRate))"])
+    }
+
+    /// Another round with the throttle on dirtied at `dirtyRate`: the CPU limit follows it.
+    func adjustThrottle(dirtyRate: Double) throws { try throttle?.adjust(dirtyRate: dirtyRate) }
+
+    /// Lifts the throttle before the pause.
+    func liftThrottle() { throttle?.lift() }
+
     // MARK: - The pause
 
     func freeze() throws {
         guard !frozen else { return }
+        throttle?.lift()
         frozen = true
         dataPagesAtFreeze = builder.dataPages
         if var attached = tracker.take() {
@@ -484,7 +525,10 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
         }
     }
 
-    func stop() { requestServer?.stop() }
+    func stop() {
+        throttle?.lift()
+        requestServer?.stop()
+    }
 
     func fill(_ report: inout MigrationReport, final: Bool) {
         var memory = MigrationReport.MemoryReport()
@@ -507,6 +551,7 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
         memory.precopyBytes = (frozen ? dataPagesAtFreeze : builder.dataPages) * UInt64(pageSize)
         memory.postcopyBytes = memory.transferred - min(memory.transferred, memory.precopyBytes + downtimeBytes)
         if final { memory.digest = "\(hashes.digest())" }
+        memory.throttle = throttle?.report
         // Not yet at the destination: what the push has left, or the pages dirtied since they were sent.
         memory.remaining = options.mode.isPostcopy && !needed.isEmpty
             ? UInt64(needed.reduce(0) { $0 + $1.count }) * UInt64(pageSize)

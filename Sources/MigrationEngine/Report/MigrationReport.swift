@@ -208,6 +208,35 @@ public struct MigrationReport: Codable, Sendable {
         public var digestTimeMs: Double = 0
         /// This side's SHA-256 of the memory at pause.
         public var digest: String = ""
+        /// Source: the memory write throttle, when it was engaged.
+        public var throttle: ThrottleReport?
+        public init() {}
+    }
+
+    /// What the memory write throttle did and what it cost the VM (source only).
+    public struct ThrottleReport: Codable, Sendable {
+        /// "wp" (a dirty limit by synchronous write-protection) or "cpu" (a cgroup CPU limit).
+        public var method: String = ""
+        /// The dirty round after which it was engaged.
+        public var engagedAfterRound: Int = 0
+        /// The limit on newly dirtied memory it aimed at, bytes/s.
+        public var limitBytesPerSecond: UInt64 = 0
+        /// How long it was engaged (until it was lifted before the pause), milliseconds.
+        public var engagedMs: Double = 0
+        /// The VM's CPU use (CPUs: CPU-seconds per second) from tracking's start until the throttle, and while it was on.
+        public var cpuBefore: Double = 0
+        public var cpuThrottled: Double = 0
+        /// The workload's slowdown as its CPU use shows it: 1 - cpuThrottled / cpuBefore.
+        public var slowdown: Double = 0
+        /// The dirty rate in the round before it was engaged and in the last round with it, bytes/s.
+        public var dirtyRateBefore: Double = 0
+        public var dirtyRateThrottled: Double = 0
+        /// Time the VM's threads were held: wp, summed over the write faults held; cpu, the cgroup's throttled time. Milliseconds.
+        public var heldMs: Double = 0
+        /// wp: write faults served.
+        public var faults: UInt64 = 0
+        /// cpu: the last CPU limit, in CPUs.
+        public var cpuLimit: Double = 0
         public init() {}
     }
 

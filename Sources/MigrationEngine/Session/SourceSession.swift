@@ -300,6 +300,13 @@ public final class SourceSession: @unchecked Sendable {
                     bandwidth = Double(crossedSoFar()) / max(0.001, seconds(since: bulkStart))
                     options.compression.linkRate(bytesPerSecond: bandwidth)
                     showProgress(bandwidth: bandwidth, dirtyRate: dirtyRate, remaining: remaining, force: true)
+                    // Nothing to throttle counts as throttled already: the decision then never asks for it.
+                    let memoryThrottles = memory?.canThrottle ?? false
+                    let throttled = (disks.isEmpty && !memoryThrottles) || disks.contains { $0.isThrottled } || (memory?.isThrottled ?? false)
+                    if let memory, memory.isThrottled {
+                        // Its limit is set again from what this round dirtied (the CPU limit follows the rate).
+                        try memory.adjustThrottle(dirtyRate: dirtyRates["memory"] ?? 0)
+                    }
                     var decision: ConvergencePolicy.Decision
                     if let memory, memory.options.mode == .hybrid, round > memory.options.precopyRounds {
                         // Hybrid memory has had its rounds: what it still has goes after switchover.
@@ -317,7 +324,7 @@ public final class SourceSession: @unchecked Sendable {
                     } else {
                         decision = options.policy.decide(remainingBytes: remaining, bandwidth: bandwidth, dirtyRate: dirtyRate,
                                                          round: round - 1, elapsed: seconds(since: start),
-                                                         throttled: disks.isEmpty || disks.contains { $0.isThrottled },
+                                                         throttled: throttled,
                                                          previousRemainingBytes: previousRemaining ?? .max,
                                                          roundTrip: active.agreement.roundTrip)
                     }
@@ -331,11 +338,17 @@ public final class SourceSession: @unchecked Sendable {
                         state.move(to: .switchover)
                         continue migration
                     case .throttle(let bytesPerSecond):
-                        // The limit is for everything the VM dirties; only its disk writes can be
-                        // held here, so they get what the memory's dirtying leaves of it (at least
-                        // 5 % of the link), shared among the disks.
+                        // The limit is for everything the VM dirties. With a memory throttle, memory gets
+                        // its share of the dirtying (at least 5 % of the link), else only the disk writes
+                        // can be held, and they get what the memory's dirtying leaves (at least 5 %);
+                        // the disks share theirs.
                         let memoryRate = dirtyRates["memory"] ?? 0
-                        let diskShare = max(bandwidth * 0.05, Double(bytesPerSecond) - memoryRate) / Double(max(1, disks.count))
+                        var memoryLimit = memoryRate
+                        if let memory, memoryThrottles {
+                            memoryLimit = max(bandwidth * 0.05, Double(bytesPerSecond) * memoryRate / max(1, dirtyRate))
+                            try memory.throttle(to: UInt64(memoryLimit), dirtyRate: memoryRate, round: round - 1)
+                        }
+                        let diskShare = max(bandwidth * 0.05, Double(bytesPerSecond) - memoryLimit) / Double(max(1, disks.count))
                         for disk in disks { disk.throttle(bytesPerSecond: UInt64(diskShare)) }
                         logger.info("write throttle on", metadata: ["dirty_rate": "\(Int(dirtyRate))", "bandwidth": "\(Int(bandwidth))",
                                                                     "limit": "\(bytesPerSecond)"])
@@ -366,6 +379,7 @@ public final class SourceSession: @unchecked Sendable {
                             tunnel.takeOver()   // from now what arrives for the VM goes to the destination: none is left in the paused VM's queue
                             tunnelSince = pausedAt
                         }
+                        memory?.liftThrottle()   // the VMM stops its vCPUs and saves its state at full speed
                         try vm?.pause()
                         vmPaused = true
                         let stoppedAt = ferry_monotonic_ns()

@@ -1,4 +1,5 @@
 import Foundation
+import ProcessMemory
 import Glibc
 
 /// The source's hold on the VM process: pause, resume after a failure, and the opaque VM-state
@@ -95,14 +96,5 @@ public struct VMControl: Sendable {
     }
 
     /// Whether every thread of the process is in state T (stopped) or t (traced).
-    func allThreadsStopped() -> Bool {
-        guard let tasks = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task") else { return false }
-        for tid in tasks {
-            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/task/\(tid)/stat", encoding: .utf8),
-                  let close = stat.lastIndex(of: ")") else { return false }
-            let state = stat[stat.index(close, offsetBy: 2)]
-            if state != "T" && state != "t" { return false }
-        }
-        return true
-    }
+    func allThreadsStopped() -> Bool { ProcessFreeze.allThreadsStopped(pid: pid) }
 }

@@ -1,0 +1,68 @@
+import Glibc
+
+/// Every thread of a process held still for a few milliseconds: SIGSTOP, then a wait until each thread of
+/// /proc/PID/task is in state T (or t), and SIGCONT at ``thaw()``. A process that was already stopped when the
+/// freeze began (state T) is left stopped. The process's parent may see the stop (SIGCHLD with CLD_STOPPED);
+/// a VMM sees none of it but the time.
+public struct ProcessFreeze: ~Copyable {
+    public let pid: Int32
+    /// Whether this freeze stopped the process (and so continues it at `thaw`).
+    public let stoppedByUs: Bool
+
+    /// Stops `pid` and waits until all its threads are stopped (at most `timeout` seconds, then SIGCONT and throw).
+    public init(pid: Int32, timeout: Double = 5) throws(ProcessMemoryError) {
+        let status = try ProcessStatus(pid: pid)
+        var stopped = false
+        if status.state != "T" {
+            guard kill(pid, SIGSTOP) == 0 else {
+                throw ProcessMemoryError("kill(\(pid), SIGSTOP) failed", errno: .init(rawValue: errno))
+            }
+            stopped = true
+            var now = timespec()
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            let deadline = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 + timeout
+            while !Self.allThreadsStopped(pid: pid) {
+                clock_gettime(CLOCK_MONOTONIC, &now)
+                if Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 > deadline {
+                    kill(pid, SIGCONT)
+                    throw ProcessMemoryError("process \(pid) did not stop within \(timeout) s of SIGSTOP")
+                }
+                usleep(100)
+            }
+        }
+        self.pid = pid
+        stoppedByUs = stopped
+    }
+
+    /// Lets the process run again (unless it was stopped before the freeze).
+    public consuming func thaw() {
+        if stoppedByUs { kill(pid, SIGCONT) }
+        discard self
+    }
+
+    deinit { if stoppedByUs { kill(pid, SIGCONT) } }
+
+    /// Whether every thread of `pid` is in state T (stopped by a signal) or t (stopped by a tracer); false when
+    /// the process is gone.
+    public static func allThreadsStopped(pid: Int32) -> Bool {
+        guard let dir = opendir("/proc/\(pid)/task") else { return false }
+        defer { closedir(dir) }
+        var buffer = [UInt8](repeating: 0, count: 1024)
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+            }
+            guard let first = name.first, first.isNumber else { continue }
+            let fd = open("/proc/\(pid)/task/\(name)/stat", O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { return false }
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            close(fd)
+            guard n > 0 else { return false }
+            // "tid (comm) S ...": the state follows the last ')'.
+            guard let close = buffer[0..<n].lastIndex(of: UInt8(ascii: ")")), close + 2 < n else { return false }
+            let state = buffer[close + 2]
+            if state != UInt8(ascii: "T") && state != UInt8(ascii: "t") { return false }
+        }
+        return true
+    }
+}
