@@ -96,7 +96,7 @@ struct WorkloadLoop {
             // Dirty what is due since the last tick.
             owed += Double(dirtyRate) * (now - lastTick) / Double(memory.pageSize)
             lastTick = now
-            if work != nil { owed = min(owed, Double(dirtyRate) * 0.02 / Double(memory.pageSize)) }   // no catching up
+            if work != nil { owed = min(owed, Double(dirtyRate) * 0.05 / Double(memory.pageSize)) }   // no catching up beyond 50 ms
             var due = Int(owed)
             owed -= Double(due)
             if due > memory.totalPages { due = memory.totalPages }

@@ -280,8 +280,8 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
                                                            "dirty_rate": "\(Int(dirtyRate))"])
     }
 
-    /// Another round with the throttle on dirtied at `dirtyRate`: the CPU limit follows it.
-    func adjustThrottle(dirtyRate: Double) throws { try throttle?.adjust(dirtyRate: dirtyRate) }
+    /// Another round with the throttle on dirtied `bytes` in `seconds`: the CPU limit follows it.
+    func adjustThrottle(dirtied bytes: UInt64, in seconds: Double) throws { try throttle?.adjust(dirtied: bytes, in: seconds) }
 
     /// Lifts the throttle before the pause.
     func liftThrottle() { throttle?.lift() }

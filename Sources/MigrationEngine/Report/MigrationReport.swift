@@ -228,7 +228,7 @@ public struct MigrationReport: Codable, Sendable {
         public var cpuThrottled: Double = 0
         /// The workload's slowdown as its CPU use shows it: 1 - cpuThrottled / cpuBefore.
         public var slowdown: Double = 0
-        /// The dirty rate in the round before it was engaged and in the last round with it, bytes/s.
+        /// The dirty rate in the round before it was engaged and over every round with it, bytes/s.
         public var dirtyRateBefore: Double = 0
         public var dirtyRateThrottled: Double = 0
         /// Time the VM's threads were held: wp, summed over the write faults held; cpu, the cgroup's throttled time. Milliseconds.

@@ -25,19 +25,30 @@ final class CPUQuota {
     /// The limit now, in CPUs.
     private(set) var cpus: Double = 0
     private var released = false
-    private let throttledAtStart: Double
+    /// A cgroup file system this throttle mounted itself (unmounted at release).
+    private var privateMount: String?
 
     /// Finds the process's cpu cgroup and prepares the limit (nothing is limited until ``limit(cpus:)``).
     init(pid: Int32) throws {
         self.pid = pid
         let lines = try String(contentsOfFile: "/proc/\(pid)/cgroup", encoding: .utf8).split(separator: "\n")
-        let mounts = (try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8)) ?? ""
+        // The cgroup file systems as this process sees them; where the one needed is not mounted
+        // (`ip netns exec` gives its command a fresh /sys without them), it is mounted privately for
+        // the throttle's life.
         var v1Mount: String?, v2Mount: String?
-        for line in mounts.split(separator: "\n") {
+        for line in ((try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8)) ?? "").split(separator: "\n") {
             let f = line.split(separator: " ")
             guard f.count >= 4 else { continue }
             if f[2] == "cgroup" && f[3].split(separator: ",").contains("cpu") { v1Mount = String(f[1]) }
             if f[2] == "cgroup2" { v2Mount = String(f[1]) }
+        }
+        let usesV1 = lines.contains { $0.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false).dropFirst().first?.split(separator: ",").contains("cpu") ?? false }
+        if usesV1 && v1Mount == nil {
+            privateMount = try Self.mountPrivately(type: "cgroup", options: "cpu")
+            v1Mount = privateMount
+        } else if !usesV1 && v2Mount == nil {
+            privateMount = try Self.mountPrivately(type: "cgroup2", options: nil)
+            v2Mount = privateMount
         }
         var found: Layout?
         for line in lines {
@@ -70,7 +81,20 @@ final class CPUQuota {
             try Self.write("-1", to: child + "/cpu.cfs_quota_us")
             try Self.write("\(pid)", to: child + "/cgroup.procs")
         }
-        throttledAtStart = 0
+    }
+
+    /// Mounts a cgroup file system at a new directory under /tmp; returns the directory.
+    private static func mountPrivately(type: String, options: String?) throws -> String {
+        var template = Array("/tmp/ferry-cgroup.XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else { throw SetupError("cannot create a directory to mount \(type) on: errno \(errno)") }
+        let directory = String(cString: made)
+        let rc = options.map { o in o.withCString { mount(type, directory, type, 0, $0) } } ?? mount(type, directory, type, 0, nil)
+        guard rc == 0 else {
+            let code = errno
+            rmdir(directory)
+            throw SetupError("the \(type) file system is not mounted here and mounting it failed: errno \(code) (the cpu throttle needs root)")
+        }
+        return directory
     }
 
     deinit { release() }
@@ -113,6 +137,10 @@ final class CPUQuota {
             try? Self.write("-1", to: child + "/cpu.cfs_quota_us")
             try? Self.write("\(pid)", to: original + "/cgroup.procs")
             rmdir(child)
+        }
+        if let privateMount {
+            umount2(privateMount, Int32(MNT_DETACH))
+            rmdir(privateMount)
         }
     }
 

@@ -29,6 +29,10 @@ final class MemoryThrottle {
     private let start: (cpu: Double, wall: Double)
     private var engagedAt: (cpu: Double, wall: Double) = (0, 0)
     private var heldAtEngage = 0.0
+    /// What the throttled rounds dirtied, and over how long (the report's throttled rate).
+    private var throttledBytes = 0.0, throttledSeconds = 0.0
+    /// Rounds not yet acted on by the CPU limit.
+    private var pending: (bytes: Double, seconds: Double) = (0, 0)
 
     init(method: MemoryThrottleMethod, pid: Int32) {
         self.method = method
@@ -56,12 +60,21 @@ final class MemoryThrottle {
         summary.cpuLimit = quota.cpus
     }
 
-    /// Another round with the throttle on, which dirtied at `dirtyRate`: the CPU limit is scaled towards
-    /// the limit (by at most 2x either way per round); the write-protect limit holds by itself.
-    func adjust(dirtyRate: Double) throws {
-        summary.dirtyRateThrottled = dirtyRate
-        guard let quota, isEngaged, !lifted, dirtyRate > 0 else { return }
-        let factor = min(2, max(0.5, Double(summary.limitBytesPerSecond) / dirtyRate))
+    /// Another round with the throttle on, which dirtied `bytes` in `seconds`: the CPU limit is scaled
+    /// towards the limit (by at most 2x either way), once at least half a second of rounds is measured
+    /// (short rounds near the pause see the CFS period's bursts, not the rate); the write-protect limit
+    /// holds by itself.
+    func adjust(dirtied bytes: UInt64, in seconds: Double) throws {
+        guard isEngaged, !lifted else { return }
+        throttledBytes += Double(bytes)
+        throttledSeconds += seconds
+        summary.dirtyRateThrottled = throttledBytes / max(0.001, throttledSeconds)
+        pending.bytes += Double(bytes)
+        pending.seconds += seconds
+        guard let quota, pending.seconds >= 0.5, pending.bytes > 0 else { return }
+        let rate = pending.bytes / pending.seconds
+        pending = (0, 0)
+        let factor = min(2, max(0.5, Double(summary.limitBytesPerSecond) / rate))
         try quota.limit(cpus: max(0.01, min(quota.cpus * factor, summary.cpuBefore)))
         summary.cpuLimit = quota.cpus
     }
