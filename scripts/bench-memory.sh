@@ -196,7 +196,7 @@ for run in $(seq "$runs"); do
   step=$(( (run - 1) * 10 ))
   unset FERRY_WAN_PRIORITY_BANDS
   if [ "$throttle_mode" = 1 ]; then
-    run_mode precopy $((7171 + step)) $((6271 + step)) "throttle off (at most 2 rounds)" --max-rounds 2 || true
+    run_mode precopy $((7171 + step)) $((6271 + step)) "throttle off (at most 2 rounds)" --max-rounds 2 --memory-throttle off || true
     run_mode precopy $((7172 + step)) $((6272 + step)) "throttle wp" --memory-throttle wp
     run_mode precopy $((7173 + step)) $((6273 + step)) "throttle cpu" --memory-throttle cpu
     continue

@@ -27,7 +27,6 @@ struct WorkloadLoop {
     var work: Work?
     /// A hot set (`--hot-pages`, `--hot-share`): that share of the writes goes to its pages.
     var hot: (pages: Int, share: Double)?
-    private var sink: UInt64 = 1
 
     /// A calibrated busy loop standing for a VM's computation: `iterations` of a multiply-add chain take
     /// about `microseconds` of CPU time on this machine (measured at startup, best of five runs).
@@ -40,7 +39,7 @@ struct WorkloadLoop {
             var best = Double.infinity
             for _ in 0..<5 {
                 let t0 = WorkloadLoop.now()
-                _ = Self.spin(probe, seed: 1)
+                workSink ^= Self.spin(probe, seed: workSink | 1)
                 best = min(best, WorkloadLoop.now() - t0)
             }
             iterations = max(1, Int(Double(probe) * microseconds / 1e6 / max(best, 1e-9)))
@@ -102,7 +101,7 @@ struct WorkloadLoop {
             if due > memory.totalPages { due = memory.totalPages }
             for _ in 0..<due {
                 if let work {
-                    sink ^= Work.spin(work.iterations, seed: sink | 1)
+                    workSink ^= Work.spin(work.iterations, seed: workSink | 1)
                 }
                 write(pickPage())
             }
@@ -198,6 +197,9 @@ struct WorkloadLoop {
         return true
     }
 }
+
+/// Where the work loop's results go: a global the optimiser must keep, so the loop is never removed.
+nonisolated(unsafe) var workSink: UInt64 = 1
 
 func fmt(_ x: Double) -> String {
     let r = (x * 1000).rounded() / 1000

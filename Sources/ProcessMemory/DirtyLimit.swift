@@ -87,7 +87,11 @@ public final class DirtyLimit: @unchecked Sendable {
             var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             guard poll(&p, 1, 20) > 0 else { continue }
             let n = ferry_uffd_read_events(fd, events.baseAddress, 64)
-            guard n > 0 else { continue }
+            guard n > 0 else {
+                // EAGAIN: another reader was first. Anything else (the process is gone): do not spin.
+                if n < 0 && n != -EAGAIN { usleep(10_000) }
+                continue
+            }
             for i in 0..<Int(n) where events[i].event == UInt8(FERRY_UFFD_EVENT_PAGEFAULT) {
                 let page = events[i].address & ~(pageSize - 1)
                 let arrived = Self.now()

@@ -49,8 +49,8 @@ struct MemoryOptions: ParsableArguments {
     @Option(name: .long, help: "Dirty tracking: auto (kernel write-protect + PAGEMAP_SCAN, else content hashing) or hash.")
     var tracking: String = "auto"
 
-    @Option(name: .customLong("memory-throttle"), help: ArgumentHelp("When pre-copy does not converge (the VM dirties more than --throttle-above of the link), slow the VM's writers to --throttle-to of it: wp (a dirty limit: pages not yet written since the last scan are write-protected and let through at that pace; only new dirtying waits), cpu (a cgroup CPU limit on the VM's process, as QEMU's auto-converge), or off.", valueName: "METHOD"))
-    var memoryThrottle: String = "off"
+    @Option(name: .customLong("memory-throttle"), help: ArgumentHelp("When pre-copy does not converge (the VM dirties more than --throttle-above of the link), slow the VM's writers to --throttle-to of it: wp (a dirty limit: pages not yet written since the last scan are write-protected and let through at that pace; only new dirtying waits; needs kernel dirty tracking, else the migration goes on unthrottled), cpu (a cgroup CPU limit on the VM's process, as QEMU's auto-converge), or off.", valueName: "METHOD"))
+    var memoryThrottle: String = "wp"
 
     /// Whether a VM (its memory) is part of the migration.
     var hasVM: Bool { vm != nil || vmPidfile != nil || qmp != nil }
@@ -97,7 +97,6 @@ struct MemoryOptions: ParsableArguments {
         if MemoryMigrationMode(rawValue: mode) == nil { throw ValidationError("--mode must be precopy, postcopy or hybrid, not '\(mode)'") }
         if tracking != "auto" && tracking != "hash" { throw ValidationError("--tracking must be auto or hash, not '\(tracking)'") }
         if MemoryThrottleMethod(rawValue: memoryThrottle) == nil { throw ValidationError("--memory-throttle must be wp, cpu or off, not '\(memoryThrottle)'") }
-        if memoryThrottle == "wp" && tracking == "hash" { throw ValidationError("--memory-throttle wp needs kernel dirty tracking (--tracking auto)") }
         if precopyRounds < 0 { throw ValidationError("--precopy-rounds must not be negative") }
         if (pauseCmd == nil) != (resumeCmd == nil) {
             throw ValidationError("--pause-cmd and --resume-cmd go together: a VM paused through its VMM's API is not resumed by SIGCONT")

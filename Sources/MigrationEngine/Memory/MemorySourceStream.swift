@@ -27,7 +27,7 @@ public struct MemoryStreamOptions: Sendable {
     /// Pages per `pageBatch` frame.
     public var batchPages: Int = 256
     /// How to slow the process's writers when pre-copy does not converge (`--memory-throttle`).
-    public var throttle: MemoryThrottleMethod = .off
+    public var throttle: MemoryThrottleMethod = .writeProtect
 
     public init(pid: Int32) { self.pid = pid }
 
@@ -92,6 +92,8 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
     private var downtimeBytes: UInt64 = 0
     /// The write throttle, when `options.throttle` names one and pre-copy tracks dirty pages.
     private let throttle: MemoryThrottle?
+    /// Engaging it failed (no kernel tracking, no cgroup): not tried again.
+    private var throttleUnavailable = false
 
     // Post-copy.
     private var needed: [PageSet] = []
@@ -255,25 +257,33 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
     // MARK: - The write throttle
 
     /// Whether this stream can slow its writers (`--memory-throttle` wp or cpu, with pre-copy).
-    var canThrottle: Bool { throttle != nil }
-    var isThrottled: Bool { throttle?.isEngaged ?? false }
+    var canThrottle: Bool { throttle != nil && !throttleUnavailable }
+    /// Whether the throttle holds the writers now (engaged, not yet lifted).
+    var isThrottled: Bool { throttle?.isActive ?? false }
 
     /// Engages the throttle: the writers are slowed to `limit` newly dirtied bytes per second;
     /// `dirtyRate` is what the last round measured.
-    func throttle(to limit: UInt64, dirtyRate: Double, round: Int) throws {
-        guard let throttle, !throttle.isEngaged else { return }
-        switch throttle.method {
-        case .writeProtect:
-            guard var attached = tracker.take() else { return }
-            var failure: (any Error)?
-            do { try attached.throttleWrites(bytesPerSecond: limit) } catch { failure = error }
-            let thread = attached.dirtyLimit
-            tracker = consume attached
-            if let failure { throw failure }
-            throttle.engaged(limit: limit, dirtyRate: dirtyRate, round: round, writeProtect: thread)
-        case .cpu:
-            try throttle.engageCPU(limit: limit, dirtyRate: dirtyRate, round: round)
-        case .off:
+    func throttle(to limit: UInt64, dirtyRate: Double, round: Int) {
+        guard let throttle, !throttle.isEngaged, !throttleUnavailable else { return }
+        do {
+            switch throttle.method {
+            case .writeProtect:
+                guard var attached = tracker.take() else { return }
+                var failure: (any Error)?
+                do { try attached.throttleWrites(bytesPerSecond: limit) } catch { failure = error }
+                let thread = attached.dirtyLimit
+                tracker = consume attached
+                if let failure { throw failure }
+                throttle.engaged(limit: limit, dirtyRate: dirtyRate, round: round, writeProtect: thread)
+            case .cpu:
+                try throttle.engageCPU(limit: limit, dirtyRate: dirtyRate, round: round)
+            case .off:
+                return
+            }
+        } catch {
+            // Not fatal: the migration goes on as without a throttle (it may end at a round or time limit).
+            throttleUnavailable = true
+            logger.warning("memory write throttle unavailable; going on without it", metadata: ["method": "\(throttle.method.rawValue)", "error": "\(error)"])
             return
         }
         logger.info("memory write throttle on", metadata: ["method": "\(throttle.method.rawValue)", "limit": "\(limit)",

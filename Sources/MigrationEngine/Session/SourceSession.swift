@@ -183,7 +183,7 @@ public final class SourceSession: @unchecked Sendable {
             guard let status, force || status.due() else { return }
             var live = report
             fillReport(&live, final: false)
-            status.publish(phase: state.phase, report: live, throttled: disks.contains { $0.isThrottled })
+            status.publish(phase: state.phase, report: live, throttled: writersThrottled)
         }
 
         var publishedPhase = state.phase
@@ -346,7 +346,8 @@ public final class SourceSession: @unchecked Sendable {
                         var memoryLimit = memoryRate
                         if let memory, memoryThrottles {
                             memoryLimit = max(bandwidth * 0.05, Double(bytesPerSecond) * memoryRate / max(1, dirtyRate))
-                            try memory.throttle(to: UInt64(memoryLimit), dirtyRate: memoryRate, round: round - 1)
+                            memory.throttle(to: UInt64(memoryLimit), dirtyRate: memoryRate, round: round - 1)
+                            if !memory.isThrottled { memoryLimit = memoryRate }   // it could not be engaged
                         }
                         let diskShare = max(bandwidth * 0.05, Double(bytesPerSecond) - memoryLimit) / Double(max(1, disks.count))
                         for disk in disks { disk.throttle(bytesPerSecond: UInt64(diskShare)) }
@@ -711,12 +712,15 @@ public final class SourceSession: @unchecked Sendable {
         }
     }
 
+    /// Whether a write throttle holds the VM's writers now (a disk's or the memory's).
+    private var writersThrottled: Bool { disks.contains { $0.isThrottled } || (memory?.isThrottled ?? false) }
+
     private func showProgress(bandwidth: Double, dirtyRate: Double, remaining: UInt64?, force: Bool = false) {
         let total = streams.reduce(UInt64(0)) { $0 + $1.totalBytes }
         let sent = streams.reduce(UInt64(0)) { $0 + $1.sentBytes }
         let parts = streams.map { "\($0.label) \(Int(Double($0.sentBytes) * 100 / Double(max(1, $0.totalBytes))))%" }.joined(separator: ", ")
         progress.update(phase: state.phase, sentBytes: sent, totalBytes: total, dirtyRate: dirtyRate, bandwidth: bandwidth,
-                        throttled: disks.contains { $0.isThrottled }, remainingBytes: remaining ?? (total > sent ? total - sent : 0),
+                        throttled: writersThrottled, remainingBytes: remaining ?? (total > sent ? total - sent : 0),
                         parts: parts, force: force)
     }
 }

@@ -25,6 +25,8 @@ final class MemoryThrottle {
     private var writeProtect: DirtyLimit?
     private(set) var isEngaged = false
     private var lifted = false
+    /// Engaged and not yet lifted: the writers are held now.
+    var isActive: Bool { isEngaged && !lifted }
     private var summary = MigrationReport.ThrottleReport()
     private let start: (cpu: Double, wall: Double)
     private var engagedAt: (cpu: Double, wall: Double) = (0, 0)
