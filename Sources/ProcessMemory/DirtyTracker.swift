@@ -105,26 +105,8 @@ public struct DirtyTracker: ~Copyable, DirtyPageTracker {
 
     /// PAGEMAP_SCAN with WP_MATCHING: the pages written, write-protected again in the same walk (WP_ASYNC).
     private func scanAsync(into runs: inout PageRunBuffer) throws(ProcessMemoryError) {
-        for region in regions {
-            var cursor = region.range.start
-            let end = region.range.end
-            while cursor < end {
-                var arg = ferry_pm_scan_arg()
-                arg.flags = UInt64(FERRY_PM_SCAN_WP_MATCHING | FERRY_PM_SCAN_CHECK_WPASYNC)
-                arg.start = cursor
-                arg.end = end
-                arg.vec = UInt64(UInt(bitPattern: vec))
-                arg.vec_len = UInt64(Self.vecCapacity)
-                arg.category_mask = UInt64(FERRY_PAGE_IS_WRITTEN)
-                arg.return_mask = UInt64(FERRY_PAGE_IS_WRITTEN)
-                let n = ferry_pagemap_scan(pagemap.rawValue, &arg)
-                guard n >= 0 else {
-                    throw ProcessMemoryError("PAGEMAP_SCAN of \(hex(cursor))-\(hex(end)) in process \(pid) failed", negated: n)
-                }
-                for i in 0..<Int(n) { runs.append(AddressRange(start: vec[i].start, end: vec[i].end)) }
-                if arg.walk_end <= cursor { break } // no progress: should not happen, never loop forever
-                cursor = arg.walk_end
-            }
+        try walkWritten(flags: UInt64(FERRY_PM_SCAN_WP_MATCHING | FERRY_PM_SCAN_CHECK_WPASYNC)) { run throws(ProcessMemoryError) in
+            runs.append(run)
         }
     }
 
@@ -134,12 +116,23 @@ public struct DirtyTracker: ~Copyable, DirtyPageTracker {
     /// the next set.
     private func scanWritten(into runs: inout PageRunBuffer, protectingThrough throttle: DirtyLimit) throws(ProcessMemoryError) {
         let fd = throttle.uffd.descriptor.rawValue
+        try walkWritten(flags: 0) { run throws(ProcessMemoryError) in
+            var r: Int32 = -EAGAIN
+            for _ in 0..<100 where r == -EAGAIN { r = ferry_uffdio_writeprotect(fd, run.start, run.length, 1) }
+            guard r == 0 else { throw ProcessMemoryError("UFFDIO_WRITEPROTECT of \(run) in process \(pid) failed", negated: Int64(r)) }
+            runs.append(run)
+        }
+    }
+
+    /// One `PAGEMAP_SCAN` walk of every region for `PAGE_IS_WRITTEN` with `flags`, in address order; `found` sees
+    /// each run written. It goes on from `walk_end` whenever the result vector fills.
+    private func walkWritten(flags: UInt64, _ found: (AddressRange) throws(ProcessMemoryError) -> Void) throws(ProcessMemoryError) {
         for region in regions {
             var cursor = region.range.start
             let end = region.range.end
             while cursor < end {
                 var arg = ferry_pm_scan_arg()
-                arg.flags = 0
+                arg.flags = flags
                 arg.start = cursor
                 arg.end = end
                 arg.vec = UInt64(UInt(bitPattern: vec))
@@ -150,14 +143,8 @@ public struct DirtyTracker: ~Copyable, DirtyPageTracker {
                 guard n >= 0 else {
                     throw ProcessMemoryError("PAGEMAP_SCAN of \(hex(cursor))-\(hex(end)) in process \(pid) failed", negated: n)
                 }
-                for i in 0..<Int(n) {
-                    let run = AddressRange(start: vec[i].start, end: vec[i].end)
-                    var r: Int32 = -EAGAIN
-                    for _ in 0..<100 where r == -EAGAIN { r = ferry_uffdio_writeprotect(fd, run.start, run.length, 1) }
-                    guard r == 0 else { throw ProcessMemoryError("UFFDIO_WRITEPROTECT of \(run) in process \(pid) failed", negated: Int64(r)) }
-                    runs.append(run)
-                }
-                if arg.walk_end <= cursor { break }
+                for i in 0..<Int(n) { try found(AddressRange(start: vec[i].start, end: vec[i].end)) }
+                if arg.walk_end <= cursor { break } // no progress: should not happen, never loop forever
                 cursor = arg.walk_end
             }
         }
