@@ -45,8 +45,11 @@ struct SourceAgent: ParsableCommand {
     @Option(name: .customLong("key-file"), help: ArgumentHelp("File with the shared key both agents prove they hold and from which every connection's sealing keys are derived: at least 32 random bytes (or 64 hex digits, or base64), readable by its owner only. Make one with: (umask 077; head -c 32 /dev/urandom > ferry.key).", valueName: "PATH"))
     var keyFile: String?
 
-    @Option(name: .customLong("max-downtime"), help: "Switch over once the remaining dirty data can be sent in this many seconds.")
+    @Option(name: .customLong("max-downtime"), help: "The pause to aim within, in seconds: switch over once the remaining dirty data can be sent in this time less --pause-overhead (the measured downtime then stays within it plus one round trip).")
     var maxDowntime: Double = 0.3
+
+    @Option(name: .customLong("pause-overhead"), help: "Seconds of the pause that are not data (stopping the VM, its state, the last scan, the destination's start; about 0.05 for QEMU).")
+    var pauseOverhead: Double = 0.06
 
     @Option(name: .customLong("max-rounds"), help: "Switch over after this many dirty-block rounds at most.")
     var maxRounds: Int = 30
@@ -110,6 +113,7 @@ struct SourceAgent: ParsableCommand {
             throw ValidationError("--block-size must be a power of two from 4096 to 1048576")
         }
         if maxDowntime <= 0 { throw ValidationError("--max-downtime must be positive") }
+        if pauseOverhead < 0 { throw ValidationError("--pause-overhead must not be negative") }
         if linkTimeout <= 0 { throw ValidationError("--link-timeout must be positive") }
     }
 
@@ -153,6 +157,7 @@ struct SourceAgent: ParsableCommand {
             var options = SessionOptions(destination: try SocketAddress(parsing: dest), key: try SharedKey(contentsOf: keyFile!))
             options.policy = ConvergencePolicy(maxDowntime: maxDowntime, maxRounds: maxRounds, maxSeconds: maxTime,
                                                throttleAboveFraction: throttleAbove, throttleTargetFraction: throttleTo)
+            options.policy.pauseOverhead = pauseOverhead
             options.linkTimeout = linkTimeout
             options.compression = CompressionPolicy(mode: CompressionMode(rawValue: compression)!)
             do {

@@ -332,7 +332,7 @@ public final class SourceSession: @unchecked Sendable {
                     switch decision {
                     case .switchover(let reason):
                         report.reason = reason
-                        report.expectedDowntimeMs = bandwidth > 0 ? Double(remaining) / bandwidth * 1000 : 0
+                        report.expectedDowntimeMs = bandwidth > 0 ? (Double(remaining) / bandwidth + options.policy.pauseOverhead) * 1000 : 0
                         logger.info("switching over", metadata: ["reason": "\(reason)", "round": "\(round - 1)", "remaining_bytes": "\(remaining)",
                                                              "collected_over_ms": "\(Int(interval * 1000))"])
                         state.move(to: .switchover)
