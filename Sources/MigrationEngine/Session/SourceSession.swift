@@ -275,11 +275,13 @@ public final class SourceSession: @unchecked Sendable {
                     }
 
                 case .round(let round):
-                    // Near switchover (the last set fit the target), let the round in flight arrive
-                    // before collecting, VM running: the set then holds what the VM dirtied meanwhile,
-                    // which a pause right after the decision would otherwise find unpredicted (a
-                    // 53 KB decision once became a 2 MB final set, 85 ms more downtime).
-                    if let previous = previousRemaining, bandwidth > 0, Double(previous) <= bandwidth * options.policy.maxDowntime {
+                    // Let the rounds in flight arrive before collecting, VM running: the set then holds
+                    // what the VM dirtied meanwhile, which a pause right after the decision would
+                    // otherwise find unpredicted (a 53 KB decision once became a 2 MB final set, 85 ms
+                    // more downtime), and each round's set is what one round's transfer and round trip
+                    // let the VM dirty. Draining only near the target made the first drained round
+                    // carry the queue of the large one before it (2.0 MB after 2.6: read as a stall).
+                    if bandwidth > 0 {
                         try? active.wait(timeout: 10, during: "letting the last round arrive") {
                             streams.allSatisfy { $0.roundsAcknowledged }
                         }
