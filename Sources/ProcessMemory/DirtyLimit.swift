@@ -27,15 +27,29 @@ public final class DirtyLimit: @unchecked Sendable {
     private let failures = Atomic<UInt64>(0)
     private var thread = pthread_t()
     private var running = false
+    /// A pipe whose write end wakes the thread from its poll at ``stop()`` (-1 if none could be made: it
+    /// then notices within its 20 ms poll timeout).
+    private let wakeup: Int32
+    private let wakeupWriter: Int32
     /// How far ahead of the virtual clock a writer may be before it waits (a burst of this much time's budget).
     public let burstNanoseconds: UInt64 = 5_000_000
 
     init(uffd: consuming Userfaultfd, pageSize: UInt64) {
         self.uffd = uffd
         self.pageSize = pageSize
+        var ends: [Int32] = [-1, -1]
+        if pipe(&ends) == 0 {
+            for fd in ends { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        }
+        wakeup = ends[0]
+        wakeupWriter = ends[1]
     }
 
-    deinit { stop() }
+    deinit {
+        stop()
+        if wakeup >= 0 { close(wakeup) }
+        if wakeupWriter >= 0 { close(wakeupWriter) }
+    }
 
     /// New dirty bytes let through per second (0: every write at once).
     public var limit: UInt64 {
@@ -63,13 +77,28 @@ public final class DirtyLimit: @unchecked Sendable {
         running = true
     }
 
-    /// Lets every waiting and later write through at once, ends the thread and waits for it.
+    /// Ends the thread and waits for it (every write it holds is let through first).
     func stop() {
         guard running else { return }
         rate.store(0, ordering: .relaxed)
         stopping.store(true, ordering: .releasing)
+        if wakeupWriter >= 0 { var byte: UInt8 = 1; _ = write(wakeupWriter, &byte, 1) }
         pthread_join(thread, nil)
         running = false
+    }
+
+    /// Gives the regions back: every write goes through at once, the regions are unregistered (their
+    /// protection is gone), every thread still waiting in them is woken (unregistering wakes only
+    /// MISSING-mode waiters), and only then the thread ends. Returns the first failure.
+    func end(regions: [AddressRange]) -> ProcessMemoryError? {
+        rate.store(0, ordering: .relaxed)
+        var first: ProcessMemoryError?
+        for r in regions {
+            do { try uffd.unregister(r) } catch { if first == nil { first = error } }
+        }
+        for r in regions { _ = ferry_uffdio_wake(uffd.descriptor.rawValue, r.start, r.length) }
+        stop()
+        return first
     }
 
     private static func now() -> UInt64 {
@@ -84,8 +113,9 @@ public final class DirtyLimit: @unchecked Sendable {
         let fd = uffd.descriptor.rawValue
         var clock: UInt64 = 0   // when the next page may go
         while !stopping.load(ordering: .acquiring) {
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            guard poll(&p, 1, 20) > 0 else { continue }
+            var p = (pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: wakeup, events: Int16(POLLIN), revents: 0))
+            let ready = withUnsafeMutableBytes(of: &p) { poll($0.baseAddress!.assumingMemoryBound(to: pollfd.self), wakeup >= 0 ? 2 : 1, 20) }
+            guard ready > 0, p.0.revents != 0 else { continue }
             let n = ferry_uffd_read_events(fd, events.baseAddress, 64)
             guard n > 0 else {
                 // EAGAIN: another reader was first. Anything else (the process is gone): do not spin.

@@ -77,8 +77,7 @@ public struct DirtyTracker: ~Copyable, DirtyPageTracker {
 
     deinit {
         if let throttle = dirtyLimit {
-            throttle.stop()
-            for r in regions { try? throttle.uffd.unregister(r.range) }
+            _ = throttle.end(regions: regions.map(\.range))
         } else {
             for r in regions { try? uffd.unregister(r.range) }
         }
@@ -94,10 +93,16 @@ public struct DirtyTracker: ~Copyable, DirtyPageTracker {
         let t0 = ContinuousClock.now
         for run in carried { runs.append(run) }
         carried.removeAll()
-        if let throttle = dirtyLimit {
-            try scanWritten(into: &runs, protectingThrough: throttle)
-        } else {
-            try scanAsync(into: &runs)
+        do {
+            if let throttle = dirtyLimit {
+                try scanWritten(into: &runs, protectingThrough: throttle)
+            } else {
+                try scanAsync(into: &runs)
+            }
+        } catch {
+            // What this scan already took (and protected again) goes to the next one.
+            carried = Array(runs.runs)
+            throw error
         }
         let elapsed = ContinuousClock.now - t0
         lastScanMicroseconds = Double(elapsed.components.seconds) * 1e6 + Double(elapsed.components.attoseconds) / 1e12
@@ -199,7 +204,7 @@ public struct DirtyTracker: ~Copyable, DirtyPageTracker {
         self.dirtyLimit = throttle
         do { try throttle.start() } catch {
             // No thread to serve faults: let everything through and take the regions back.
-            for r in regions { try? throttle.uffd.unregister(r.range) }
+            _ = throttle.end(regions: regions.map(\.range))
             self.dirtyLimit = nil
             for r in regions {
                 try? uffd.register(r.range, mode: .writeProtect)
@@ -214,10 +219,7 @@ public struct DirtyTracker: ~Copyable, DirtyPageTracker {
     public consuming func detach() throws(ProcessMemoryError) {
         var first: ProcessMemoryError?
         if let throttle = dirtyLimit {
-            throttle.stop()
-            for r in regions {
-                do { try throttle.uffd.unregister(r.range) } catch { if first == nil { first = error } }
-            }
+            first = throttle.end(regions: regions.map(\.range))
         } else {
             for r in regions {
                 do { try uffd.unregister(r.range) } catch { if first == nil { first = error } }

@@ -1,19 +1,22 @@
 import Glibc
 
 /// Every thread of a process held still for a few milliseconds: SIGSTOP, then a wait until each thread of
-/// /proc/PID/task is in state T (or t), and SIGCONT at ``thaw()``. A process that was already stopped when the
-/// freeze began (state T) is left stopped. The process's parent may see the stop (SIGCHLD with CLD_STOPPED);
-/// a VMM sees none of it but the time.
+/// /proc/PID/task is in state T (or t, or gone: Z, X), and SIGCONT at ``thaw()``. A process already stopped by
+/// a signal is refused: whoever stopped it may continue it during the freeze. The process's parent may see the
+/// stop (SIGCHLD with CLD_STOPPED); a VMM sees none of it but the time.
 public struct ProcessFreeze: ~Copyable {
     public let pid: Int32
     /// Whether this freeze stopped the process (and so continues it at `thaw`).
     public let stoppedByUs: Bool
 
     /// Stops `pid` and waits until all its threads are stopped (at most `timeout` seconds, then SIGCONT and throw).
-    public init(pid: Int32, timeout: Double = 5) throws(ProcessMemoryError) {
+    public init(pid: Int32, timeout: Double = 1) throws(ProcessMemoryError) {
         let status = try ProcessStatus(pid: pid)
+        guard status.state != "T" else {
+            throw ProcessMemoryError("process \(pid) is stopped by a signal: not frozen (whoever stopped it may continue it)")
+        }
         var stopped = false
-        if status.state != "T" {
+        do {
             guard kill(pid, SIGSTOP) == 0 else {
                 throw ProcessMemoryError("kill(\(pid), SIGSTOP) failed", errno: .init(rawValue: errno))
             }
@@ -42,8 +45,8 @@ public struct ProcessFreeze: ~Copyable {
 
     deinit { if stoppedByUs { kill(pid, SIGCONT) } }
 
-    /// Whether every thread of `pid` is in state T (stopped by a signal) or t (stopped by a tracer); false when
-    /// the process is gone.
+    /// Whether every thread of `pid` is in state T (stopped by a signal), t (stopped by a tracer), or Z/X (exited);
+    /// false when the process is gone.
     public static func allThreadsStopped(pid: Int32) -> Bool {
         guard let dir = opendir("/proc/\(pid)/task") else { return false }
         defer { closedir(dir) }
@@ -61,7 +64,7 @@ public struct ProcessFreeze: ~Copyable {
             // "tid (comm) S ...": the state follows the last ')'.
             guard let close = buffer[0..<n].lastIndex(of: UInt8(ascii: ")")), close + 2 < n else { return false }
             let state = buffer[close + 2]
-            if state != UInt8(ascii: "T") && state != UInt8(ascii: "t") { return false }
+            if !"TtZX".utf8.contains(state) { return false }
         }
         return true
     }

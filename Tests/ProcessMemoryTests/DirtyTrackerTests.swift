@@ -312,6 +312,30 @@ final class DirtyTrackerTests: XCTestCase {
         XCTAssertEqual((verified["corrupt"] as? NSNumber)?.intValue, 0)
     }
 
+    /// Detach while a writer waits on the limit: the writer is let go at once, even while something still holds
+    /// the limit (and so its userfaultfd) open. Unregistering a write-protect range wakes nobody: the tracker
+    /// must wake the waiters itself.
+    func testDetachLetsAWaitingWriterGo() throws {
+        let w = try WorkloadProcess(["--memory", "8M"])
+        defer { w.stop() }
+        var tracker = try attachKernelTracker(w)
+        var runs = PageRunBuffer(capacity: 16)
+        try tracker.scanDirty(into: &runs)
+        try tracker.throttleWrites(bytesPerSecond: 10 * 4096)   // 10 new dirty pages per second
+        let held = try XCTUnwrap(tracker.dirtyLimit)
+        try tracker.scanDirty(into: &runs)
+        w.send("write " + (100..<200).map(String.init).joined(separator: " "))   // 100 new pages: 10 s at this pace
+        usleep(300_000)
+        let t0 = monotonicSeconds()
+        try tracker.detach()
+        let written = try w.waitFor("written", timeout: 5)
+        XCTAssertEqual((written["count"] as? NSNumber)?.intValue, 100)
+        XCTAssertLessThan(monotonicSeconds() - t0, 2, "the writer waited on after detach")
+        XCTAssertGreaterThan(held.faults, 0)
+        let verified = try w.command("verify", expect: "verified")
+        XCTAssertEqual((verified["corrupt"] as? NSNumber)?.intValue, 0)
+    }
+
     /// Under the dirty limit, a rate-driven writer (8 MB/s held to 2 MB/s of new dirty pages) races the scans:
     /// the union of every scan is exactly the set of pages it wrote (its generator is the oracle).
     func testDirtyLimitUnderARateDrivenWriterLosesNoPage() throws {

@@ -291,7 +291,11 @@ final class MemorySourceStream: SourceStream, @unchecked Sendable {
     }
 
     /// Another round with the throttle on dirtied `bytes` in `seconds`: the CPU limit follows it.
-    func adjustThrottle(dirtied bytes: UInt64, in seconds: Double) throws { try throttle?.adjust(dirtied: bytes, in: seconds) }
+    func adjustThrottle(dirtied bytes: UInt64, in seconds: Double) {
+        do { try throttle?.adjust(dirtied: bytes, in: seconds) } catch {
+            logger.warning("the memory write throttle's limit could not be set; the last one holds", metadata: ["error": "\(error)"])
+        }
+    }
 
     /// Lifts the throttle before the pause.
     func liftThrottle() { throttle?.lift() }

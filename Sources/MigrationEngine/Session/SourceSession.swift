@@ -307,7 +307,7 @@ public final class SourceSession: @unchecked Sendable {
                     let throttled = (disks.isEmpty && !memoryThrottles) || disks.contains { $0.isThrottled } || (memory?.isThrottled ?? false)
                     if let memory, memory.isThrottled {
                         // Its limit is set again from what this round dirtied (the CPU limit follows the rate).
-                        try memory.adjustThrottle(dirtied: memoryRemaining, in: interval)
+                        memory.adjustThrottle(dirtied: memoryRemaining, in: interval)
                     }
                     var decision: ConvergencePolicy.Decision
                     if let memory, memory.options.mode == .hybrid, round > memory.options.precopyRounds {

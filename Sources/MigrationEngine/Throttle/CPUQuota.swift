@@ -42,13 +42,18 @@ final class CPUQuota {
             if f[2] == "cgroup" && f[3].split(separator: ",").contains("cpu") { v1Mount = String(f[1]) }
             if f[2] == "cgroup2" { v2Mount = String(f[1]) }
         }
-        let usesV1 = lines.contains { $0.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false).dropFirst().first?.split(separator: ",").contains("cpu") ?? false }
-        if usesV1 && v1Mount == nil {
-            privateMount = try Self.mountPrivately(type: "cgroup", options: "cpu")
-            v1Mount = privateMount
+        // The v1 hierarchy the cpu controller is in, named by its controllers ("cpu" or "cpu,cpuacct"):
+        // a second mount of it must name the same ones.
+        let v1Controllers = lines.lazy.map { $0.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false) }
+            .first { $0.count == 3 && $0[1].split(separator: ",").contains("cpu") }.map { String($0[1]) }
+        let usesV1 = v1Controllers != nil
+        var mounted: String?
+        if let v1Controllers, v1Mount == nil {
+            mounted = try Self.mountPrivately(type: "cgroup", options: v1Controllers)
+            v1Mount = mounted
         } else if !usesV1 && v2Mount == nil {
-            privateMount = try Self.mountPrivately(type: "cgroup2", options: nil)
-            v2Mount = privateMount
+            mounted = try Self.mountPrivately(type: "cgroup2", options: nil)
+            v2Mount = mounted
         }
         var found: Layout?
         for line in lines {
@@ -70,17 +75,25 @@ final class CPUQuota {
             }
         }
         guard let found else {
+            Self.unmount(mounted)
             throw SetupError("process \(pid) has no cgroup with the cpu controller (cgroup v2: cpu.max in its cgroup, enabled by its parent's cgroup.subtree_control; v1: a cpu hierarchy); use --memory-throttle wp")
         }
         layout = found
         if case .v1(let child, _) = found {
-            if mkdir(child, 0o755) != 0 && errno != EEXIST {
-                throw SetupError("cannot create cgroup \(child): errno \(errno) (the cpu throttle needs root)")
+            do {
+                if mkdir(child, 0o755) != 0 && errno != EEXIST {
+                    throw SetupError("cannot create cgroup \(child): errno \(errno) (the cpu throttle needs root)")
+                }
+                try Self.write("\(periodMicroseconds)", to: child + "/cpu.cfs_period_us")
+                try Self.write("-1", to: child + "/cpu.cfs_quota_us")
+                try Self.write("\(pid)", to: child + "/cgroup.procs")
+            } catch {
+                rmdir(child)
+                Self.unmount(mounted)
+                throw error
             }
-            try Self.write("\(periodMicroseconds)", to: child + "/cpu.cfs_period_us")
-            try Self.write("-1", to: child + "/cpu.cfs_quota_us")
-            try Self.write("\(pid)", to: child + "/cgroup.procs")
         }
+        privateMount = mounted
     }
 
     /// Mounts a cgroup file system at a new directory under /tmp; returns the directory.
@@ -138,10 +151,15 @@ final class CPUQuota {
             try? Self.write("\(pid)", to: original + "/cgroup.procs")
             rmdir(child)
         }
-        if let privateMount {
-            umount2(privateMount, Int32(MNT_DETACH))
-            rmdir(privateMount)
-        }
+        Self.unmount(privateMount)
+        privateMount = nil
+    }
+
+    /// Unmounts and removes a file system this throttle mounted (nil: nothing).
+    private static func unmount(_ directory: String?) {
+        guard let directory else { return }
+        umount2(directory, Int32(MNT_DETACH))
+        rmdir(directory)
     }
 
     private static func write(_ text: String, to path: String) throws {

@@ -54,10 +54,13 @@ final class MemoryThrottle {
     /// Engages the CPU limit, sized so that the VM's dirtying, if it follows its CPU time, falls to `limit`.
     func engageCPU(limit: UInt64, dirtyRate: Double, round: Int) throws {
         let quota = try CPUQuota(pid: pid)
+        let used = max(0.01, cpuSince(start))
+        do { try quota.limit(cpus: used * min(1, Double(limit) / max(1, dirtyRate))) } catch {
+            quota.release()
+            throw error
+        }
         self.quota = quota
         markEngaged(limit: limit, dirtyRate: dirtyRate, round: round)
-        let used = max(0.01, cpuSince(start))
-        try quota.limit(cpus: used * min(1, Double(limit) / max(1, dirtyRate)))
         heldAtEngage = quota.throttledSeconds
         summary.cpuLimit = quota.cpus
     }
@@ -67,6 +70,7 @@ final class MemoryThrottle {
     /// (short rounds near the pause see the CFS period's bursts, not the rate); the write-protect limit
     /// holds by itself.
     func adjust(dirtied bytes: UInt64, in seconds: Double) throws {
+        // (A failed write of the limit is the caller's to log: the limit in force stays.)
         guard isEngaged, !lifted else { return }
         throttledBytes += Double(bytes)
         throttledSeconds += seconds
@@ -94,6 +98,7 @@ final class MemoryThrottle {
             writeProtect.limit = 0
             summary.faults = writeProtect.faults
             summary.heldMs = Double(writeProtect.heldFor) / 1e6
+            self.writeProtect = nil   // the tracker ends it; this reference must not keep its descriptor open
         }
         if let quota {
             summary.heldMs = (quota.throttledSeconds - heldAtEngage) * 1000
