@@ -6,8 +6,6 @@ import Glibc
 /// stop (SIGCHLD with CLD_STOPPED); a VMM sees none of it but the time.
 public struct ProcessFreeze: ~Copyable {
     public let pid: Int32
-    /// Whether this freeze stopped the process (and so continues it at `thaw`).
-    public let stoppedByUs: Bool
 
     /// Stops `pid` and waits until all its threads are stopped (at most `timeout` seconds, then SIGCONT and throw).
     public init(pid: Int32, timeout: Double = 1) throws(ProcessMemoryError) {
@@ -15,35 +13,30 @@ public struct ProcessFreeze: ~Copyable {
         guard status.state != "T" else {
             throw ProcessMemoryError("process \(pid) is stopped by a signal: not frozen (whoever stopped it may continue it)")
         }
-        var stopped = false
-        do {
-            guard kill(pid, SIGSTOP) == 0 else {
-                throw ProcessMemoryError("kill(\(pid), SIGSTOP) failed", errno: .init(rawValue: errno))
-            }
-            stopped = true
-            var now = timespec()
+        guard kill(pid, SIGSTOP) == 0 else {
+            throw ProcessMemoryError("kill(\(pid), SIGSTOP) failed", errno: .init(rawValue: errno))
+        }
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        let deadline = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 + timeout
+        while !Self.allThreadsStopped(pid: pid) {
             clock_gettime(CLOCK_MONOTONIC, &now)
-            let deadline = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 + timeout
-            while !Self.allThreadsStopped(pid: pid) {
-                clock_gettime(CLOCK_MONOTONIC, &now)
-                if Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 > deadline {
-                    kill(pid, SIGCONT)
-                    throw ProcessMemoryError("process \(pid) did not stop within \(timeout) s of SIGSTOP")
-                }
-                usleep(100)
+            if Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 > deadline {
+                kill(pid, SIGCONT)
+                throw ProcessMemoryError("process \(pid) did not stop within \(timeout) s of SIGSTOP")
             }
+            usleep(100)
         }
         self.pid = pid
-        stoppedByUs = stopped
     }
 
-    /// Lets the process run again (unless it was stopped before the freeze).
+    /// Lets the process run again.
     public consuming func thaw() {
-        if stoppedByUs { kill(pid, SIGCONT) }
+        kill(pid, SIGCONT)
         discard self
     }
 
-    deinit { if stoppedByUs { kill(pid, SIGCONT) } }
+    deinit { kill(pid, SIGCONT) }
 
     /// Whether every thread of `pid` is in state T (stopped by a signal), t (stopped by a tracer), or Z/X (exited);
     /// false when the process is gone.
