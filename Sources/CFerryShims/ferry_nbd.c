@@ -31,3 +31,9 @@ int ferry_nbd_is_memory_backed(int fd) {
     if (fstatfs(fd, &fs) != 0) return 0;
     return fs.f_type == 0x01021994 /* TMPFS_MAGIC */ || fs.f_type == 0x858458f6 /* RAMFS_MAGIC */;
 }
+
+int64_t ferry_copy_file_range(int in_fd, int64_t in_offset, int out_fd, int64_t out_offset, int64_t length) {
+    off_t in = in_offset, out = out_offset;
+    ssize_t n = copy_file_range(in_fd, &in, out_fd, &out, (size_t)length, 0);
+    return n < 0 ? -errno : n;
+}

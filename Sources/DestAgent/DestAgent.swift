@@ -41,6 +41,9 @@ struct DestAgent: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Image to write a migrated disk to (created or emptied). Repeatable, one per disk of the VM.", valueName: "OUT.img"))
     var disk: [String] = []
 
+    @Option(name: .customLong("disk-base"), help: ArgumentHelp("An image this host already holds of a disk: a shared base image, or the copy a previous migration left (the --disk image itself, which is then kept instead of emptied). Its blocks are hashed (SHA-256) and reported to the source, whose bulk copy does not send a block this image holds with the same content; the final digests check every block. One per --disk, in the same order; an empty value for a disk without one. It must not change during the migration.", valueName: "BASE.img"))
+    var diskBase: [String] = []
+
     @Option(name: .long, help: ArgumentHelp("Where to serve a migrated disk over NBD: unix:PATH or tcp:HOST:PORT. One per --disk, in the same order.", valueName: "ENDPOINT"))
     var nbd: [String] = []
 
@@ -58,6 +61,10 @@ struct DestAgent: ParsableCommand {
 
     func validate() throws {
         if disk.count != nbd.count { throw ValidationError("give one --nbd per --disk (got \(disk.count) --disk, \(nbd.count) --nbd)") }
+        if diskBase.count > disk.count { throw ValidationError("give at most one --disk-base per --disk (got \(diskBase.count) --disk-base, \(disk.count) --disk)") }
+        for base in diskBase where !base.isEmpty {
+            guard access(base, R_OK) == 0 else { throw ValidationError("--disk-base \(base): \(String(cString: strerror(errno)))") }
+        }
         for text in nbd {
             do { _ = try NBDEndpoint.parse(text, allowRemote: nbdAllowRemote) } catch { throw ValidationError(error.message) }
         }
@@ -86,7 +93,10 @@ struct DestAgent: ParsableCommand {
         SignalWaiter.blockAll()
         let logger = AgentLogging.make(label: "ferry.dest", level: logLevel)
         var options = DestinationOptions(listen: try SocketAddress(parsing: listen), key: try SharedKey(contentsOf: keyFile))
-        options.disks = try zip(disk, nbd).map { DiskTarget(imagePath: $0, nbdEndpoint: try NBDEndpoint.parse($1), exportName: exportName) }
+        options.disks = try zip(disk, nbd).enumerated().map { index, pair in
+            let base = index < diskBase.count && !diskBase[index].isEmpty ? diskBase[index] : nil
+            return DiskTarget(imagePath: pair.0, nbdEndpoint: try NBDEndpoint.parse(pair.1), exportName: exportName, basePath: base)
+        }
         options.linkTimeout = linkTimeout
         options.acceptTimeout = acceptTimeout
         if let metrics { options.status = try StatusEndpoint.serve(metrics, role: "destination", logger: logger) }

@@ -28,9 +28,14 @@ public struct Features: OptionSet, Hashable, Sendable {
     /// The tunnel lane: a connection of the session that carries the VM's Ethernet frames (`tunnelFrames`).
     public static let tunnelLane = Features(rawValue: 1 << 9)
 
+    /// Held blocks: the destination reports the SHA-256 of each block of a base image it already
+    /// holds (`diskHeld`), and the source's bulk copy sends a block whose content matches as a `held`
+    /// extent, without its bytes. Offered by a destination with a base image (`dest-agent --disk-base`).
+    public static let heldBlocks = Features(rawValue: 1 << 10)
+
     /// Every bit this version defines.
     public static let allKnown: Features = [.disk, .memory, .postcopy, .diskPostcopy, .zeroRuns,
-                                            .compression, .encryption, .urgentLane, .resume, .tunnelLane]
+                                            .compression, .encryption, .urgentLane, .resume, .tunnelLane, .heldBlocks]
 }
 
 /// The AEAD that seals every frame after the handshake (docs/wire.md, "Authentication and sealing").

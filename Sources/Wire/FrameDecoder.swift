@@ -76,6 +76,8 @@ public struct FrameDecoder: Sendable {
             message = .diskReply(requestID: request, extents: try DiskExtents.decode(from: &r))
         case .diskSkip:
             message = .diskSkip(try DiskRange.decode(from: &r))
+        case .diskHeld:
+            message = .diskHeld(try DiskHeld.decode(from: &r))
         case .memoryLayout:
             message = .memoryLayout(try GuestMemoryLayout.decode(from: &r))
         case .pageBatch:

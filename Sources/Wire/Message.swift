@@ -22,6 +22,8 @@ public enum Message: Equatable, Sendable {
     case diskReply(requestID: UInt64, extents: DiskExtents)
     /// Urgent: the destination wrote this range itself (disk post-copy); the source need not send it.
     case diskSkip(DiskRange)
+    /// What the destination already holds of a disk: the SHA-256 of each block of its base image.
+    case diskHeld(DiskHeld)
     /// The memory to be migrated.
     case memoryLayout(GuestMemoryLayout)
     /// Memory pages: data runs and zero runs.
@@ -63,6 +65,7 @@ public enum Message: Equatable, Sendable {
         case .diskFetch: return .diskFetch
         case .diskReply: return .diskReply
         case .diskSkip: return .diskSkip
+        case .diskHeld: return .diskHeld
         case .memoryLayout: return .memoryLayout
         case .pageBatch: return .pageBatch
         case .pageRequest: return .pageRequest
@@ -89,6 +92,7 @@ public enum Message: Equatable, Sendable {
         case .pageReply(_, let m): return m.payload
         case .vmState(let m): return m.payload
         case .tunnelFrames(let m): return m.payload
+        case .diskHeld(let m): return m.hashes
         default: return .empty
         }
     }

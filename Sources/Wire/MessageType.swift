@@ -11,6 +11,7 @@ public enum MessageType: UInt8, CaseIterable, Sendable {
     case diskFetch = 0x12
     case diskReply = 0x13
     case diskSkip = 0x14
+    case diskHeld = 0x15
     // Memory.
     case memoryLayout = 0x20
     case pageBatch = 0x21

@@ -166,7 +166,11 @@ struct HostileFrames {
 
     /// Frames that travel only from a destination (and only on urgent lanes, for two of them).
     private mutating func destinationOnlyFrame() -> Message {
-        switch random.below(4) {
+        switch random.below(5) {
+        case 4:
+            let count = random.below(3)
+            return .diskHeld(DiskHeld(diskID: pick([1, 2]), firstBlock: fitting(u64(), UInt64(count)), count: count,
+                                      hashes: payload(bytes(count * DiskHeld.hashSize))))
         case 0:
             let count = max(1, u32())
             return .pageRequest(PageRequest(requestID: u64(), regionID: pick([0, 9]), pageIndex: fitting(u64(), UInt64(count)), count: count))

@@ -259,6 +259,13 @@ final class HostilePeerTests: XCTestCase {
             payload: peer.payload(Array(self.disk[0..<12288])))))] }, reason: "overlaps", image: UInt64(disk.count))
     }
 
+    /// A held extent to a destination with no base image: it never reported holding anything.
+    func testHeldExtentWithoutABaseIsAProtocolViolation() throws {
+        try refuse({ _ in [.send(self.layout), .send(.diskExtents(DiskExtents(
+            diskID: 1, round: 0, extents: ExtentList([Extent(offset: 0, length: 4096, kind: .held)]), payload: .empty)))] },
+                   reason: "no base image", image: UInt64(disk.count))
+    }
+
     // MARK: Memory layouts and pages
 
     /// Two regions whose guest ranges overlap.
@@ -463,6 +470,7 @@ final class HostilePeerTests: XCTestCase {
             .diskFetch(DiskFetch(requestID: 1, diskID: 1, offset: 0, length: 4096)),
             .resumed(VMResumed(sinceSwitchoverNanoseconds: 1)),
             .diskSkip(DiskRange(diskID: 1, offset: 0, length: 4096)),
+            .diskHeld(DiskHeld(diskID: 1, firstBlock: 16, count: 0, hashes: .empty)),
         ]
         for message in frames {
             try refuse({ _ in [.send(self.layout), .send(message)] }, reason: "unexpected \(message.type)", image: UInt64(disk.count))

@@ -60,6 +60,7 @@ func putU64(_ b: inout [UInt8], _ at: Int, _ v: UInt64) {
 /// Payload buffers that the sample messages point at; keep this alive while using them.
 final class SamplePayloads {
     let disk = Buffer(count: 3 * 4096 + 512)
+    let held = Buffer(count: 2 * DiskHeld.hashSize)
     let pages = Buffer(count: 5 * 4096)
     let hugePage = Buffer(count: 2 << 20)
     let vmState = Buffer(count: 777)
@@ -113,6 +114,10 @@ func sampleMessages(_ p: SamplePayloads, includeMaximal: Bool = true) -> [Messag
         Extent(offset: 1 << 40, length: 8192)]), payload: p.reply.payload)))
 
     m.append(.diskSkip(DiskRange(diskID: 1, offset: 1 << 30, length: 65536)))
+    m.append(.diskHeld(DiskHeld(diskID: 1, firstBlock: 4096, count: 2, hashes: p.held.payload)))
+    m.append(.diskHeld(DiskHeld(diskID: 2, firstBlock: 1 << 20, count: 0, hashes: p.empty.payload)))
+    m.append(.diskExtents(DiskExtents(diskID: 1, round: 0, extents: ExtentList([
+        Extent(offset: 0, length: 65536, kind: .held), Extent(offset: 65536, length: 8192)]), payload: p.reply.payload)))
     m.append(.memoryLayout(GuestMemoryLayout(pageSize: 4096, regions: [
         MemoryRegion(id: 0, guestAddress: 0, hostAddress: 0x7f00_0000_0000, size: 512 << 20, fileOffset: 0),
         MemoryRegion(id: 1, guestAddress: 1 << 32, hostAddress: 0x7f10_0000_0000, size: 1 << 30, fileOffset: 512 << 20)])))

@@ -130,6 +130,29 @@ struct RejectionTests {
         #expect(decodeError(v) == .reservedNonZero(type: .resumed, field: "reserved", offset: 20))
     }
 
+    @Test("diskHeld: its count, its first block and its hashes' length are checked")
+    func diskHeldLimits() throws {
+        let hashes = Buffer(count: 2 * DiskHeld.hashSize)
+        let good = try frameBytes(.diskHeld(DiskHeld(diskID: 1, firstBlock: 10, count: 2, hashes: hashes.payload)))
+        var tooMany = good
+        putU32(&tooMany, 16, UInt32(DiskHeld.maxBlocks + 1))
+        #expect(decodeError(tooMany) == .invalidValue(type: .diskHeld, field: "count", offset: 16, value: UInt64(DiskHeld.maxBlocks + 1)))
+        var wraps = good
+        putU64(&wraps, 20, .max)
+        #expect(decodeError(wraps) == .invalidValue(type: .diskHeld, field: "firstBlock", offset: 20, value: .max))
+        var short = good
+        putU32(&short, 16, 3)
+        #expect(decodeError(short) == .truncated(type: .diskHeld, field: "hashes", offset: 28, needed: 96, available: 64))
+        var long = good
+        putU32(&long, 16, 1)
+        #expect(decodeError(long) == .trailingBytes(type: .diskHeld, offset: 60, count: 32))
+        #expect(throws: WireError.self) { try frameBytes(.diskHeld(DiskHeld(diskID: 1, firstBlock: 0, count: 3, hashes: hashes.payload))) }
+        var badKind = try frameBytes(.diskExtents(DiskExtents(diskID: 1, round: 0, extents: ExtentList([Extent(offset: 0, length: 4096, kind: .held)]),
+                                                              payload: Buffer(count: 0).payload)))
+        badKind[12 + 16 + 12] = 3
+        #expect(decodeError(badKind) == .invalidValue(type: .diskExtents, field: "extent.kind", offset: 40, value: 3))
+    }
+
     @Test("counts larger than the frame are refused before anything is allocated")
     func hostileCounts() throws {
         // A memory layout claiming 4096 regions (160 KiB) in an 8-byte body.

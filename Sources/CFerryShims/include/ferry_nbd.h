@@ -31,6 +31,10 @@ static inline bool ferry_nbd_atomic_cas_u64(uint64_t *word, uint64_t expected, u
 // fallocate(2) modes and lseek(2) whences.
 extern const int ferry_nbd_falloc_keep_size;   // FALLOC_FL_KEEP_SIZE
 extern const int ferry_nbd_falloc_punch_hole;  // FALLOC_FL_PUNCH_HOLE
+
+/// copy_file_range(2) of `length` bytes from `in_offset` of `in_fd` to `out_offset` of `out_fd`
+/// (a reflink where the filesystem shares extents): bytes copied (0 at the input's end), or -errno.
+int64_t ferry_copy_file_range(int in_fd, int64_t in_offset, int out_fd, int64_t out_offset, int64_t length);
 extern const int ferry_nbd_falloc_zero_range;  // FALLOC_FL_ZERO_RANGE
 extern const int ferry_nbd_seek_data;          // SEEK_DATA
 extern const int ferry_nbd_seek_hole;          // SEEK_HOLE

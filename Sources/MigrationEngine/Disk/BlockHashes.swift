@@ -88,6 +88,15 @@ public struct BlockHashes: ~Copyable {
         if hashes[index] != 0 { hashes[index] = 0 }
     }
 
+    /// Block `index`'s slot as stored: its hash, or 0 when it reads as zeros (or was never recorded).
+    public func stored(block index: Int) -> UInt64 { hashes[index] }
+
+    /// Sets block `index`'s slot to `value`, a slot of another table of the same geometry (a
+    /// destination copying a block's hash from its base image's table).
+    public func setStored(block index: Int, _ value: UInt64) {
+        if hashes[index] != value { hashes[index] = value }
+    }
+
     /// The digest over every block's hash (slots of 0 as the zero block's hash).
     public func digest() -> Wire.Digest {
         var sha = SHA256()

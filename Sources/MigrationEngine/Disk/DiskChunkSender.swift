@@ -10,6 +10,8 @@ public struct DiskTransferCounters: Sendable, Codable, Equatable {
     public var dataBytes: UInt64 = 0
     /// Bytes sent as zero runs (holes and all-zero blocks): QEMU's "duplicate".
     public var zeroBytes: UInt64 = 0
+    /// Bytes sent as `held` extents: blocks the destination's base image already had.
+    public var heldBytes: UInt64 = 0
     /// Blocks sent (data or zero).
     public var blocks: UInt64 = 0
     /// `diskExtents` frames sent.
@@ -68,21 +70,24 @@ struct DiskChunkSender: ~Copyable {
 
     /// Sends blocks `blocks` (clipped to the disk) as round `round`, chunk by chunk. When
     /// `store` is given, blocks that are wholly holes are sent as zero runs without reading them.
+    /// With `held`, a data block the destination already holds goes as a `held` extent, unless
+    /// this session sent it as data or zeros before (the destination may have written it); every
+    /// block sent as data or zeros is recorded there.
     /// With `replyTo`, each chunk goes as the urgent `diskReply` to that request instead.
-    mutating func send(blocks: Range<Int>, round: UInt32, holesFrom store: (any BlockStore)?,
+    mutating func send(blocks: Range<Int>, round: UInt32, holesFrom store: (any BlockStore)?, held: HeldHashes? = nil,
                        via sender: inout FrameSender, counters: inout DiskTransferCounters, replyTo: UInt64? = nil,
                        afterChunk: (Int) throws(LinkError) -> Void = { _ throws(LinkError) in }) throws(LinkError) {
         var first = blocks.lowerBound
         let end = min(blocks.upperBound, blockCount)
         while first < end {
             let last = min(first + blocksPerChunk, end)
-            try sendChunk(first..<last, round: round, holesFrom: store, via: &sender, counters: &counters, replyTo: replyTo)
+            try sendChunk(first..<last, round: round, holesFrom: store, held: held, via: &sender, counters: &counters, replyTo: replyTo)
             try afterChunk(last)
             first = last
         }
     }
 
-    private mutating func sendChunk(_ blocks: Range<Int>, round: UInt32, holesFrom store: (any BlockStore)?,
+    private mutating func sendChunk(_ blocks: Range<Int>, round: UInt32, holesFrom store: (any BlockStore)?, held: HeldHashes?,
                                     via sender: inout FrameSender, counters: inout DiskTransferCounters, replyTo: UInt64?) throws(LinkError) {
         let start = UInt64(blocks.lowerBound) * UInt64(blockSize)
         let length = min(UInt64(blocks.count) * UInt64(blockSize), diskSize - start)
@@ -95,13 +100,14 @@ struct DiskChunkSender: ~Copyable {
                 let block = blocks.lowerBound + index
                 append(offset: UInt64(block) * UInt64(blockSize), length: UInt64(hashes.length(ofBlock: block)), kind: .zero)
                 hashes.updateZero(block: block)
+                held?.markSent(block)
                 index += 1
                 continue
             }
             // One read for the whole run of data blocks, then a zero check block by block.
             var runEnd = index + 1
             while runEnd < blocks.count && !holeBlocks[runEnd] { runEnd += 1 }
-            try readAndSplit(blocks.lowerBound + index ..< blocks.lowerBound + runEnd, payloadLength: &payloadLength)
+            try readAndSplit(blocks.lowerBound + index ..< blocks.lowerBound + runEnd, held: held, payloadLength: &payloadLength)
             index = runEnd
         }
 
@@ -109,7 +115,11 @@ struct DiskChunkSender: ~Copyable {
         let contents = DiskExtents(diskID: diskID, round: round, extents: ExtentList(extents), payload: payload)
         try sender.send(replyTo.map { .diskReply(requestID: $0, extents: contents) } ?? .diskExtents(contents))
         for extent in extents {
-            if extent.kind == .data { counters.dataBytes += UInt64(extent.length) } else { counters.zeroBytes += UInt64(extent.length) }
+            switch extent.kind {
+            case .data: counters.dataBytes += UInt64(extent.length)
+            case .zero: counters.zeroBytes += UInt64(extent.length)
+            case .held: counters.heldBytes += UInt64(extent.length)
+            }
         }
         counters.blocks += UInt64(blocks.count)
         counters.frames += 1
@@ -141,8 +151,9 @@ struct DiskChunkSender: ~Copyable {
     }
 
     /// Reads whole blocks `blocks` to the end of the payload so far in one read, then drops
-    /// all-zero blocks back out of the payload as zero extents, hashing each block.
-    private mutating func readAndSplit(_ blocks: Range<Int>, payloadLength: inout Int) throws(LinkError) {
+    /// all-zero blocks back out of the payload as zero extents, and blocks the destination holds
+    /// as `held` extents, hashing each block.
+    private mutating func readAndSplit(_ blocks: Range<Int>, held: HeldHashes?, payloadLength: inout Int) throws(LinkError) {
         let offset = UInt64(blocks.lowerBound) * UInt64(blockSize)
         let count = Int(min(UInt64(blocks.count) * UInt64(blockSize), diskSize - offset))
         let target = UnsafeMutableRawBufferPointer(rebasing: buffer[payloadLength..<(payloadLength + count)])
@@ -161,7 +172,12 @@ struct DiskChunkSender: ~Copyable {
             if memcmp(contents.baseAddress!, zeroBlock.baseAddress!, length) == 0 {
                 append(offset: UInt64(block) * UInt64(blockSize), length: UInt64(length), kind: .zero)
                 hashes.updateZero(block: block)
+                held?.markSent(block)
+            } else if let held, held.holds(block: block, contents: contents) {
+                hashes.update(block: block, contents: contents)
+                append(offset: UInt64(block) * UInt64(blockSize), length: UInt64(length), kind: .held)
             } else {
+                held?.markSent(block)
                 hashes.update(block: block, contents: contents)
                 if keep != from { memmove(buffer.baseAddress! + keep, buffer.baseAddress! + from, length) }
                 append(offset: UInt64(block) * UInt64(blockSize), length: UInt64(length), kind: .data)

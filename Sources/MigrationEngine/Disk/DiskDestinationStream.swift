@@ -15,11 +15,16 @@ public struct DiskTarget: Sendable {
     public var nbdEndpoint: NBDEndpoint
     /// The NBD export name; empty: any name a client asks for.
     public var exportName: String
+    /// An image this host already holds of the disk (a shared base image, or the copy a previous
+    /// migration left; may be `imagePath` itself, which is then kept): blocks with the same content
+    /// are not sent (``DiskBase``). Nil: the image is created or emptied and everything comes.
+    public var basePath: String?
 
-    public init(imagePath: String, nbdEndpoint: NBDEndpoint, exportName: String = "") {
+    public init(imagePath: String, nbdEndpoint: NBDEndpoint, exportName: String = "", basePath: String? = nil) {
         self.imagePath = imagePath
         self.nbdEndpoint = nbdEndpoint
         self.exportName = exportName
+        self.basePath = basePath
     }
 }
 
@@ -56,15 +61,29 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
         self.target = target
         self.logger = logger
         self.currentMainLink = currentMainLink
+        let inPlace = target.basePath.map { DiskBase.isSameFile($0, as: target.imagePath) } ?? false
         do {
-            image = try DiskImage(path: target.imagePath, layout: layout)
+            image = try DiskImage(path: target.imagePath, layout: layout, keep: inPlace)
             applier = try DiskApplier(image: image, directWrites: true)
         } catch {
             throw .local(.storageFailure, reason: "cannot create the image \(target.imagePath): \(error)")
         }
+        if let basePath = target.basePath { image.use(base: try DiskBase(path: basePath, imagePath: target.imagePath, layout: layout)) }
         logger.info("receiving disk", metadata: ["disk": "\(layout.diskID)", "bytes": "\(layout.sizeBytes)",
                                                  "block_size": "\(layout.blockSize)", "image": "\(target.imagePath)",
-                                                 "direct_writes": "\(applier.writesDirectly)"])
+                                                 "direct_writes": "\(applier.writesDirectly)", "base": "\(target.basePath ?? "none")",
+                                                 "base_in_place": "\(inPlace)"])
+    }
+
+    /// The session agreed on held blocks: tells the source what this host holds of the disk
+    /// (its base, hashed by a thread as the bulk copy goes), or at once that it holds nothing.
+    func reportHeld(send: @escaping @Sendable (Message) throws(LinkError) -> Void) throws(LinkError) {
+        if let base = image.base {
+            base.startReporting(logger: logger, send: send)
+        } else {
+            let blocks = image.hashes.blockCount
+            try send(.diskHeld(DiskHeld(diskID: layout.diskID, firstBlock: UInt64(blocks), count: 0, hashes: .empty)))
+        }
     }
 
     /// Refuses a layout this destination cannot hold, before the image is created or sized: a
@@ -102,6 +121,26 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
         }
     }
 
+    /// Refuses `held` extents this destination did not offer: without a base, in post-copy, or
+    /// naming blocks its base did not report as held or that (in place) this session overwrote.
+    /// Then records which blocks the frame's other extents overwrite.
+    private func checkHeld(_ extents: DiskExtents) throws(LinkError) {
+        defer {
+            if let base = image.base, base.inPlace {
+                for extent in extents.extents where extent.kind != .held { base.diverge(offset: extent.offset, length: UInt64(extent.length)) }
+            }
+        }
+        for extent in extents.extents where extent.kind == .held {
+            guard !postcopy, let base = image.base else {
+                throw .local(.protocolViolation, reason: "disk \(layout.diskID): a held extent in round \(extents.round)"
+                             + (image.base == nil ? ", and this destination has no base image" : " of a post-copy disk"))
+            }
+            if let refusal = base.refusal(offset: extent.offset, length: UInt64(extent.length)) {
+                throw .local(.protocolViolation, reason: "disk \(layout.diskID): \(refusal)")
+            }
+        }
+    }
+
     var label: String { "disk \(layout.diskID)" }
     var streamType: StreamKind { .disk }
     var streamID: UInt32 { layout.diskID }
@@ -115,6 +154,7 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
         switch message {
         case .diskExtents(let extents):
             try Self.check(extents, diskSize: layout.sizeBytes)
+            try checkHeld(extents)
             do { try applier.apply(extents) } catch {
                 throw .local(.storageFailure, reason: "writing the image \(target.imagePath): \(error)")
             }
@@ -261,6 +301,7 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
         disk.blockSize = Int(layout.blockSize)
         disk.transferred = image.dataBytes.load(ordering: .relaxed)
         disk.duplicate = image.zeroBytes.load(ordering: .relaxed)
+        disk.held = image.heldBytes.load(ordering: .relaxed)
         if final { disk.digest = "\(image.hashes.digest())" }
         if let urgent = serving.withLock({ $0.urgent }) {
             disk.postcopyRequests = urgent.requestsSent
@@ -271,7 +312,11 @@ final class DiskDestinationStream: DestinationStream, @unchecked Sendable {
 
     func stop() {
         serving.withLock { $0.urgent?.stop() }
+        endHeldReport()
     }
+
+    /// Stops reporting the base image (the session ended).
+    func endHeldReport() { image.base?.stop() }
 
     /// Stops serving the disk (drained), at the agent's exit.
     func shutdown() {

@@ -20,10 +20,13 @@ final class DiskImage: @unchecked Sendable {
     let claimsEnabled = Atomic<Bool>(false)
     let dataBytes = Atomic<UInt64>(0)
     let zeroBytes = Atomic<UInt64>(0)
+    let heldBytes = Atomic<UInt64>(0)
+    /// What this destination already holds of the disk, if anything (`held` extents come from it).
+    private(set) var base: DiskBase?
 
-    /// Creates (or empties) the image at `path` and sizes it for `layout`.
-    init(path: String, layout: DiskLayout) throws(Errno) {
-        let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    /// Creates (or empties, unless `keep`: it is its own base) the image at `path` and sizes it for `layout`.
+    init(path: String, layout: DiskLayout, keep: Bool = false) throws(Errno) {
+        let fd = open(path, O_RDWR | O_CREAT | (keep ? 0 : O_TRUNC) | O_CLOEXEC, 0o644)
         if fd < 0 { throw Errno(rawValue: errno) }
         if ftruncate(fd, off_t(layout.sizeBytes)) != 0 {
             let error = Errno(rawValue: errno)
@@ -40,6 +43,9 @@ final class DiskImage: @unchecked Sendable {
     deinit { close(fd) }
 
     var blockSize: UInt64 { UInt64(layout.blockSize) }
+
+    /// Sets the base image, before any extent is applied.
+    func use(base: DiskBase) { self.base = base }
 }
 
 /// One thread's means of applying `diskExtents` to a ``DiskImage``: its own io_uring ring and
@@ -85,7 +91,14 @@ struct DiskApplier: ~Copyable {
             guard end <= image.layout.sizeBytes else { throw Errno.invalidArgument }
             let bytes: UnsafeRawBufferPointer? = extent.kind == .data
                 ? UnsafeRawBufferPointer(rebasing: payload[payloadOffset..<(payloadOffset + Int(extent.length))]) : nil
-            if claims {
+            if extent.kind == .held {
+                // Checked by the stream (whole blocks, each reported held); never in post-copy.
+                guard !claims, let base = image.base else { throw Errno.invalidArgument }
+                try drain()
+                try base.take(offset: extent.offset, length: UInt64(extent.length), into: image)
+                image.heldBytes.add(UInt64(extent.length), ordering: .relaxed)
+                continue
+            } else if claims {
                 try drain()
                 try applyClaimed(offset: extent.offset, length: UInt64(extent.length), bytes: bytes)
             } else if let bytes {

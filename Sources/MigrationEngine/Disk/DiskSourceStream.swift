@@ -62,6 +62,11 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
     private var throttleSeconds: Double = 0
     private var urgentLane: UrgentLaneServer?
     private var pushDone = false
+    /// What the destination's base image holds (feature `heldBlocks`, pre-copy only): the bulk copy
+    /// leaves those blocks out. Nil when the session did not agree on it, or once its report stalled.
+    private var held: HeldHashes?
+    /// A report that brings nothing new for this long is given up: the rest goes as data.
+    static let heldReportPatience: Double = 10
 
     init(server: NBDServer, store: FileBlockStore, options: DiskStreamOptions, logger: Logger) throws {
         self.server = server
@@ -79,7 +84,7 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
     var label: String { "disk \(options.diskID)" }
     var streamType: StreamKind { .disk }
     var streamID: UInt32 { options.diskID }
-    var features: Features { options.postcopy ? [.disk, .zeroRuns, .resume, .diskPostcopy, .urgentLane] : [.disk, .zeroRuns, .resume] }
+    var features: Features { options.postcopy ? [.disk, .zeroRuns, .resume, .diskPostcopy, .urgentLane] : [.disk, .zeroRuns, .resume, .heldBlocks] }
     var isPostcopy: Bool { options.postcopy }
     var hasPrecopy: Bool { !options.postcopy }
     var totalBytes: UInt64 { store.size }
@@ -90,30 +95,63 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
     // MARK: - Before the pause
 
     func announce(on link: PeerLink) throws(LinkError) {
+        if !options.postcopy && link.agreement.features.contains(.heldBlocks) && held == nil {
+            held = HeldHashes(diskID: options.diskID, blockCount: chunks.blockCount)
+        }
         try link.send(.diskLayout(DiskLayout(diskID: options.diskID, sizeBytes: store.size, blockSize: UInt32(blockSize), name: store.path)))
         logger.info("migrating disk", metadata: ["disk": "\(options.diskID)", "image": "\(store.path)", "bytes": "\(store.size)",
-                                                 "block_size": "\(blockSize)", "postcopy": "\(options.postcopy)"])
+                                                 "block_size": "\(blockSize)", "postcopy": "\(options.postcopy)",
+                                                 "held_blocks": "\(held != nil)"])
+    }
+
+    /// The reader thread saw a `diskHeld` for this disk (under the link's lock).
+    func recordHeld(_ message: DiskHeld) throws(LinkError) {
+        guard let held else {
+            throw .local(.protocolViolation, reason: "diskHeld for disk \(options.diskID), which does not use held blocks (post-copy, or not agreed)")
+        }
+        try held.record(message)
     }
 
     var bulkRemaining: UInt64 { bulkDone || options.postcopy ? 0 : UInt64(chunks.blockCount - bulkNextBlock) * UInt64(blockSize) }
 
     func sendBulk(budget: Int, on link: PeerLink) throws(LinkError) -> Bool {
         if bulkDone { return true }
-        guard try sendWholeDisk(budget: budget, counters: &counters.bulk, dirtyRemaining: UInt64(bitmap.dirtyCount), on: link) else { return false }
+        var end = min(chunks.blockCount, bulkNextBlock + max(1, budget / blockSize))
+        if let held, bulkNextBlock < chunks.blockCount {
+            // Only as far as the destination has said what it holds: wait a little for more, then
+            // let the other streams go on; a report that stalls is given up.
+            if held.frontier <= bulkNextBlock {
+                let next = bulkNextBlock
+                do { try link.wait(timeout: 0.05, during: "the destination's held blocks") { held.frontier > next } } catch {
+                    guard case .timedOut = error else { throw error }
+                }
+            }
+            if held.frontier > bulkNextBlock {
+                end = min(end, held.frontier)
+            } else if held.secondsSinceProgress >= Self.heldReportPatience {
+                logger.warning("the destination's report of its held blocks stalled; the rest of the disk goes as data",
+                               metadata: ["disk": "\(options.diskID)", "reported_blocks": "\(held.frontier)", "blocks": "\(chunks.blockCount)"])
+                self.held = nil
+            } else {
+                return false
+            }
+        }
+        guard try sendWholeDisk(budget: budget, upTo: end, held: held, counters: &counters.bulk,
+                                dirtyRemaining: UInt64(bitmap.dirtyCount), on: link) else { return false }
         bulkDone = true
         logger.info("disk bulk copy sent", metadata: ["disk": "\(options.diskID)", "data_bytes": "\(counters.bulk.dataBytes)",
-                                                      "zero_bytes": "\(counters.bulk.zeroBytes)"])
+                                                      "zero_bytes": "\(counters.bulk.zeroBytes)", "held_bytes": "\(counters.bulk.heldBytes)"])
         return true
     }
 
     /// The whole-disk pass both the bulk copy and the post-copy push make: up to `budget` bytes
-    /// from the cursor on (holes as zero runs), then, at the end of the disk, its `roundEnd` (round 0).
-    /// Returns whether the end was reached.
-    private func sendWholeDisk(budget: Int, counters: inout DiskTransferCounters, dirtyRemaining: UInt64,
-                               on link: PeerLink) throws(LinkError) -> Bool {
-        let end = min(chunks.blockCount, bulkNextBlock + max(1, budget / blockSize))
+    /// from the cursor on (or up to block `upTo`; holes as zero runs, blocks in `held` as held
+    /// extents), then, at the end of the disk, its `roundEnd` (round 0). Returns whether the end was reached.
+    private func sendWholeDisk(budget: Int, upTo limit: Int? = nil, held: HeldHashes? = nil, counters: inout DiskTransferCounters,
+                               dirtyRemaining: UInt64, on link: PeerLink) throws(LinkError) -> Bool {
+        let end = limit ?? min(chunks.blockCount, bulkNextBlock + max(1, budget / blockSize))
         try link.withSender { (sender: inout FrameSender) throws(LinkError) in
-            try chunks.send(blocks: bulkNextBlock..<end, round: 0, holesFrom: store, via: &sender, counters: &counters) { (next: Int) throws(LinkError) in
+            try chunks.send(blocks: bulkNextBlock..<end, round: 0, holesFrom: store, held: held, via: &sender, counters: &counters) { (next: Int) throws(LinkError) in
                 bulkNextBlock = next
             }
         }
@@ -138,7 +176,9 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
         let before = target
         try link.withSender { (sender: inout FrameSender) throws(LinkError) in
             for run in runs {
-                try chunks.send(blocks: run, round: UInt32(round), holesFrom: nil, via: &sender, counters: &target)
+                // Held blocks may be left out here too: a block the VM wrote back as it was, or, after a
+                // resume, the rest of a bulk copy the destination did not get.
+                try chunks.send(blocks: run, round: UInt32(round), holesFrom: nil, held: held, via: &sender, counters: &target)
             }
         }
         if frozen { counters.final = target } else { counters.rounds = target }
@@ -295,6 +335,7 @@ final class DiskSourceStream: SourceStream, @unchecked Sendable {
         disk.postcopyBytes = counters.push.dataBytes + (urgentLane?.bytesSent ?? 0)
         disk.transferred = counters.bulk.dataBytes + counters.rounds.dataBytes + counters.final.dataBytes + disk.postcopyBytes
         disk.duplicate = counters.bulk.zeroBytes + counters.rounds.zeroBytes + counters.final.zeroBytes + counters.push.zeroBytes
+        disk.held = counters.bulk.heldBytes + counters.rounds.heldBytes + counters.final.heldBytes
         disk.rounds = max(0, blocksPerRound.count - 2)
         disk.blocksPerRound = blocksPerRound
         disk.throttleSeconds = throttleSeconds

@@ -106,6 +106,8 @@ public struct MigrationReport: Codable, Sendable {
         public var transferred: UInt64 = 0
         /// Bytes sent as zero runs (QEMU's "duplicate").
         public var duplicate: UInt64 = 0
+        /// Bytes not sent because the destination's base image already held them (`dest-agent --disk-base`).
+        public var held: UInt64 = 0
         /// Data bytes of the bulk copy.
         public var bulkBytes: UInt64 = 0
         /// Data bytes of the dirty rounds before switchover.

@@ -166,8 +166,8 @@ public final class DestinationSession: @unchecked Sendable {
             }
             let door = self.door
             let accepting = LinkAcceptor(listener: listener, key: options.key, receiveTimeout: options.receiveTimeout, logger: logger,
-                                         decide: { [hasTunnel = tunnel != nil] (hello: Hello) throws(LinkError) in
-                                             try Self.admit(hello, door: door, tunnel: hasTunnel) },
+                                         decide: { [hasTunnel = tunnel != nil, hasBase = options.disks.contains { $0.basePath != nil }] (hello: Hello) throws(LinkError) in
+                                             try Self.admit(hello, door: door, tunnel: hasTunnel, heldBlocks: hasBase) },
                                          deliver: { [self] link in arrived(link) })
             accepting.start()
             acceptor = accepting
@@ -218,7 +218,7 @@ public final class DestinationSession: @unchecked Sendable {
                         if framesSincePublish >= 256 { publishResumePoints() }
                         switch frame.message {
                         case .diskLayout(let layout):
-                            try addDisk(layout, afterSwitchover: session.mode != nil)
+                            try addDisk(layout, afterSwitchover: session.mode != nil, heldAgreed: link.agreement.features.contains(.heldBlocks))
                             try startQEMUWhenReady(directory: directory)
                         case .memoryLayout(let layout):
                             if memory == nil {
@@ -359,6 +359,7 @@ public final class DestinationSession: @unchecked Sendable {
             failure = failure ?? "\(error)"
         }
         if let completion = unconfirmedCompletion { answerLateReconnects(with: completion) }
+        for disk in disks.values { disk.endHeldReport() }
         if tunnel != nil && state.owner == .destination {
             lingeringAcceptor = acceptor   // the source reopens the tunnel lane after any drop
         } else {
@@ -729,7 +730,7 @@ public final class DestinationSession: @unchecked Sendable {
 
     // MARK: - Streams
 
-    private func addDisk(_ layout: DiskLayout, afterSwitchover: Bool) throws(LinkError) {
+    private func addDisk(_ layout: DiskLayout, afterSwitchover: Bool, heldAgreed: Bool) throws(LinkError) {
         if let existing = disks[layout.diskID] {
             guard existing.layout == layout else {
                 throw .local(.protocolViolation, reason: "disk \(layout.diskID) announced twice, differently (\(existing.layout.sizeBytes) bytes in "
@@ -747,6 +748,13 @@ public final class DestinationSession: @unchecked Sendable {
                                                currentMainLink: { door.withLock { $0.current } })
         stream.beforeAck = { [unowned self] in publishResumePoints() }
         disks[layout.diskID] = stream
+        if heldAgreed {
+            // Sent on whichever main link is current: a report cut by a link drop goes on over the next.
+            try stream.reportHeld { (message: Message) throws(LinkError) in
+                guard let link = door.withLock({ $0.current }) else { throw .closed(during: "reporting the base image (no link)") }
+                try link.send(message)
+            }
+        }
     }
 
     private func disk(_ id: UInt32) throws(LinkError) -> DiskDestinationStream {
@@ -773,7 +781,7 @@ public final class DestinationSession: @unchecked Sendable {
 
     /// Decides whether to take a hello: a new session when none is held, the held one resumed,
     /// or an urgent or tunnel lane of the held one. Runs on the acceptor's handshake threads.
-    private static func admit(_ hello: Hello, door: Locked<Door>, tunnel: Bool) throws(LinkError) -> SessionHandshake.Admission {
+    private static func admit(_ hello: Hello, door: Locked<Door>, tunnel: Bool, heldBlocks: Bool) throws(LinkError) -> SessionHandshake.Admission {
         var (held, points, handedOver) = door.withLock { ($0.sessionID, $0.resumePoints, $0.handedOver) }
         if hello.features.contains(.tunnelLane) {
             // Opened right after the main link's handshake, which may not have reached the session yet.
@@ -795,7 +803,8 @@ public final class DestinationSession: @unchecked Sendable {
             guard let held, hello.sessionID == held else { throw .peer(.unknownSession, reason: "an urgent lane for no session held here") }
             return .init(features: hello.features.intersection([.urgentLane, .disk, .memory]))
         }
-        let features: Features = [.disk, .memory, .zeroRuns, .resume, .diskPostcopy, .postcopy, .urgentLane, .compression]
+        var features: Features = [.disk, .memory, .zeroRuns, .resume, .diskPostcopy, .postcopy, .urgentLane, .compression]
+        if heldBlocks { features.insert(.heldBlocks) }   // offered only with a base image: the source then awaits the report
         switch (hello.mode, held) {
         case (.new, nil):
             return .init(features: features)

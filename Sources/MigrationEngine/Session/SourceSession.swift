@@ -706,10 +706,19 @@ public final class SourceSession: @unchecked Sendable {
                     return resumedAt != nil
                 }
                 guard handedOver else { throw .local(.protocolViolation, reason: "complete before resumed: the destination's digests come once the VM runs there") }
+            case .diskHeld(let held):
+                guard let disk = disks.first(where: { $0.streamID == held.diskID }) else {
+                    throw .local(.protocolViolation, reason: "diskHeld for unknown disk \(held.diskID)")
+                }
+                let refused: LinkError? = link.publish {
+                    do throws(LinkError) { try disk.recordHeld(held) } catch { return error }
+                    return nil
+                }
+                if let refused { throw refused }
             case .keepalive:
                 break
             default:
-                throw .unexpected(frame.header.type, expecting: "ack, resumed, complete or keepalive")
+                throw .unexpected(frame.header.type, expecting: "ack, diskHeld, resumed, complete or keepalive")
             }
         }
     }

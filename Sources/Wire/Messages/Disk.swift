@@ -56,6 +56,10 @@ public struct Extent: Hashable, Sendable {
         case data = 0
         /// The range reads as zeros; nothing follows (the receiver punches a hole or writes zeros).
         case zero = 1
+        /// Whole blocks whose content the destination already holds in its base image (it reported
+        /// their SHA-256 in `diskHeld`); nothing follows. Only in the bulk copy (round 0) of a session
+        /// that agreed on ``Features/heldBlocks``.
+        case held = 2
     }
 
     /// Byte offset on the disk.
@@ -157,7 +161,7 @@ public struct DiskExtents: Equatable, Sendable {
             }
             switch Extent.Kind(rawValue: kind) {
             case .data: dataBytes += UInt64(len)  // ≤ 65535 × 2^32: cannot overflow
-            case .zero: break
+            case .zero, .held: break
             case nil: throw r.invalid("extent.kind", kind, at: tableAt + at + 12)
             }
             if table.load(fromByteOffset: at + 13, as: UInt8.self) != 0
@@ -191,6 +195,71 @@ public struct DiskExtents: Equatable, Sendable {
         w.u32(diskID); w.u32(round); w.u16(UInt16(extents.count)); w.u8(encoding.rawValue); w.zeros(5)
         for e in extents { w.u64(e.offset); w.u32(e.length); w.u8(e.kind.rawValue); w.zeros(3) }
     }
+}
+
+/// What the destination already holds of one disk (`diskHeld`, destination → source, feature
+/// ``Features/heldBlocks``): the SHA-256 of blocks `firstBlock ..< firstBlock + count` of its base
+/// image, 32 bytes each, all zeros for a block it does not hold (a zero block, or past the base's
+/// end). A destination reports its blocks in ascending order; blocks it skips between two frames
+/// are not held. A frame with `firstBlock` at the disk's block count and no hash ends the report.
+///
+/// Layout (16 bytes + 32 per block): `u32 diskID, u32 count, u64 firstBlock`, then the hashes as
+/// the payload.
+public struct DiskHeld: Equatable, Sendable {
+    /// Most blocks in one frame (128 KiB of hashes).
+    public static let maxBlocks = 4096
+    /// Bytes of one block's hash (SHA-256).
+    public static let hashSize = 32
+
+    /// Which disk.
+    public var diskID: UInt32
+    /// The first block reported.
+    public var firstBlock: UInt64
+    /// Blocks reported.
+    public var count: Int
+    /// `count` SHA-256 hashes (zero-copy; see ``Payload``).
+    public var hashes: Payload
+
+    public init(diskID: UInt32, firstBlock: UInt64, count: Int, hashes: Payload) {
+        self.diskID = diskID; self.firstBlock = firstBlock; self.count = count; self.hashes = hashes
+    }
+
+    /// The hash of the `index`-th block of the frame (block `firstBlock + index`).
+    public func hash(_ index: Int) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(rebasing: hashes.bytes[(index * Self.hashSize)..<((index + 1) * Self.hashSize)])
+    }
+
+    static func decode(from r: inout ByteReader) throws(WireError) -> DiskHeld {
+        let id = try r.u32("diskID")
+        let countAt = r.frameOffset
+        let count = try r.u32("count")
+        if count > UInt32(maxBlocks) { throw r.invalid("count", count, at: countAt) }
+        let firstAt = r.frameOffset
+        let first = try r.u64("firstBlock")
+        if first.addingReportingOverflow(UInt64(count)).overflow { throw r.invalid("firstBlock", first, at: firstAt) }
+        let hashesAt = r.frameOffset
+        let hashes = r.rest()
+        guard hashes.count == Int(count) * hashSize else {
+            if hashes.count < Int(count) * hashSize {
+                throw .truncated(type: r.type, field: "hashes", offset: hashesAt, needed: Int(count) * hashSize, available: hashes.count)
+            }
+            throw .trailingBytes(type: r.type, offset: hashesAt + Int(count) * hashSize, count: hashes.count - Int(count) * hashSize)
+        }
+        return DiskHeld(diskID: id, firstBlock: first, count: Int(count), hashes: Payload(hashes))
+    }
+
+    func metadataSize(as type: MessageType) throws(WireError) -> Int {
+        if count < 0 || count > Self.maxBlocks { throw .limitExceeded(type: type, field: "count", value: count, max: Self.maxBlocks) }
+        if firstBlock.addingReportingOverflow(UInt64(count)).overflow {
+            throw .invalidValue(type: type, field: "firstBlock", offset: FrameHeader.size + 8, value: firstBlock)
+        }
+        if hashes.count != count * Self.hashSize {
+            throw .invalidValue(type: type, field: "hashes", offset: FrameHeader.size + 16, value: UInt64(hashes.count))
+        }
+        return 16
+    }
+
+    func write(to w: inout ByteWriter) { w.u32(diskID); w.u32(UInt32(count)); w.u64(firstBlock) }
 }
 
 /// An urgent request for a disk range the destination needs now (disk post-copy: a read of a

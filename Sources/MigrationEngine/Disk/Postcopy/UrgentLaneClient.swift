@@ -39,6 +39,9 @@ final class UrgentLaneClient: @unchecked Sendable {
                 if case .keepalive = frame.message { return }
                 throw .unexpected(frame.header.type, expecting: "diskReply on the urgent lane")
             }
+            if extents.extents.contains(where: { $0.kind == .held }) {
+                throw .local(.protocolViolation, reason: "a held extent in a diskReply: held blocks come only in the pre-copy bulk copy")
+            }
             do throws(Errno) { try box.applier.apply(extents) } catch { throw .socket(error, during: "applying a fetched block") }
             received.add(UInt64(extents.payload.count), ordering: .relaxed)
         }
