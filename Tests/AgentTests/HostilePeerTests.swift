@@ -42,11 +42,13 @@ final class HostilePeerTests: XCTestCase {
         var image: String { dir.file("dst.img") }
         var marker: String { dir.file("vm-started") }
 
-        init(linkTimeout: Double = 60) throws {
+        /// With `base`, the image exists beforehand with those bytes and is its own base (`--disk-base`).
+        init(linkTimeout: Double = 60, base: [UInt8]? = nil) throws {
             _ = try writeKeyFile(at: dir.file("key"))
             key = try SharedKey(contentsOf: dir.file("key"))
             port = try freePort()
-            agent = try E2E.Agent("dest-agent", [
+            if let base { try Data(base).write(to: URL(fileURLWithPath: dir.file("dst.img"))) }
+            agent = try E2E.Agent("dest-agent", (base == nil ? [] : ["--disk-base", dir.file("dst.img")]) + [
                 "--listen", "127.0.0.1:\(port)", "--key-file", dir.file("key"), "--disk", dir.file("dst.img"),
                 "--nbd", "unix:\(dir.file("dst.sock"))", "--on-switchover", "touch \(dir.file("vm-started"))",
                 "--work-dir", dir.file("work"), "--report", dir.file("dest.json"), "--accept-timeout", "60",
@@ -264,6 +266,39 @@ final class HostilePeerTests: XCTestCase {
         try refuse({ _ in [.send(self.layout), .send(.diskExtents(DiskExtents(
             diskID: 1, round: 0, extents: ExtentList([Extent(offset: 0, length: 4096, kind: .held)]), payload: .empty)))] },
                    reason: "no base image", image: UInt64(disk.count))
+    }
+
+    /// In place (the image is its own base), a held extent for a block this session overwrote with
+    /// other data: the block no longer holds what was reported.
+    func testHeldExtentForAnOverwrittenBlockIsAProtocolViolation() throws {
+        try refuseHeld(block: 0, reason: "already wrote with other data") { peer in
+            .diskExtents(DiskExtents(diskID: 1, round: 0, extents: ExtentList([Extent(offset: 0, length: 4096)]),
+                                     payload: peer.payload(randomBytes(count: 4096, seed: 7))))
+        }
+    }
+
+    /// A held extent for a block the destination reported as not held (a zero block of its base).
+    func testHeldExtentForABlockNotReportedAsHeldIsAProtocolViolation() throws {
+        try refuseHeld(block: 3, reason: "did not report as held", before: nil)
+    }
+
+    /// A destination whose image (the 64 KiB disk with block 3 zeroed) is its own base: after its
+    /// report, `before` (if any) and then a held extent for `block` are refused with `reason`.
+    private func refuseHeld(block: Int, reason: String, file: StaticString = #filePath, line: UInt = #line,
+                            before: ((FakePeer) -> Message)?) throws {
+        var base = disk
+        for i in (3 * blockSize)..<(4 * blockSize) { base[i] = 0 }
+        let rig = try DestRig(base: base)
+        let peer = try rig.connect(features: [.disk, .memory, .zeroRuns, .resume, .heldBlocks])
+        var steps: [FakePeer.Step] = [.send(layout), .readUntil(.diskHeld)]
+        if let before { steps.append(.send(before(peer))) }
+        steps += [.send(.diskExtents(DiskExtents(diskID: 1, round: 1, extents: ExtentList([Extent(offset: UInt64(block * blockSize), length: 4096, kind: .held)]),
+                                                 payload: .empty))),
+                  .drainUntilError(.protocolViolation)]
+        try peer.run(steps)
+        let said = peer.lastErrorReason ?? ""
+        XCTAssertTrue(said.contains(reason), "the agent's reason \"\(said)\" does not say \"\(reason)\"", file: file, line: line)
+        try checkRefused(rig, image: UInt64(disk.count), file: file, line: line)
     }
 
     // MARK: Memory layouts and pages
